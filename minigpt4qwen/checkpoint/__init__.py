@@ -1,0 +1,1 @@
+"""Checkpoint formats: key maps, loaders for every real file layout, our own checkpoints and the HF export."""
