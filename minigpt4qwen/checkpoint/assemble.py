@@ -1,0 +1,100 @@
+"""Assembles a ready model from a `ModelConfig`: LLM directory + vision weights + Q-Former weights + checkpoint.
+
+The vision tower and Q-Former are built on the meta device and materialised straight from their files, so no
+part is ever held twice; every tensor is checked by name and shape, and a part left without weights is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
+from minigpt4qwen.checkpoint.llm import load_llm, placeholder_token_id
+from minigpt4qwen.checkpoint.sources import read_model_checkpoint, read_qformer_weights, read_vision_weights
+from minigpt4qwen.config import ModelConfig
+from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
+from minigpt4qwen.model.configs import eva_vit_g_config, minigpt4qwen_config
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen, part_of_key
+from minigpt4qwen.presets import resolve_preset
+
+logger = logging.getLogger(__name__)
+
+# Parts a fresh run may start without (initialised randomly): the projection is what MiniGPT4Qwen trains.
+FRESHLY_INITIALISED = ("language_projection",)
+
+
+def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
+    """Loads every configured source and returns the model (trainable flags, dtypes, checkpointing applied).
+
+    Args:
+        cfg: the model section of a config (paths, flags, dtypes); a preset fills empty paths.
+        device: where the model ends up.
+
+    Returns:
+        (model, tokenizer).
+
+    Raises:
+        FileNotFoundError / CheckpointError: a missing, unreadable or mismatching source (file and key named).
+    """
+    cfg = resolve_preset(cfg)
+    if cfg.llm is None:
+        raise ValueError("model.llm is not set: give an LLM directory or a preset (model.preset=qwen7b_chat)")
+    dtypes = cfg.dtypes.as_dict()
+    language_model, tokenizer = load_llm(
+        cfg.llm, dtype=dtypes["language_model"], device="cpu", attn_implementation=cfg.attn_implementation
+    )
+    image_token_id = placeholder_token_id(tokenizer, cfg.placeholder_token)
+    config = minigpt4qwen_config(
+        language_model.config,
+        image_token_id=image_token_id,
+        vision_config=eva_vit_g_config(cfg.image_size),
+        num_query_tokens=cfg.num_query_tokens,
+    )
+    with init_empty_weights(include_buffers=False):
+        model = MiniGPT4Qwen(config, language_model=language_model)
+    model.cast_parts(cfg.dtypes)  # meta tensors take the target dtypes, so loads cast while they materialise
+
+    sources = []
+    if cfg.vision_weights:
+        sources.append((cfg.vision_weights, read_vision_weights(cfg.vision_weights, config)))
+    if cfg.qformer_weights:
+        sources.append((cfg.qformer_weights, read_qformer_weights(cfg.qformer_weights, config)))
+    if cfg.checkpoint:
+        sources.append((cfg.checkpoint, read_model_checkpoint(cfg.checkpoint)))
+    for source, tensors in sources:
+        load_checked(model, tensors, source=str(source), allow_missing=True)
+        logger.info("%s: loaded %d tensors into %s", source, len(tensors), sorted({part_of_key(k) for k in tensors}))
+    _initialise_or_fail(model)
+
+    model.set_trainable(cfg.trainable)
+    apply_activation_checkpointing(
+        model, vision=cfg.activation_checkpointing.vision_model, language_model=cfg.activation_checkpointing.language_model
+    )
+    return model.to(device), tokenizer
+
+
+def _initialise_or_fail(model: MiniGPT4Qwen) -> None:
+    """Gives parts a fresh run may lack a random init; any other part still on meta is a configuration error."""
+    missing: dict[str, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta:
+            missing.setdefault(part_of_key(key), []).append(key)
+    for part in FRESHLY_INITIALISED:
+        if part in missing:
+            module: nn.Linear = getattr(model, part)
+            module.to_empty(device="cpu")
+            module.reset_parameters()
+            logger.info("%s: no weights given, initialised randomly (a fresh training run)", part)
+            missing.pop(part)
+    if missing:
+        hints = {"vision_model": "model.vision_weights (eva_vit_g.pth)",
+                 "qformer": "model.qformer_weights (blip2_pretrained_flant5xxl.pth)",
+                 "query_tokens": "model.qformer_weights (blip2_pretrained_flant5xxl.pth)"}
+        lines = [f"{part} ({len(keys)} tensors, e.g. {keys[0]}): set {hints.get(part, 'model.checkpoint')}"
+                 for part, keys in missing.items()]
+        raise CheckpointError("no weights were given for: " + "; ".join(lines))

@@ -1,0 +1,99 @@
+"""Export to, and load from, a self-contained Hugging Face directory.
+
+The directory is a `Blip2ForConditionalGeneration` checkpoint (config, sharded safetensors, tokenizer with chat
+template, BLIP image processor, generation config): plain `transformers` loads it with no custom code. Only the
+ln_vision eps (1e-5, not representable in Blip2Config) is lost there; `load_exported` restores it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
+from transformers import Blip2Config, BlipImageProcessor, GenerationConfig, PreTrainedTokenizerBase
+
+from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
+from minigpt4qwen.checkpoint.native import atomic_directory
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def chat_stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """ChatML stop ids: `<|im_end|>` and `<|im_start|>` (the original stopped on both), plus the tokenizer's eos."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>")]
+    ids = [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+              *, max_shard_size: str = "5GB") -> Path:
+    """Writes the whole model as a Hugging Face `Blip2ForConditionalGeneration` directory (atomically).
+
+    Args:
+        model: the model; its state-dict names already are `Blip2ForConditionalGeneration`'s.
+        tokenizer: saved beside it (with its chat template).
+        out_dir: target directory (replaced if it exists).
+        max_shard_size: safetensors shard size.
+    """
+    size = model.config.vision_config.image_size
+    stops = chat_stop_token_ids(tokenizer)
+    with atomic_directory(out_dir) as tmp:
+        config = Blip2Config.from_dict(model.config.to_dict())
+        config.architectures = ["Blip2ForConditionalGeneration"]
+        config.save_pretrained(tmp)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        BlipImageProcessor(size={"height": size, "width": size}, resample=3, image_mean=list(CLIP_MEAN),
+                           image_std=list(CLIP_STD), do_convert_rgb=True).save_pretrained(tmp)
+        GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, do_sample=False,
+                         max_new_tokens=512).save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: weight file {name} is missing")
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as err:  # safetensors raises several types for truncated/corrupt files
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
+    return tensors
+
+
+def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
+    """Loads an `export_hf` directory (or any BLIP-2 directory with a decoder-only LLM) as a `MiniGPT4Qwen`.
+
+    Raises:
+        FileNotFoundError: no such directory. CheckpointError: missing/corrupt weights or mismatching keys.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (expected a directory written by `minigpt4qwen export`)")
+    config = Blip2Config.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = MiniGPT4Qwen(config)
+    tensors = _read_weights(directory)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    # Meta parameters take the stored dtypes, so loading assigns the tensors without a cast or a copy.
+    for name, param in model.named_parameters():
+        if name in tensors:
+            param.data = torch.empty_like(param, dtype=tensors[name].dtype, device="meta")
+    load_checked(model, tensors, source=str(directory), allow_missing=False)
+    return model.to(device).eval(), load_tokenizer(directory)

@@ -1,0 +1,92 @@
+"""Typed configuration: dataclasses with documented fields, YAML on disk, dotted overrides on the command line.
+
+    cfg = load_config("configs/train_qwen7b.yaml", ["model.trainable.language_model=true"], RunConfig)
+
+Unknown keys and wrongly typed values are rejected by omegaconf with the offending key named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from minigpt4qwen.model.parts import PartDtypes, TrainableParts
+
+T = TypeVar("T")
+
+
+@dataclass
+class ActivationCheckpointing:
+    """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
+
+    vision_model: bool = False
+    language_model: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Where the weights come from and how each part is stored and trained.
+
+    A `preset` (qwen7b_chat, qwen14b_chat, tiny) fills the paths of the original project's `cache/ckpt` layout
+    for every path left empty; explicit paths always win.
+    """
+
+    preset: Optional[str] = None  # qwen7b_chat | qwen14b_chat | tiny
+    cache_root: str = "cache"  # the original project's weight folder (holds ckpt/eva, ckpt/blip2, ckpt/Qwen7B-chat)
+    llm: Optional[str] = None  # LLM directory: Qwen1 (model_type qwen) or any transformers causal LM
+    vision_weights: Optional[str] = None  # LAVIS eva_vit_g.pth, or a Hugging Face BLIP-2 directory
+    qformer_weights: Optional[str] = None  # LAVIS blip2_pretrained_flant5xxl.pth, or a Hugging Face BLIP-2 directory
+    checkpoint: Optional[str] = None  # ours, the original project's model.pth / checkpoint_N.pth / pipeline dir, or an export
+    image_size: int = 224
+    num_query_tokens: int = 32
+    placeholder_token: Optional[str] = None  # image placeholder; None = <|extra_0|> for Qwen, else chosen per family
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trainable: TrainableParts = field(default_factory=TrainableParts)
+    dtypes: PartDtypes = field(
+        default_factory=lambda: PartDtypes(vision_model="bf16", qformer="fp32", query_tokens="fp32",
+                                           language_projection="fp32", language_model="bf16")
+    )
+    activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None, schema: type[T]) -> T:
+    """Reads a YAML file (optional) onto a dataclass schema and applies `key.sub=value` overrides.
+
+    Args:
+        path: YAML file, or None for the schema's defaults.
+        overrides: dotted `key=value` strings (values parsed as YAML scalars; never evaluated as code).
+        schema: the dataclass type describing the config.
+
+    Returns:
+        An instance of `schema` (a typed omegaconf object; use `to_plain` for a plain dataclass).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: an unknown key, a wrong type, or a malformed override (the message names the key).
+    """
+    base = OmegaConf.structured(schema)
+    layers: list[Any] = [base]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. run.max_steps=100)")
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path else ""
+        raise ValueError(f"invalid config{where}: {err}".replace("\n", " ")) from None
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML text (saved beside checkpoints so a run documents itself)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
