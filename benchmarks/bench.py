@@ -1,0 +1,134 @@
+"""Training and generation throughput of MiniGPT4Qwen at full size (random weights), printed as tables.
+
+    python benchmarks/bench.py --size 7b            # one GPU; the anchors' workload (see ../shared/anchors.md)
+    python benchmarks/bench.py --size tiny --device cpu --steps 2   # a dry run of the script itself
+
+Training workload: one 224x224 image + 209 real tokens per sample (32 placeholders, a ~57-token prompt, a
+120-token supervised answer), no padding; only the projection trains; bf16 towers, fp32 projection, bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import EXTRA_0, build_random_model, machine, peak_gib, reset_peak, sync
+from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
+from minigpt4qwen.model.parts import PartDtypes, TrainableParts
+
+SEQ, ANSWER, PROMPT_GEN = 209, 120, 63
+TRAIN_TFLOP_PER_SAMPLE_7B = 6.5  # anchors.md: ViT + Q-Former + LLM fwd + LLM bwd-to-inputs at 209 tokens
+MATMUL_CEILING_TFLOPS = 790.0
+
+
+def training_batch(batch: int, device: str, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 150000, (batch, SEQ), generator=g)
+    ids[:, 5:37] = EXTRA_0  # one image's placeholder run after the system/user header
+    labels = torch.full_like(ids, -100)
+    labels[:, -ANSWER:] = ids[:, -ANSWER:]
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "pixel_values": torch.randn(batch, 3, 224, 224, generator=g).to(device)}
+
+
+def bench_training(model, device: str, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+    """Returns (samples/s, peak GiB) for projection-only training at `batch` samples per step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = training_batch(batch, device, model.config.text_config.vocab_size)
+    reset_peak(device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            out = model(**data)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    return batch * steps / (time.perf_counter() - start), peak_gib(device)
+
+
+def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str | None) -> tuple[float, float]:
+    """Returns (time to first token in ms, decode tokens/s aggregated over the batch), greedy, forced length."""
+    ids = torch.randint(0, 150000, (batch, PROMPT_GEN), generator=torch.Generator().manual_seed(0))
+    ids[:, 5:37] = EXTRA_0
+    ids = ids.to(device)
+    px = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.bfloat16)
+    kwargs = dict(do_sample=False, pad_token_id=151643, eos_token_id=None)
+    if cache:
+        kwargs["cache_implementation"] = cache
+
+    def timed(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        model.generate(ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(2):  # warm-up (and compilation for the static cache)
+        timed(new_tokens)
+    first = min(timed(1) for _ in range(3))
+    full = min(timed(new_tokens) for _ in range(2))
+    return first * 1000, batch * (new_tokens - 1) / (full - first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", default="1,4,16,32", help="training micro-batch sizes")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cap-gib", type=float, default=24.0, help="memory cap for the 'consumer card' rows")
+    parser.add_argument("--skip-generation", action="store_true")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtypes = PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16")
+    model = build_random_model(args.size, args.device, dtypes)
+    model.set_trainable(TrainableParts())
+    model.train()
+    print(f"# MiniGPT4Qwen-{args.size} benchmark | {machine()}")
+    print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = [("checkpointing off", False, int(b)) for b in args.batches.split(",")]
+    for name, ckpt, batch in rows:
+        try:
+            sps, peak = bench_training(model, args.device, batch, args.steps, warmup=3)
+        except torch.OutOfMemoryError:
+            print(f"| {name} | {batch} | OOM | | | | |")
+            reset_peak(args.device)
+            continue
+        tflops = sps * TRAIN_TFLOP_PER_SAMPLE_7B * (2.0 if args.size == "14b" else 1.0)
+        print(f"| {name} | {batch} | {sps:.1f} | {sps * SEQ:.0f} | {tflops:.0f} | "
+              f"{tflops / MATMUL_CEILING_TFLOPS:.0%} | {peak:.1f} |", flush=True)
+    if args.device.startswith("cuda"):
+        apply_activation_checkpointing(model, vision=False, language_model=True)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
+        for batch in (4, 8, 16):
+            try:
+                sps, peak = bench_training(model, args.device, batch, args.steps, warmup=2)
+                print(f"| {args.cap_gib:.0f} GiB cap, LLM checkpointing | {batch} | {sps:.1f} | {sps * SEQ:.0f} | | | {peak:.1f} |", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"| {args.cap_gib:.0f} GiB cap, LLM checkpointing | {batch} | OOM | | | | |", flush=True)
+                reset_peak(args.device)
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    if args.skip_generation:
+        return
+    model.eval()
+    print("\n| generation (greedy, 63-token prompt with one image, 128 new tokens) | batch | TTFT ms | decode tok/s |")
+    print("| --- | --- | --- | --- |")
+    for cache in (None, "static"):
+        for batch in (1, 8, 32):
+            try:
+                ttft, tps = bench_generation(model, args.device, batch, 128 if args.size != "tiny" else 8, cache)
+                print(f"| {cache or 'dynamic'} cache | {batch} | {ttft:.0f} | {tps:.1f} |", flush=True)
+            except Exception as err:  # a benchmark row failing must not hide the others
+                print(f"| {cache or 'dynamic'} cache | {batch} | failed: {type(err).__name__}: {str(err)[:80]} | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Full-size models with random weights for benchmarks, built from the real configs, and the machine description.
+
+The model is built on the meta device and materialised directly on the GPU (no CPU copy), with norms at 1 and
+other weights N(0, 0.02), which keeps bf16 activations in a realistic range.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+
+from minigpt4qwen.checkpoint.qwen1 import qwen2_config_from_qwen1
+from minigpt4qwen.model.configs import eva_vit_g_config, minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.model.parts import PartDtypes
+
+CONFIGS = Path(__file__).parent / "configs"
+EXTRA_0 = 151646
+
+
+def build_random_model(size: str, device: str, dtypes: PartDtypes) -> MiniGPT4Qwen:
+    """EVA ViT-g + Q-Former + a Qwen-7B/14B-Chat-shaped Qwen2 LLM ('7b', '14b'), or 'tiny' for a CPU dry run."""
+    if size == "tiny":
+        config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=151936, hidden_size=64), image_token_id=EXTRA_0,
+                                     vision_config=tiny_vision_config(224), qformer_config=tiny_qformer_config(),
+                                     num_query_tokens=32)
+    else:
+        qwen1 = json.loads((CONFIGS / f"qwen{size}_chat.json").read_text())
+        config = minigpt4qwen_config(qwen2_config_from_qwen1(qwen1), image_token_id=EXTRA_0,
+                                     vision_config=eva_vit_g_config(224))
+    config.text_config._attn_implementation = "sdpa"
+    with init_empty_weights(include_buffers=False):
+        model = MiniGPT4Qwen(config)
+    model.cast_parts(dtypes)
+    _materialise_random(model, device)
+    return model.to(device)
+
+
+def _materialise_random(model: nn.Module, device: str) -> None:
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            data = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if "norm" in f"{module_name}.{name}".lower() and name == "weight":
+                data.fill_(1.0)
+            elif name == "bias" or "norm" in module_name.lower():
+                data.zero_()
+            else:
+                data.normal_(0.0, 0.02, generator=generator)
+            setattr(module, name, nn.Parameter(data, requires_grad=param.requires_grad))
+
+
+def machine() -> str:
+    """GPU name, versions and date: printed with every table."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return (f"{gpu} | torch {torch.__version__} | transformers {transformers.__version__} | "
+            f"python {platform.python_version()} | {time.strftime('%Y-%m-%d')}")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
