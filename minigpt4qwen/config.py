@@ -41,6 +41,7 @@ class ModelConfig:
     vision_weights: Optional[str] = None  # LAVIS eva_vit_g.pth, or a Hugging Face BLIP-2 directory
     qformer_weights: Optional[str] = None  # LAVIS blip2_pretrained_flant5xxl.pth, or a Hugging Face BLIP-2 directory
     checkpoint: Optional[str] = None  # ours, the original project's model.pth / checkpoint_N.pth / pipeline dir, or an export
+    vision_arch: str = "eva_vit_g"  # eva_vit_g (the real tower) | tiny (tests and the CPU demo)
     image_size: int = 224
     num_query_tokens: int = 32
     placeholder_token: Optional[str] = None  # image placeholder; None = <|extra_0|> for Qwen, else chosen per family

@@ -11,14 +11,20 @@ import logging
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.llm import load_llm, placeholder_token_id
 from minigpt4qwen.checkpoint.sources import read_model_checkpoint, read_qformer_weights, read_vision_weights
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
-from minigpt4qwen.model.configs import eva_vit_g_config, minigpt4qwen_config
+from minigpt4qwen.model.configs import (
+    blip2_qformer_config,
+    eva_vit_g_config,
+    minigpt4qwen_config,
+    tiny_qformer_config,
+    tiny_vision_config,
+)
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen, part_of_key
 from minigpt4qwen.presets import resolve_preset
 
@@ -48,11 +54,14 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> tupl
     language_model, tokenizer = load_llm(
         cfg.llm, dtype=dtypes["language_model"], device="cpu", attn_implementation=cfg.attn_implementation
     )
-    image_token_id = placeholder_token_id(tokenizer, cfg.placeholder_token)
+    vision_config, qformer_config = vision_architecture(cfg.vision_arch, cfg.image_size)
+    image_token_id = (tokenizer.convert_tokens_to_ids(cfg.placeholder_token) if cfg.placeholder_token
+                      else placeholder_token_id(tokenizer))
     config = minigpt4qwen_config(
         language_model.config,
         image_token_id=image_token_id,
-        vision_config=eva_vit_g_config(cfg.image_size),
+        vision_config=vision_config,
+        qformer_config=qformer_config,
         num_query_tokens=cfg.num_query_tokens,
     )
     with init_empty_weights(include_buffers=False):
@@ -76,6 +85,17 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> tupl
         model, vision=cfg.activation_checkpointing.vision_model, language_model=cfg.activation_checkpointing.language_model
     )
     return model.to(device), tokenizer
+
+
+def vision_architecture(name: str, image_size: int) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:
+    """The vision tower + Q-Former configs for `ModelConfig.vision_arch`."""
+    if name == "eva_vit_g":
+        vision = eva_vit_g_config(image_size)
+        return vision, blip2_qformer_config(vision.hidden_size)
+    if name == "tiny":
+        vision = tiny_vision_config(image_size)
+        return vision, tiny_qformer_config(vision.hidden_size)
+    raise ValueError(f"unknown model.vision_arch {name!r}; use eva_vit_g or tiny")
 
 
 def _initialise_or_fail(model: MiniGPT4Qwen) -> None:
