@@ -1,0 +1,207 @@
+"""Validation pass over the training data, before any GPU time is spent: every record, every image.
+
+`check_dataset` reads each annotation file, parses, tokenizes and fits each record exactly as training will,
+and decodes every image; it returns a report of each problem (file, record index, kind, detail) and summary
+statistics (records, images, token-length percentiles, truncations, an optional length histogram).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4qwen.data.config import DataConfig
+from minigpt4qwen.data.dataset import encode_conversation
+from minigpt4qwen.data.formats import Conversation, DataError, read_annotations
+from minigpt4qwen.data.images import ImageLoadError, load_image
+from minigpt4qwen.text.conversation import IGNORE_INDEX
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+@dataclass
+class FileSummary:
+    """Counts for one annotation file."""
+
+    annotation: str
+    format: str
+    records: int = 0
+    usable: int = 0
+    images: int = 0
+
+
+@dataclass
+class DataCheckReport:
+    """What `check_dataset` found.
+
+    Attributes:
+        problems: every problem, sorted by file and record index.
+        files: per-file counts.
+        max_txt_len: the limit samples were fitted to.
+        total_tokens: per usable sample, its length before fitting (placeholders included).
+        image_tokens: per usable sample, its placeholder tokens.
+        label_tokens: per usable sample, its learned tokens after fitting.
+        events: fitting counts ("truncated_history", "truncated_answer").
+    """
+
+    problems: list[DataError] = field(default_factory=list)
+    files: list[FileSummary] = field(default_factory=list)
+    max_txt_len: int = 0
+    total_tokens: list[int] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)
+    label_tokens: list[int] = field(default_factory=list)
+    events: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        """True when no record has a problem (truncated samples are fine; dropped ones are problems)."""
+        return not self.problems
+
+    def format(self, max_problems: int = 50) -> str:
+        """A human-readable report: file table, token-length percentiles, fitting counts, problems.
+
+        Args:
+            max_problems: problems listed (all are counted).
+
+        Returns:
+            The text, newline-separated.
+        """
+        width = max([len(f.annotation) for f in self.files] + [4])
+        lines = [f"{'file':<{width}}  {'format':<12} {'records':>8} {'usable':>8} {'images':>8}"]
+        for f in self.files:
+            lines.append(f"{f.annotation:<{width}}  {f.format:<12} {f.records:>8} {f.usable:>8} {f.images:>8}")
+        if self.total_tokens:
+            text = [t - i for t, i in zip(self.total_tokens, self.image_tokens)]
+            lines += ["", f"tokens per sample (before fitting to max_txt_len={self.max_txt_len}):"]
+            lines.append(f"{'':<16}" + "".join(f"{'max' if p == 100 else f'p{p}':>8}" for p in PERCENTILES))
+            rows = [("total", self.total_tokens), ("text", text), ("image", self.image_tokens)]
+            rows.append(("learned (fitted)", self.label_tokens))
+            for name, values in rows:
+                stats = np.percentile(np.asarray(values), PERCENTILES, method="nearest")
+                lines.append(f"{name:<16}" + "".join(f"{int(v):>8}" for v in stats))
+            over = sum(t > self.max_txt_len for t in self.total_tokens)
+            lines.append(
+                f"over max_txt_len: {over}; truncated history: {self.events['truncated_history']}; "
+                f"truncated answer: {self.events['truncated_answer']}"
+            )
+        kinds = Counter(p.kind for p in self.problems)
+        lines += ["", f"problems: {len(self.problems)}" + "".join(f", {k} {n}" for k, n in sorted(kinds.items()))]
+        lines += [f"  {p}" for p in self.problems[:max_problems]]
+        if len(self.problems) > max_problems:
+            lines.append(f"  ... and {len(self.problems) - max_problems} more")
+        lines.append("OK" if self.ok else "NOT OK: fix the records above, or train with data.bad_sample_policy=skip")
+        return "\n".join(lines)
+
+    def save_histogram(self, path: str, bins: int = 20) -> None:
+        """Draw the distribution of sample lengths (before fitting) as a PNG bar chart, max_txt_len marked.
+
+        Args:
+            path: the output file.
+            bins: number of bars.
+
+        Raises:
+            ValueError: there is no usable sample to plot.
+        """
+        if not self.total_tokens:
+            raise ValueError("no usable sample: nothing to plot")
+        counts, edges = np.histogram(self.total_tokens, bins=bins)
+        width, height, margin = 640, 360, 40
+        image = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(image)
+        plot_w, plot_h = width - 2 * margin, height - 2 * margin
+        bar_w = plot_w / bins
+        for k, count in enumerate(counts):
+            top = height - margin - plot_h * count / counts.max()
+            draw.rectangle((margin + k * bar_w, top, margin + (k + 1) * bar_w - 1, height - margin), fill="steelblue")
+        span = max(edges[-1] - edges[0], 1)
+        if edges[0] <= self.max_txt_len <= edges[-1]:
+            x = margin + plot_w * (self.max_txt_len - edges[0]) / span
+            draw.line((x, margin, x, height - margin), fill="red", width=2)
+        draw.text((margin, 10), f"tokens per sample (n={len(self.total_tokens)}; red: max_txt_len)", fill="black")
+        draw.text((margin, height - margin + 8), f"{int(edges[0])}", fill="black")
+        draw.text((width - margin - 40, height - margin + 8), f"{int(edges[-1])}", fill="black")
+        draw.text((4, margin), f"{counts.max()}", fill="black")
+        image.save(path)
+
+
+def _image_problem(path: str) -> ImageLoadError | None:
+    """The load error of an image, or None when it decodes."""
+    try:
+        load_image(path)
+    except ImageLoadError as err:
+        return err
+    return None
+
+
+def check_dataset(
+    config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    image_token_id: int,
+    num_query_tokens: int,
+    open_images: bool = True,
+) -> DataCheckReport:
+    """Read, parse, tokenize and fit every record of the config's datasets, and decode every image.
+
+    Args:
+        config: the data config (validated here).
+        tokenizer: the LLM's tokenizer.
+        image_token_id: the placeholder id.
+        num_query_tokens: placeholder ids per image.
+        open_images: decode every image (on `config.num_workers` threads); False checks the text only.
+
+    Returns:
+        The report; `report.ok` is False when any record would fail, be skipped or be dropped in training.
+
+    Raises:
+        ValueError: an invalid config.
+    """
+    config.validate()
+    report = DataCheckReport(max_txt_len=config.max_txt_len)
+    users: dict[str, list[tuple[FileSummary, Conversation]]] = defaultdict(list)
+    for spec in config.datasets:
+        summary = FileSummary(spec.annotation, spec.format)
+        report.files.append(summary)
+        try:
+            items = list(read_annotations(spec))
+        except DataError as err:
+            report.problems.append(err)
+            continue
+        summary.records = len(items)
+        for item in items:
+            if isinstance(item, DataError):
+                report.problems.append(item)
+                continue
+            try:
+                encoded = encode_conversation(
+                    item, tokenizer, config, image_token_id=image_token_id, num_query_tokens=num_query_tokens
+                )
+            except DataError as err:
+                report.problems.append(err)
+                continue
+            summary.usable += 1
+            summary.images += len(item.images)
+            for path in item.images:
+                users[path].append((summary, item))
+            report.total_tokens.append(encoded.full_length)
+            report.image_tokens.append(len(item.images) * num_query_tokens)
+            report.label_tokens.append(sum(label != IGNORE_INDEX for label in encoded.labels[1:]))
+            report.events.update(encoded.events)
+    if open_images:
+        # Decoding releases the GIL, so threads overlap; each distinct file is decoded once.
+        with ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool:
+            failures = [(path, err) for path, err in zip(users, pool.map(_image_problem, users)) if err is not None]
+        failed: dict[int, FileSummary] = {}
+        for path, err in failures:
+            for summary, conv in users[path]:
+                report.problems.append(DataError(conv.file, conv.index, err.kind, f"{path}: {err.detail}"))
+                failed[id(conv)] = summary
+        for summary in failed.values():
+            summary.usable -= 1
+    report.problems.sort(key=lambda p: (p.file, -1 if p.index is None else p.index, p.kind))
+    return report
