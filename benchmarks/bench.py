@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from benchmarks.common import EXTRA_0, build_random_model, machine, peak_gib, reset_peak, sync
+from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
+from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
 SEQ, ANSWER, PROMPT_GEN = 209, 120, 63
@@ -33,10 +34,12 @@ def training_batch(batch: int, device: str, vocab: int) -> dict[str, torch.Tenso
             "pixel_values": torch.randn(batch, 3, 224, 224, generator=g).to(device)}
 
 
-def bench_training(model, device: str, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def bench_training(model, device: str, batch: int, steps: int, warmup: int, plain: bool = False) -> tuple[float, float]:
     """Returns (samples/s, peak GiB) for projection-only training at `batch` samples per step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     data = training_batch(batch, device, model.config.text_config.vocab_size)
+    if plain:  # transformers' own forward: full logits, its loss
+        data["pixel_values"] = data["pixel_values"].to(torch.bfloat16)
     reset_peak(device)
     for step in range(warmup + steps):
         if step == warmup:
@@ -75,6 +78,25 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
     return first * 1000, batch * (new_tokens - 1) / (full - first)
 
 
+def cap_rows(model, args: argparse.Namespace) -> None:
+    """Training under a memory cap, with every k-th LLM block checkpointed (k from --cap-every, ascending)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
+    for every in sorted((int(k) for k in args.cap_every.split(",")), reverse=True):
+        # Wrapping is additive: going from every=2 to every=1 wraps the remaining blocks.
+        apply_activation_checkpointing(model, vision=False, language_model=True, every=every)
+        for batch in (4, 8, 16):
+            name = f"{args.cap_gib:.0f} GiB cap, checkpoint 1/{every} of LLM blocks"
+            try:
+                sps, peak = bench_training(model, args.device, batch, args.steps, warmup=2)
+                print(f"| {name} | {batch} | {sps:.1f} | {sps * SEQ:.0f} | | | {peak:.1f} |", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"| {name} | {batch} | OOM | | | | |", flush=True)
+                reset_peak(args.device)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
@@ -83,19 +105,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cap-gib", type=float, default=24.0, help="memory cap for the 'consumer card' rows")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--engine", default="ours", choices=["ours", "plain"],
+                        help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
+    parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    dtypes = PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16")
-    model = build_random_model(args.size, args.device, dtypes)
-    model.set_trainable(TrainableParts())
+    plain = args.engine == "plain"
+    if plain:
+        model = build_random_plain(args.size, args.device)
+        model.requires_grad_(False)
+        model.language_projection.requires_grad_(True)
+    else:
+        model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
+        model.set_trainable(TrainableParts())
+        if args.compile:
+            compile_blocks(model)
     model.train()
-    print(f"# MiniGPT4Qwen-{args.size} benchmark | {machine()}")
+    print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{' + compile' if args.compile else ''} | {machine()}")
     print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = [("checkpointing off", False, int(b)) for b in args.batches.split(",")]
     for name, ckpt, batch in rows:
         try:
-            sps, peak = bench_training(model, args.device, batch, args.steps, warmup=3)
+            sps, peak = bench_training(model, args.device, batch, args.steps, warmup=3, plain=plain)
         except torch.OutOfMemoryError:
             print(f"| {name} | {batch} | OOM | | | | |")
             reset_peak(args.device)
@@ -103,20 +136,9 @@ def main() -> None:
         tflops = sps * TRAIN_TFLOP_PER_SAMPLE_7B * (2.0 if args.size == "14b" else 1.0)
         print(f"| {name} | {batch} | {sps:.1f} | {sps * SEQ:.0f} | {tflops:.0f} | "
               f"{tflops / MATMUL_CEILING_TFLOPS:.0%} | {peak:.1f} |", flush=True)
-    if args.device.startswith("cuda"):
-        apply_activation_checkpointing(model, vision=False, language_model=True)
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
-        for batch in (4, 8, 16):
-            try:
-                sps, peak = bench_training(model, args.device, batch, args.steps, warmup=2)
-                print(f"| {args.cap_gib:.0f} GiB cap, LLM checkpointing | {batch} | {sps:.1f} | {sps * SEQ:.0f} | | | {peak:.1f} |", flush=True)
-            except torch.OutOfMemoryError:
-                print(f"| {args.cap_gib:.0f} GiB cap, LLM checkpointing | {batch} | OOM | | | | |", flush=True)
-                reset_peak(args.device)
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    if args.skip_generation:
+    if args.device.startswith("cuda") and not plain and args.cap_every:
+        cap_rows(model, args)
+    if args.skip_generation or plain:
         return
     model.eval()
     print("\n| generation (greedy, 63-token prompt with one image, 128 new tokens) | batch | TTFT ms | decode tok/s |")

@@ -27,6 +27,29 @@ EXTRA_0 = 151646
 
 def build_random_model(size: str, device: str, dtypes: PartDtypes) -> MiniGPT4Qwen:
     """EVA ViT-g + Q-Former + a Qwen-7B/14B-Chat-shaped Qwen2 LLM ('7b', '14b'), or 'tiny' for a CPU dry run."""
+    config = benchmark_config(size)
+    with init_empty_weights(include_buffers=False):
+        model = MiniGPT4Qwen(config)
+    model.cast_parts(dtypes)
+    _materialise_random(model, device)
+    return model.to(device)
+
+
+def build_random_plain(size: str, device: str) -> nn.Module:
+    """The same architecture as plain transformers' `Blip2ForConditionalGeneration` (bf16, fp32 projection):
+    the "plain transformers" baseline of anchors.md. Its state-dict names are ours."""
+    from transformers import Blip2ForConditionalGeneration
+
+    with init_empty_weights(include_buffers=False):
+        model = Blip2ForConditionalGeneration(benchmark_config(size))
+    model.to(torch.bfloat16)
+    model.language_projection.to(torch.float32)
+    _materialise_random(model, device)
+    return model.to(device)
+
+
+def benchmark_config(size: str):
+    """The composite config of a benchmark size."""
     if size == "tiny":
         config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=151936, hidden_size=64), image_token_id=EXTRA_0,
                                      vision_config=tiny_vision_config(224), qformer_config=tiny_qformer_config(),
@@ -36,11 +59,7 @@ def build_random_model(size: str, device: str, dtypes: PartDtypes) -> MiniGPT4Qw
         config = minigpt4qwen_config(qwen2_config_from_qwen1(qwen1), image_token_id=EXTRA_0,
                                      vision_config=eva_vit_g_config(224))
     config.text_config._attn_implementation = "sdpa"
-    with init_empty_weights(include_buffers=False):
-        model = MiniGPT4Qwen(config)
-    model.cast_parts(dtypes)
-    _materialise_random(model, device)
-    return model.to(device)
+    return config
 
 
 def _materialise_random(model: nn.Module, device: str) -> None:

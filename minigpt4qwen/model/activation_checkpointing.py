@@ -22,30 +22,32 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _wrap_all(layers: nn.ModuleList) -> int:
+def _wrap_all(layers: nn.ModuleList, every: int) -> int:
     wrapped = 0
     for idx, layer in enumerate(layers):
-        if not getattr(layer, "_minigpt4qwen_checkpointed", False):
+        if idx % every == 0 and not getattr(layer, "_minigpt4qwen_checkpointed", False):
             layers[idx] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             layers[idx]._minigpt4qwen_checkpointed = True
             wrapped += 1
     return wrapped
 
 
-def apply_activation_checkpointing(model: MiniGPT4Qwen, *, vision: bool, language_model: bool) -> int:
+def apply_activation_checkpointing(model: MiniGPT4Qwen, *, vision: bool, language_model: bool, every: int = 1) -> int:
     """Recomputes each block's activations in the backward pass instead of storing them.
 
     Args:
         model: the model, modified in place.
         vision: checkpoint the ViT blocks.
         language_model: checkpoint the LLM decoder blocks.
+        every: checkpoint every `every`-th block only (2 = half of them): a memory/compute trade-off between
+            storing all activations and recomputing all of them.
 
     Returns:
         The number of blocks wrapped.
     """
     wrapped = 0
     if vision:
-        wrapped += _wrap_all(model.vision_model.encoder.layers)
+        wrapped += _wrap_all(model.vision_model.encoder.layers, every)
     if language_model:
-        wrapped += _wrap_all(decoder_layers(model.language_model))
+        wrapped += _wrap_all(decoder_layers(model.language_model), every)
     return wrapped
