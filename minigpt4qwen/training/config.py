@@ -1,0 +1,99 @@
+"""Typed run configuration: `TrainConfig` (optimisation, checkpoints, logging) and `RunConfig`, the whole YAML file.
+
+    cfg = load_config("configs/train_qwen7b.yaml", ["train.max_steps=100"], RunConfig)
+
+Defaults reproduce the original's `instruction_tuning/train.yaml` run section. Only omegaconf-structured types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from minigpt4qwen.config import ModelConfig
+from minigpt4qwen.data.config import DataConfig
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM (via peft); the base LLM weights stay frozen. The original's values."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    # Qwen2-architecture names (Qwen-7B-Chat's c_attn/c_proj become these after conversion).
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LrMultipliers:
+    """Per-part learning-rate factors (lr of a part = train.lr x its factor)."""
+
+    vision_model: float = 1.0
+    qformer: float = 1.0
+    query_tokens: float = 1.0
+    language_projection: float = 1.0
+    language_model: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and bookkeeping of a run.
+
+    The global batch of one optimizer step is micro_batch_size x grad_accum x world size samples; the loss is the
+    mean over all supervised tokens of that batch (exact, whatever the split into micro-batches and processes).
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 500  # linear from 0, then cosine to min_lr over the remaining steps
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: int = 10
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 1
+    grad_accum: int = 16
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: str = "bf16"  # autocast dtype: bf16 | fp16 (with a gradient scaler) | fp32 (no autocast)
+    lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)
+    seed: int = 42
+    output_dir: str = "output/run"
+    save_every_steps: int = 0  # 0: only at the end of each epoch (and of the run)
+    keep_last: int = 2  # checkpoints kept in output_dir (older ones deleted); 0 keeps all
+    save_contents: str = "trainable"  # trainable | all
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | a checkpoint path
+    log_every: int = 10  # optimizer steps between JSONL/TensorBoard records
+    eval_every: int = 0  # optimizer steps between validation-loss passes; 0: at epoch ends only (if a val set)
+    max_nonfinite_steps: int = 10  # stop the run after this many skipped (non-finite) steps
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tensorboard: bool = True
+    wandb: bool = False
+    progress_bar: bool = True
+    check_memory: bool = True  # estimate memory before training and refuse a run that cannot fit
+
+    def validate(self) -> None:
+        """Raises ValueError for inconsistent settings (called before anything is built)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.save_contents not in ("trainable", "all"):
+            raise ValueError(f"train.save_contents must be 'trainable' or 'all', not {self.save_contents!r}")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.max_steps is None and self.epochs < 1:
+            raise ValueError("set train.epochs >= 1 or train.max_steps")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}")
+
+
+@dataclass
+class RunConfig:
+    """One YAML file: the model, the data and the training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,72 @@
+"""`minigpt4qwen train CONFIG [key=value ...]`: config -> model, data, trainer, in one process or under torchrun.
+
+The model is built on each process's device, LoRA and activation checkpointing are applied, the memory
+estimate is checked, and DDP is applied from outside the model before the trainer takes over.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from minigpt4qwen.config import load_config, to_yaml
+from minigpt4qwen.training import distributed
+from minigpt4qwen.training.config import RunConfig
+from minigpt4qwen.training.memory import check_fits, estimate_memory
+from minigpt4qwen.training.trainer import Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
+
+
+def train_main(config_path: str | None, overrides: list[str] | None = None) -> TrainResult:
+    """Runs (or resumes) the training described by a YAML file plus overrides.
+
+    Args:
+        config_path: the run's YAML (model, data and train sections).
+        overrides: dotted `key=value` strings, e.g. ["train.max_steps=100"].
+
+    Returns:
+        The trainer's `TrainResult` (on every rank).
+
+    Raises:
+        ValueError: an invalid config.
+        MemoryError: the pre-flight estimate says the run cannot fit on the device.
+        NonFiniteError: too many non-finite steps.
+    """
+    from minigpt4qwen.checkpoint.assemble import build_model
+    from minigpt4qwen.data.collate import DataCollator
+    from minigpt4qwen.data.dataset import ConversationDataset
+    from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
+
+    cfg: RunConfig = load_config(config_path, overrides, RunConfig)
+    cfg.train.validate()
+    cfg.data.validate()
+    info = distributed.init_distributed()
+    try:
+        model, tokenizer = build_model(cfg.model, device=info.device)
+        model.set_trainable(cfg.model.trainable)
+        model.cast_parts(cfg.model.dtypes)
+        if cfg.train.lora.enabled:
+            from minigpt4qwen.training.lora import apply_lora
+
+            logger.info("LoRA: %d trainable adapter parameters", apply_lora(model, cfg.train.lora))
+        checkpointing = cfg.model.activation_checkpointing
+        apply_activation_checkpointing(model, vision=checkpointing.vision_model, language_model=checkpointing.language_model)
+        if cfg.train.check_memory:
+            estimate = estimate_memory(model, micro_batch_size=cfg.train.micro_batch_size,
+                                       max_length=cfg.data.max_txt_len,
+                                       activation_bytes=4 if cfg.train.precision == "fp32" else 2,
+                                       checkpointed_llm=checkpointing.language_model, device=info.device)
+            logger.info("memory: %s", estimate.describe())
+            check_fits(estimate)
+        dataset = ConversationDataset(cfg.data, tokenizer, image_token_id=model.image_token_id,
+                                      num_query_tokens=model.num_query_tokens, train=True, seed=cfg.train.seed)
+        collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+        trainer = Trainer(distributed.wrap_ddp(model, info), cfg.train, dataset, collate, info=info,
+                          num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg))
+        trainer.resume()
+        result = trainer.fit()
+        if info.is_main:
+            tokenizer.save_pretrained(f"{cfg.train.output_dir}/tokenizer")
+        return result
+    finally:
+        distributed.destroy()

@@ -1,0 +1,106 @@
+"""AdamW parameter groups (weight-decay split, per-part learning rates) and the original's learning-rate schedule.
+
+The schedule is a linear warm-up from 0 over `warmup_steps`, then a cosine from `lr` down to `min_lr` over the
+remaining steps (the original applies the cosine per epoch; per step is smoother and independent of epoch size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from minigpt4qwen.model.parts import PART_NAMES
+from minigpt4qwen.training.config import TrainConfig
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm weights, learned queries and embeddings are not decayed (decay would shrink them to 0)."""
+    lowered = name.lower()
+    return (
+        param.ndim < 2
+        or "norm" in lowered
+        or "query_tokens" in lowered
+        or "embed" in lowered
+        or "position_embedding" in lowered
+    )
+
+
+def _part(name: str) -> str:
+    # DDP / peft wrappers may prefix names; the part is the first known component.
+    for piece in name.split("."):
+        if piece in PART_NAMES:
+            return piece
+    raise KeyError(f"parameter {name!r} belongs to no model part {PART_NAMES}")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Groups the trainable parameters by (part, decay) with their lr and weight decay.
+
+    Args:
+        model: the (unwrapped) model; only parameters with `requires_grad` are included.
+        cfg: supplies lr, weight_decay and the per-part lr multipliers.
+
+    Returns:
+        A list of dicts for `torch.optim.AdamW`, each with a `name` for logging.
+
+    Raises:
+        ValueError: nothing is trainable.
+    """
+    multipliers = {p: getattr(cfg.lr_multipliers, p) for p in PART_NAMES}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((_part(name), _no_decay(name, param)), []).append(param)
+    if not groups:
+        raise ValueError("no trainable parameters: check model.trainable (and train.lora)")
+    return [
+        {
+            "params": params,
+            "name": f"{part}/{'no_decay' if no_decay else 'decay'}",
+            "lr": cfg.lr * multipliers[part],
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+        }
+        for (part, no_decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, cfg)` (the original's optimizer)."""
+    beta1, beta2 = cfg.betas
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(beta1, beta2))
+
+
+class WarmupCosine:
+    """lr factor at a step: linear 0 -> 1 over `warmup_steps`, then cosine 1 -> min_lr/lr at `total_steps`.
+
+    A callable object (not a lambda), so `LambdaLR.state_dict` records it and resuming restores it.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warm-up + cosine schedule; call `.step()` once per optimizer step.
+
+    Args:
+        optimizer: its groups' initial lr are the peak values (per-part multipliers included).
+        cfg: warmup_steps, lr and min_lr.
+        total_steps: optimizer steps of the whole run.
+
+    Returns:
+        A `LambdaLR` whose factor at step t is `WarmupCosine(...)(t)`.
+    """
+    factor = WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,181 @@
+"""Training checkpoints: weights (native format) + everything needed to continue a run exactly.
+
+`output_dir/checkpoint-00001200/` holds `model.safetensors` + `minigpt4qwen.json` (loadable like any native
+checkpoint) and `training_state.pt` (optimizer, scheduler, scaler, per-rank RNG states, data position). The
+directory is written atomically, so a killed save leaves only a `.tmp-` directory that `find_latest` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from minigpt4qwen.checkpoint.keymap import CheckpointError
+from minigpt4qwen.checkpoint.native import (
+    FORMAT_VERSION, META_NAME, WEIGHTS_NAME, atomic_directory, read_native_checkpoint, select_state_dict,
+)
+
+STATE_NAME = "training_state.pt"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Position:
+    """Where the run stands: optimizer steps done, and the data position (epoch, steps done in that epoch)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    nonfinite_steps: int = 0
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores the states captured by `rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def save_training_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    position: Position,
+    rng_states: list[dict],
+    *,
+    contents: str = "trainable",
+    extra: dict | None = None,
+) -> Path:
+    """Writes a resumable checkpoint atomically (call on the main process only).
+
+    Args:
+        directory: the checkpoint directory (replaced if it exists).
+        model: the unwrapped model.
+        optimizer, scheduler, scaler: their states are saved (scaler may be None).
+        position: global step and data position.
+        rng_states: every rank's `rng_state()`, in rank order.
+        contents: "trainable" or "all" weights.
+        extra: JSON-serialisable information for the description file (e.g. the last loss).
+
+    Returns:
+        The directory.
+    """
+    tensors = select_state_dict(model, contents)
+    meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": contents, "keys": len(tensors),
+            **asdict(position), **(extra or {})}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "position": asdict(position),
+        "rng": rng_states,
+    }
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
+        torch.save(state, tmp / STATE_NAME)
+    return Path(directory)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (`.tmp-` leftovers of killed saves are skipped)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _CKPT_RE.match(child.name)
+        if match and child.is_dir() and (child / STATE_NAME).is_file() and (child / WEIGHTS_NAME).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """Turns the `train.resume` setting into a checkpoint path (or None to start fresh).
+
+    Raises:
+        FileNotFoundError: an explicit path that is not a complete checkpoint.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(output_dir)
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: no {STATE_NAME} there (not a training checkpoint)")
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Deletes all but the newest `keep_last` checkpoints (0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for path in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_training_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
+) -> Position:
+    """Restores weights, optimizer, scheduler, scaler and this rank's RNG state; returns the position.
+
+    Raises:
+        CheckpointError: unreadable files, or saved weights that do not match the model's trainable parameters.
+    """
+    directory = Path(directory)
+    tensors = read_native_checkpoint(directory)
+    expected = set(select_state_dict(model, "trainable"))
+    missing = expected - set(tensors)
+    if missing:
+        raise CheckpointError(f"{directory}: lacks trainable weights, e.g. {sorted(missing)[:3]}")
+    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:
+        raise CheckpointError(f"{directory}: weights the model does not have, e.g. {unexpected[:3]}")
+    try:
+        state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated pickle raises many different types
+        raise CheckpointError(f"{directory / STATE_NAME}: unreadable training state ({err})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    # A run resumed on more processes than it was saved with reuses rank 0's state for the new ranks.
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return Position(**state["position"])

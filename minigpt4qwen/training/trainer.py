@@ -1,0 +1,274 @@
+"""The training loop: exact token-weighted loss over accumulation and processes, AMP, clipping, guards, resume.
+
+Each optimizer step takes a global batch of micro_batch_size x grad_accum x world_size samples. The supervised
+tokens of all its micro-batches are counted (and summed over ranks) before the first forward, and each
+micro-batch's summed loss is divided by that total, so the gradient is that of the mean loss per supervised token
+of the whole global batch, however it is split: 4 x 2 equals 1 x 8, and 2 processes equal 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from minigpt4qwen.model.loss import supervised_positions
+from minigpt4qwen.training import state as ckpt
+from minigpt4qwen.training.config import TrainConfig
+from minigpt4qwen.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, unwrap
+from minigpt4qwen.training.metrics import MetricsLogger, write_run_files
+from minigpt4qwen.training.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps had a non-finite loss or gradient norm (train.max_nonfinite_steps)."""
+
+
+@dataclass
+class TrainResult:
+    """What a `fit` did: the loss of every optimizer step (NaN for skipped ones), skipped steps, the last save."""
+
+    global_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def epoch_plan(num_samples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches (sample indices) of one epoch: a seeded permutation cut into full batches.
+
+    A pure function of (seed, epoch), so a resumed run recomputes it and skips the steps already done.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator).tolist()
+    return [order[i : i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+
+def count_supervised(batch: dict) -> int:
+    """Supervised (next-token) positions of a collated batch: the loss's denominator."""
+    return int(supervised_positions(batch["labels"]).sum())
+
+
+class Trainer:
+    """Trains `model` on `dataset` with the settings of `cfg`.
+
+    Args:
+        model: the model, trainable flags and dtypes set, already on `info.device`; DDP-wrapped when
+            `info.world_size > 1` (see `distributed.wrap_ddp`).
+        cfg: the training settings.
+        dataset: a map-style dataset of samples; `collate` turns a list of them into a batch dict with
+            input_ids, attention_mask, labels and (optionally) pixel_values.
+        collate: the batch builder.
+        val_dataset: optional validation set (its loss is logged every `eval_every` steps and at epoch ends).
+        info: this process's rank and device.
+        num_workers: DataLoader workers.
+        config_yaml: the whole run's config, saved as output_dir/config.yaml.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Dataset, collate: Callable[[list], dict], *,
+                 val_dataset: Dataset | None = None, info: DistInfo = DistInfo(), num_workers: int = 0,
+                 config_yaml: str | None = None):
+        cfg.validate()
+        self.model, self.cfg, self.info = model, cfg, info
+        self.dataset, self.val_dataset, self.collate = dataset, val_dataset, collate
+        self.num_workers = num_workers
+        self.config_yaml = config_yaml
+        self.global_batch = cfg.micro_batch_size * cfg.grad_accum * info.world_size
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} samples do not fill one global batch of {self.global_batch} "
+                             "(micro_batch_size x grad_accum x processes)")
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(unwrap(model), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        device_type = info.device.type
+        self.scaler = torch.amp.GradScaler(device_type) if cfg.precision == "fp16" else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else nullcontext
+        self.position = ckpt.Position()
+
+    # ------------------------------------------------------------------------------------------ data
+    def _micro_batches(self, epoch: int, first_step: int) -> Iterator[dict]:
+        """This rank's micro-batches of `epoch` from optimizer step `first_step` on, in order."""
+        per_rank = self.cfg.micro_batch_size * self.cfg.grad_accum
+        lo = self.info.rank * per_rank
+        plan = epoch_plan(len(self.dataset), self.global_batch, self.cfg.seed, epoch)[first_step:]
+        mb = self.cfg.micro_batch_size
+        batches = [batch[lo + i : lo + i + mb] for batch in plan for i in range(0, per_rank, mb)]
+        if hasattr(self.dataset, "set_epoch"):  # per-(epoch, sample) augmentation seeds: resumable with workers
+            self.dataset.set_epoch(epoch)
+        # An own generator: the loader's seed draw must not consume the global RNG, or a resumed run (whose
+        # loader starts mid-epoch) would see different dropout masks than an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch * 1009 + first_step)
+        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate, generator=generator,
+                            num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda")
+        return iter(loader)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()
+                if k in MODEL_INPUTS and isinstance(v, torch.Tensor)}
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _step(self, micro: Sequence[dict]) -> tuple[float, float, int]:
+        """One optimizer step over this rank's micro-batches; returns (global loss, grad norm, global tokens)."""
+        counts = torch.tensor([count_supervised(b) for b in micro], dtype=torch.float64)
+        total_tokens = int(all_reduce_sum(counts.sum().reshape(1)).item())
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.info.device)
+        # DDP averages gradients over ranks; multiplying by world size turns that average back into the sum.
+        scale = self.info.world_size / max(total_tokens, 1)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
+            with nullcontext() if sync else self.model.no_sync():
+                with self.autocast():
+                    out = self.model(**self._to_device(batch))
+                loss = out.loss_sum.float() * scale
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += out.loss_sum.detach().double()
+        loss = (all_reduce_sum(loss_sum).item() / total_tokens) if total_tokens else 0.0
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if self.params else 0.0
+        return loss, grad_norm, total_tokens
+
+    def _apply(self, loss: float, grad_norm: float) -> bool:
+        """Updates the weights unless the step is non-finite; returns whether it was applied."""
+        finite_loss = math.isfinite(loss)
+        if self.scaler:
+            # A finite loss with an infinite gradient is fp16 overflow: the scaler skips it and lowers its scale.
+            if finite_loss:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = finite_loss and math.isfinite(grad_norm)
+        else:
+            applied = finite_loss and math.isfinite(grad_norm)
+            if applied:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # The schedule follows the data: a skipped step still consumed its batch.
+        self.scheduler.step()
+        return applied
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per supervised token over the validation set (all ranks), in eval mode."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        indices = list(range(self.info.rank, len(self.val_dataset), self.info.world_size))
+        mb = self.cfg.micro_batch_size
+        loader = DataLoader(self.val_dataset, batch_sampler=[indices[i : i + mb] for i in range(0, len(indices), mb)],
+                            collate_fn=self.collate, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
+        for batch in loader:
+            with self.autocast():
+                out = unwrap(self.model)(**self._to_device(batch))
+            totals += torch.tensor([float(out.loss_sum), out.num_tokens], dtype=torch.float64, device=totals.device)
+        self.model.train()
+        all_reduce_sum(totals)
+        return float(totals[0] / totals[1]) if totals[1] else math.nan
+
+    # ------------------------------------------------------------------------------------------ saving
+    def save(self, logger_: MetricsLogger, extra: dict | None = None) -> Path:
+        """Writes a resumable checkpoint of the current position (collective: call on every rank)."""
+        rngs = all_gather_objects(ckpt.rng_state())
+        path = Path(self.cfg.output_dir) / ckpt.checkpoint_name(self.position.global_step)
+        if self.info.is_main:
+            ckpt.save_training_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler, self.scaler,
+                                          self.position, rngs, contents=self.cfg.save_contents, extra=extra)
+            ckpt.prune_checkpoints(self.cfg.output_dir, self.cfg.keep_last)
+            logger_.log({"kind": "checkpoint", "path": str(path)}, self.position.global_step)
+        barrier()
+        return path
+
+    def resume(self) -> Path | None:
+        """Loads the checkpoint named by `cfg.resume` (newest in output_dir for "auto"), if any."""
+        path = ckpt.resolve_resume(self.cfg.resume, self.cfg.output_dir)
+        if path is not None:
+            self.position = ckpt.load_training_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler,
+                                                          self.scaler, rank=self.info.rank)
+            logger.info("resumed from %s at step %d", path, self.position.global_step)
+        return path
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        """Runs (or continues) training to `total_steps`; saves per `save_every_steps`, at epoch ends and at the end.
+
+        Returns:
+            A `TrainResult` for the steps run by this call.
+
+        Raises:
+            NonFiniteError: more than `max_nonfinite_steps` steps were skipped.
+        """
+        cfg, pos = self.cfg, self.position
+        if self.info.is_main:
+            write_run_files(cfg.output_dir, self.config_yaml, {"world_size": self.info.world_size})
+        metrics = MetricsLogger(cfg.output_dir, enabled=self.info.is_main, tensorboard=cfg.tensorboard,
+                                wandb=cfg.wandb, run_name=Path(cfg.output_dir).name)
+        result = TrainResult(global_step=pos.global_step)
+        bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not (self.info.is_main and cfg.progress_bar),
+                   dynamic_ncols=True, desc="train")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            while pos.global_step < self.total_steps:
+                micro_iter = self._micro_batches(pos.epoch, pos.step_in_epoch)
+                while pos.step_in_epoch < self.steps_per_epoch and pos.global_step < self.total_steps:
+                    started = time.perf_counter()
+                    micro = [next(micro_iter) for _ in range(cfg.grad_accum)]
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    loss, grad_norm, tokens = self._step(micro)
+                    applied = self._apply(loss, grad_norm)
+                    pos.global_step += 1
+                    pos.step_in_epoch += 1
+                    elapsed = time.perf_counter() - started
+                    result.losses.append(loss if applied else math.nan)
+                    record = {"kind": "train", "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens": tokens, "samples_per_s": self.global_batch / elapsed,
+                              "tokens_per_s": tokens / elapsed}
+                    if not applied:
+                        pos.nonfinite_steps += 1
+                        result.skipped_steps.append(pos.global_step)
+                        metrics.log({**record, "kind": "nonfinite", "skipped": True}, pos.global_step)
+                        logger.warning("step %d skipped: loss %s, grad norm %s (%d/%d non-finite steps)",
+                                       pos.global_step, loss, grad_norm, pos.nonfinite_steps, cfg.max_nonfinite_steps)
+                        if pos.nonfinite_steps >= cfg.max_nonfinite_steps:
+                            raise NonFiniteError(f"{pos.nonfinite_steps} non-finite steps (train.max_nonfinite_steps);"
+                                                 " lower train.lr, check the data, or use bf16 instead of fp16")
+                    elif pos.global_step % cfg.log_every == 0 or pos.global_step == 1:
+                        metrics.log(record, pos.global_step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}",
+                                    tps=f"{record['tokens_per_s']:.0f}", refresh=False)
+                    bar.update(1)
+                    epoch_end = pos.step_in_epoch == self.steps_per_epoch
+                    if self.val_dataset is not None and (
+                        epoch_end or (cfg.eval_every and pos.global_step % cfg.eval_every == 0)
+                    ):
+                        val = self.evaluate()
+                        result.val_losses.append((pos.global_step, val))
+                        metrics.log({"kind": "val", "loss": val}, pos.global_step)
+                    if epoch_end:
+                        pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+                    done = pos.global_step == self.total_steps
+                    if epoch_end or done or (cfg.save_every_steps and pos.global_step % cfg.save_every_steps == 0):
+                        result.checkpoint = self.save(metrics, {"loss": loss})
+                    if epoch_end:
+                        break  # the next epoch needs its own plan and loader
+        finally:
+            bar.close()
+            metrics.close()
+        result.global_step = pos.global_step
+        return result
