@@ -18,6 +18,7 @@ from minigpt4qwen.checkpoint.llm import load_llm, placeholder_token_id
 from minigpt4qwen.checkpoint.sources import read_model_checkpoint, read_qformer_weights, read_vision_weights
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
+from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.configs import (
     blip2_qformer_config,
     eva_vit_g_config,
@@ -34,12 +35,15 @@ logger = logging.getLogger(__name__)
 FRESHLY_INITIALISED = ("language_projection",)
 
 
-def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
-    """Loads every configured source and returns the model (trainable flags, dtypes, checkpointing applied).
+def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
+                runtime: bool = True) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
+    """Loads every configured source and returns the model with trainable flags and dtypes applied.
 
     Args:
         cfg: the model section of a config (paths, flags, dtypes); a preset fills empty paths.
         device: where the model ends up.
+        runtime: also apply activation checkpointing and compilation (`apply_runtime_options`); pass False to
+            modify the modules first (e.g. LoRA) and apply them afterwards.
 
     Returns:
         (model, tokenizer).
@@ -81,10 +85,19 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> tupl
     _initialise_or_fail(model)
 
     model.set_trainable(cfg.trainable)
-    apply_activation_checkpointing(
-        model, vision=cfg.activation_checkpointing.vision_model, language_model=cfg.activation_checkpointing.language_model
-    )
-    return model.to(device), tokenizer
+    model = model.to(device)
+    if runtime:
+        apply_runtime_options(model, cfg)
+    return model, tokenizer
+
+
+def apply_runtime_options(model: MiniGPT4Qwen, cfg: ModelConfig) -> None:
+    """Activation checkpointing, then regional compilation, as the config asks (wrappers applied from outside)."""
+    checkpointing = cfg.activation_checkpointing
+    apply_activation_checkpointing(model, vision=checkpointing.vision_model,
+                                   language_model=checkpointing.language_model, every=checkpointing.every)
+    if cfg.compile_blocks:
+        compile_blocks(model)
 
 
 def vision_architecture(name: str, image_size: int) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:

@@ -1,106 +1,294 @@
-"""A thin terminal front end over `ChatSession`: enter image paths, then chat; streamed output.
+"""The terminal chat over `ChatSession`: enter image paths (`:f` to finish), then chat with streamed replies.
 
-Commands: :help  :q  :clear (history + images)  :clh (history only)  :his  :img PATH  :seed N
+The original `cli_demo.py`'s flow and commands (`:h` lists them), with settings parsed safely instead of eval'd,
+images addable at any turn, Ctrl-C stopping only the reply being generated, and `--query` for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import shutil
+import sys
 import threading
+from typing import TextIO
 
-import torch
 from transformers import TextIteratorStreamer
 
-from minigpt4qwen.data.images import ImageLoadError
-from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.data.images import ImageLoadError, load_image
+from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
+from minigpt4qwen.inference.loading import load_for_inference, settings_from_args
 
-HELP = """commands:
-  :help / :h            this help
-  :q / :quit / :exit    leave
-  :clear / :cl          forget the history and the images
-  :clear-history / :clh forget the history, keep the images
-  :history / :his       show the history
-  :img PATH             add an image for the next question
-  :seed [N]             show or set the sampling seed
-anything else is a question about the images added so far."""
-
-
-def _load(args: argparse.Namespace):
-    from minigpt4qwen.checkpoint.assemble import build_model
-    from minigpt4qwen.config import ModelConfig, load_config
-    from minigpt4qwen.model.parts import PartDtypes, TrainableParts
-    from minigpt4qwen.training.config import RunConfig
-
-    if args.config:
-        model_cfg = load_config(args.config, [], RunConfig).model
-    else:
-        model_cfg = ModelConfig(preset=args.model_type, cache_root=args.cache_root)
-    frozen = TrainableParts(language_projection=False)
-    dtypes = PartDtypes.uniform("fp32") if args.cpu_only else model_cfg.dtypes
-    model_cfg = dataclasses.replace(model_cfg, checkpoint=args.checkpoint or model_cfg.checkpoint,
-                                    trainable=frozen, dtypes=dtypes)
-    device = "cpu" if args.cpu_only or not torch.cuda.is_available() else "cuda"
-    return build_model(model_cfg, device=device)
+WELCOME = """\
+Welcome to MiniGPT4Qwen: type a question to chat, :h for the commands.
+(欢迎使用 MiniGPT4Qwen：输入内容即可进行对话，:h 显示命令帮助。)"""
+HELP = """\
+Commands 命令:
+    :help / :h                 show this help                         显示帮助信息
+    :exit / :quit / :q         leave                                  退出
+    :clear / :cl               clear the screen, history and images   清屏并清除对话历史和图片
+    :clear-history / :clh      clear the history, keep the images     清除对话历史（保留图片）
+    :history / :his            show the history                       显示对话历史
+    :seed                      show the random seed                   显示当前随机种子
+    :seed <N>                  set the random seed (none: unset)      设置随机种子
+    :conf                      show the generation settings           显示生成配置
+    :conf <key>=<value> ...    change generation settings             修改生成配置
+    :reset-conf                restore the starting settings          重置生成配置
+    :img                       list the images                        显示图片列表
+    :img <PATH>                add an image for the next question     为下一个问题添加图片
+Ctrl-C stops a reply being generated; Ctrl-D leaves.  Ctrl-C 中断生成；Ctrl-D 退出。"""
+IMAGE_INPUT = "Image path, one per line; :f to finish (图片路径，每行一个，可多张；输入 :f 结束并开始对话)> "
+USER = "User> "
+ASSISTANT = "Assistant: "
 
 
-def _answer(session: ChatSession, query: str, settings: GenerationSettings) -> str:
-    streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=False, skip_special_tokens=True)
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(reply=session.ask(query, settings, streamer)))
-    worker.start()
-    for piece in streamer:
-        print(piece, end="", flush=True)
-    worker.join()
-    print()
-    return result.get("reply", "")
+def _unquote(text: str) -> str:
+    """A path as typed or dropped into a terminal: surrounding quotes removed."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _read(prompt: str) -> str | None:
+    """One stripped input line; None on end of input. Ctrl-C at a prompt only prints a hint."""
+    while True:
+        try:
+            return input(prompt).strip()
+        except EOFError:
+            print()
+            return None
+        except KeyboardInterrupt:
+            print("\n[INFO] Ctrl-C stops a reply; :q or Ctrl-D leaves (:q 或 Ctrl-D 退出)")
+        except UnicodeDecodeError:
+            print("[ERROR] encoding error in the input (输入编码错误)")
+
+
+class ChatCLI:
+    """The command loop around one `ChatSession`.
+
+    Args:
+        session: the conversation.
+        settings: the starting generation settings (`:reset-conf` restores them).
+        notes: where image and error notes go (stderr keeps a `--query` answer alone on stdout).
+    """
+
+    def __init__(self, session: ChatSession, settings: GenerationSettings, notes: TextIO | None = None) -> None:
+        self.session = session
+        self.notes = notes or sys.stdout
+        self.initial_settings = self.settings = settings
+        self.image_paths: list[str] = []  # in the order added; the last len(pending_images) are pending
+
+    def add_image(self, path: str) -> bool:
+        """Adds an image for the next question, or prints why it cannot be read.
+
+        Args:
+            path: the image file.
+
+        Returns:
+            Whether it was added.
+        """
+        try:
+            self.session.add_image(path)
+        except ImageLoadError as err:
+            print(f"[ERROR] cannot use this image (无法读取该图片): {err}", file=self.notes)
+            return False
+        self.image_paths.append(path)
+        print(f"[INFO] image {len(self.image_paths)} added (已添加图片): {path}", file=self.notes)
+        return True
+
+    def collect_images(self) -> bool:
+        """The original's first step: image paths one per line until `:f`.
+
+        Returns:
+            False when the user leaves (`:q` or end of input) instead.
+        """
+        while (line := _read(IMAGE_INPUT)) is not None:
+            if line == ":f":
+                print(f"[INFO] {len(self.image_paths)} image(s); now ask your question (图片输入结束，开始对话)")
+                return True
+            if line in (":q", ":quit", ":exit"):
+                return False
+            if line:
+                self.add_image(_unquote(line))
+            else:
+                print("[ERROR] empty path; type :f to finish (路径为空，输入 :f 结束)")
+        return False
+
+    def answer(self, query: str, label: str = ASSISTANT) -> bool:
+        """Streams the reply to `query`; Ctrl-C stops it (nothing is added to the history).
+
+        Args:
+            query: the question.
+            label: printed before the reply.
+
+        Returns:
+            Whether a reply was completed (False: interrupted or failed, with a note printed).
+        """
+        streamer = TextIteratorStreamer(self.session.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                outcome["reply"] = self.session.ask(query, self.settings, streamer)
+            except Exception as err:  # reported by the main thread, which owns the terminal
+                outcome["error"] = err
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            print(label, end="", flush=True)
+            for piece in streamer:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            self.session.cancel()
+        while worker.is_alive():  # Ctrl-C again while the generation winds down: keep waiting
+            try:
+                worker.join()
+            except KeyboardInterrupt:
+                self.session.cancel()
+        print()
+        error = outcome.get("error")
+        if isinstance(error, GenerationCancelled):
+            print("[WARNING] generation interrupted (生成已中断)", file=self.notes)
+        elif error is not None:
+            print(f"[ERROR] {error}", file=self.notes)
+        return error is None
+
+    def run(self) -> None:
+        """Reads commands and questions until `:q` or end of input."""
+        print(WELCOME)
+        while (line := _read(USER)) is not None:
+            if not line:
+                print("[ERROR] empty question (输入为空)")
+            elif not line.startswith(":"):
+                self.answer(line)
+            elif not self.command(line[1:]):
+                return
+
+    def command(self, text: str) -> bool:
+        """Runs one command.
+
+        Args:
+            text: the command line without its colon, e.g. "conf temperature=0.7".
+
+        Returns:
+            False when the command is to leave.
+        """
+        name, _, rest = text.strip().partition(" ")
+        rest = rest.strip()
+        if name in ("exit", "quit", "q"):
+            return False
+        if name in ("help", "h"):
+            print(HELP)
+        elif name in ("clear", "cl"):
+            if sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            self.session.clear()
+            self.image_paths = []
+            print(WELCOME)
+            print("[INFO] history and images cleared (对话历史和图片已清除)")
+        elif name in ("clear-history", "clear-his", "clh"):
+            count = len(self.session.turns)
+            self.session.clear_history()
+            print(f"[INFO] all {count} turn(s) of history cleared; images kept (已清除 {count} 轮对话历史，图片保留)")
+        elif name in ("history", "his"):
+            self._print_history()
+        elif name == "seed":
+            self._seed(rest)
+        elif name == "conf":
+            self._conf(rest)
+        elif name == "reset-conf":
+            self.settings = dataclasses.replace(self.initial_settings, seed=self.settings.seed)
+            print("[INFO] generation settings reset (生成配置已重置)")
+            self._print_settings()
+        elif name == "img":
+            self._img(rest)
+        else:
+            print(f"[WARNING] unknown command :{name}; :h lists the commands (未知命令，:h 显示帮助)")
+        return True
+
+    def _print_history(self) -> None:
+        width = shutil.get_terminal_size()[0]
+        print(f" History ({len(self.session.turns)}) ".center(width, "="))
+        for index, (query, reply) in enumerate(self.session.turns):
+            print(f"User[{index}]: {query}")
+            print(f"Assistant[{index}]: {reply}")
+        print("=" * width)
+
+    def _seed(self, rest: str) -> None:
+        if rest:
+            try:
+                self.settings = self.settings.with_text("seed", rest)
+            except ValueError as err:
+                print(f"[WARNING] seed not changed (随机种子未修改): {err}")
+                return
+        print(f"[INFO] random seed (随机种子): {self.settings.seed}")
+
+    def _print_settings(self) -> None:
+        for field in dataclasses.fields(self.settings):
+            print(f"    {field.name} = {getattr(self.settings, field.name)!r}")
+
+    def _conf(self, rest: str) -> None:
+        try:
+            items = shlex.split(rest)
+        except ValueError as err:  # e.g. an unclosed quote
+            print(f"[WARNING] {err}; format: :conf key=value ... (格式错误)")
+            return
+        if not items:
+            self._print_settings()
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                print(f"[WARNING] {item!r}: format is key=value (格式应为 key=value)")
+                continue
+            try:
+                self.settings = self.settings.with_text(key.strip(), value)
+            except ValueError as err:
+                print(f"[WARNING] not changed (未修改): {err}")
+                continue
+            print(f"[INFO] {key.strip()} = {getattr(self.settings, key.strip())!r}")
+
+    def _img(self, rest: str) -> None:
+        if rest:
+            self.add_image(_unquote(rest))
+            return
+        pending = len(self.image_paths) - len(self.session.pending_images)
+        print(f"[INFO] images (图片): {len(self.image_paths)}")
+        for index, path in enumerate(self.image_paths):
+            print(f"    [{index}] {path}{' (for the next question 待提问)' if index >= pending else ''}")
 
 
 def chat_main(args: argparse.Namespace) -> int:
-    """Runs the chat loop (or one `--query`)."""
-    model, tokenizer = _load(args)
-    session = ChatSession(model, tokenizer)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    for path in args.image:
-        session.add_image(path)
-    if args.query:
-        _answer(session, args.query, settings)
-        return 0
-    print(HELP)
-    while True:
+    """Runs the chat: `--query` answers once (streamed to stdout) and exits; otherwise the interactive loop.
+
+    Args:
+        args: the `chat` subcommand's options (model, generation, --image, --query, --system-prompt, ...).
+
+    Returns:
+        The exit code: 0; with `--query`, 1 when the reply failed and 2 when an `--image` cannot be read.
+
+    Raises:
+        ValueError / FileNotFoundError: invalid settings or model options (reported by the CLI's main).
+    """
+    settings = settings_from_args(args)
+    if args.query is not None:  # a script's typo should not cost a model load
         try:
-            line = input("User> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line:
-            continue
-        command, _, rest = line.partition(" ")
-        if command in (":q", ":quit", ":exit"):
-            return 0
-        if command in (":h", ":help"):
-            print(HELP)
-        elif command in (":cl", ":clear"):
-            session.clear()
-        elif command in (":clh", ":clear-history"):
-            session.clear_history()
-        elif command in (":his", ":history"):
-            for user, reply in session.turns:
-                print(f"User: {user}\nAssistant: {reply}")
-        elif command == ":img":
-            try:
-                session.add_image(rest.strip())
-                print(f"added {rest.strip()}")
-            except ImageLoadError as err:
-                print(f"could not add the image: {err}")
-        elif command == ":seed":
-            if rest.strip().isdigit():
-                settings = dataclasses.replace(settings, seed=int(rest))
-            elif rest.strip():
-                print("usage: :seed N (a non-negative integer)")
-            print(f"seed: {settings.seed}")
-        else:
-            try:
-                _answer(session, line, settings)
-            except KeyboardInterrupt:
-                print("\n(interrupted)")
+            for path in args.image:
+                load_image(path)
+        except ImageLoadError as err:
+            print(f"[ERROR] cannot use this image (无法读取该图片): {err}", file=sys.stderr)
+            return 2
+    model, tokenizer = load_for_inference(args)
+    system = {"system_prompt": args.system_prompt} if args.system_prompt is not None else {}
+    session = ChatSession(model, tokenizer, max_window_size=args.max_window_size, **system)
+    cli = ChatCLI(session, settings, notes=sys.stderr if args.query is not None else sys.stdout)
+    for path in args.image:
+        cli.add_image(path)
+    if args.query is not None:
+        return 0 if cli.answer(args.query, label="") else 1
+    if not args.image and not cli.collect_images():
+        return 0
+    cli.run()
+    return 0

@@ -103,16 +103,17 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="chat in the terminal (or answer one --query and exit)")
-    p.add_argument("--model-type", choices=["qwen7b_chat", "qwen14b_chat"], default="qwen7b_chat",
-                   help="preset that finds the weights in the original cache/ckpt layout")
-    p.add_argument("-c", "--checkpoint", help="trained checkpoint: ours, or the original project's model.pth")
-    p.add_argument("--config", help="YAML whose model section replaces the preset")
-    p.add_argument("--cache-root", default="cache")
-    p.add_argument("--cpu-only", action="store_true")
+    from minigpt4qwen.inference.loading import add_generation_options, add_model_options
+
+    p = sub.add_parser("chat", help="chat in the terminal (or answer one --query and exit)",
+                       description="Enter image paths (:f to finish), then chat; :h lists the commands. "
+                                   "With --image the image step is skipped; with --query one answer goes to stdout.")
+    add_model_options(p)
+    add_generation_options(p, seed=42)  # the original demo's seed
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     p.add_argument("--query", help="answer this once and exit")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
+    p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
     p.set_defaults(func=run_chat)
 
 
@@ -122,4 +123,86 @@ def run_chat(args: argparse.Namespace) -> int:
     return chat_main(args)
 
 
-REGISTER = [add_demo, add_train, add_export, add_data, add_chat]
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    from minigpt4qwen.inference.loading import add_generation_options, add_model_options
+
+    p = sub.add_parser("generate", help="answer a JSON/JSONL file of prompts with images, write JSONL answers",
+                       description='Batch inference: INPUT is a JSON list or JSONL of {"id"?, "image": path | [paths], '
+                                   '"query" | "instruction": str} (the original training format works too); OUTPUT '
+                                   'gets one {"id", "query", "answer"} line per record, in input order.')
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--image-root", help="folder relative image paths start from (default: the input file's folder)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="a bad record (malformed, missing or corrupt image): report and skip it, or stop")
+    p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
+    add_model_options(p)
+    add_generation_options(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from minigpt4qwen.inference.batch import generate_main
+
+    return generate_main(args)
+
+
+def add_webui(sub: argparse._SubParsersAction) -> None:
+    from minigpt4qwen.inference.loading import add_model_options
+
+    p = sub.add_parser("webui", help="chat in the browser (gradio): upload images, streamed replies",
+                       description="Serves the web UI at http://HOST:PORT; 127.0.0.1 by default (this machine only).")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind; 0.0.0.0 exposes it to the network (there is no authentication)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
+    p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
+    p.set_defaults(func=run_webui)
+
+
+def run_webui(args: argparse.Namespace) -> int:
+    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.webui import launch
+    from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
+
+    model, tokenizer = load_for_inference(args)
+    launch(model, tokenizer, host=args.host, port=args.port, share=args.share,
+           system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT, max_window_size=args.max_window_size)
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    from minigpt4qwen.inference.loading import add_model_options
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models)",
+                       description="Serves the model at http://HOST:PORT/v1 for any OpenAI client; images come as "
+                                   "data: URIs. 127.0.0.1 by default (this machine only); one generation at a time.")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind; 0.0.0.0 exposes it to the network (there is no authentication)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="minigpt4qwen", help="the model id reported to clients")
+    p.add_argument("--allow-local-files", action="store_true",
+                   help="also accept image_url local paths and file:// URLs (trusted clients only: they can read "
+                        "any image this process can)")
+    p.add_argument("--max-body-mb", type=float, default=20, help="larger requests get 413")
+    p.add_argument("--max-images", type=int, default=8, help="more images in one request get 400")
+    p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.server import serve
+
+    model, tokenizer = load_for_inference(args)
+    serve(model, tokenizer, args.model_name, host=args.host, port=args.port, allow_local_files=args.allow_local_files,
+          max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+          max_window_size=args.max_window_size)
+    return 0
+
+
+REGISTER = [add_demo, add_train, add_export, add_data, add_chat, add_generate, add_webui, add_serve]

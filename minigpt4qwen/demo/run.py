@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """
     started = time.perf_counter()
     seed = getattr(args, "seed", 0)
-    steps = getattr(args, "steps", 300)
+    steps = getattr(args, "steps", None) or 300
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     out = Path(getattr(args, "output_dir", None) or tempfile.mkdtemp(prefix="minigpt4qwen-demo-"))

@@ -10,7 +10,8 @@ the messages each turn, dropping the oldest turns when it exceeds `max_window_si
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +19,32 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 from minigpt4qwen.data.images import ImageTransform, load_image
+from minigpt4qwen.inference.generation import CancelFlag, GenerationSettings, chat_generate_kwargs, decode_reply
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER, render_chatml
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
+__all__ = ["IMAGE_PROMPT", "ChatSession", "GenerationCancelled", "GenerationSettings", "chat"]
+
 IMAGE_PROMPT = f"<Img>{IMAGE_MARKER}</Img>"  # how the original's data and chat wrap each image
 
 
-@dataclass
-class GenerationSettings:
-    """Decoding options (the original's demo defaults: greedy, up to 512 new tokens)."""
+class GenerationCancelled(RuntimeError):
+    """`ask`/`regenerate` was stopped by `ChatSession.cancel()`; the history and pending images are unchanged.
 
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    Attributes:
+        partial: the reply generated before the stop.
+    """
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs = {k: v for k, v in asdict(self).items() if k != "seed"}
-        if not self.do_sample:  # sampling knobs would only trigger transformers warnings in greedy/beam mode
-            for key in ("temperature", "top_p", "top_k"):
-                kwargs.pop(key)
-        return kwargs
+    def __init__(self, partial: str) -> None:
+        super().__init__("generation cancelled")
+        self.partial = partial
 
 
 class ChatSession:
-    """One conversation with a model.
+    """One conversation with a model. Safe to share between threads: one call runs at a time (`lock`), and
+    `cancel()` may be called from any thread.
 
     Args:
         model: the model (eval mode is set here).
@@ -68,30 +63,63 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = []  # (user content with markers, assistant reply)
         self.turn_images: list[list[torch.Tensor]] = []  # features of each turn's images, [Q, H] each
         self.pending_images: list[torch.Tensor] = []  # added, not yet asked about
+        self.lock = threading.RLock()
+        self._cancel = CancelFlag()
 
     @property
     def device(self) -> torch.device:
         return self.model.language_projection.weight.device
 
+    def _encode(self, image: str | Path | Image.Image) -> torch.Tensor:
+        pil = load_image(str(image)) if not isinstance(image, Image.Image) else image.convert("RGB")
+        pixels = self.transform(pil).unsqueeze(0).to(self.device)
+        with torch.no_grad():
+            return self.model.encode_images(pixels)[0]
+
     def add_image(self, image: str | Path | Image.Image) -> None:
         """Encodes an image now (once) and attaches it to the next question.
+
+        Args:
+            image: a file path or a PIL image.
 
         Raises:
             ImageLoadError: a missing or undecodable file (the session is unchanged).
         """
-        pil = load_image(str(image)) if not isinstance(image, Image.Image) else image.convert("RGB")
-        pixels = self.transform(pil).unsqueeze(0).to(self.device)
-        with torch.no_grad():
-            self.pending_images.append(self.model.encode_images(pixels)[0])
+        features = self._encode(image)
+        with self.lock:
+            self.pending_images.append(features)
+
+    def add_turn(self, query: str, reply: str, images: Sequence[str | Path | Image.Image] = ()) -> None:
+        """Appends a past exchange to the history (e.g. to rebuild a conversation held elsewhere).
+
+        Args:
+            query: the user's text; `images` go first unless it places them with `<ImageHere>` markers.
+            reply: the assistant's answer.
+            images: that turn's images, encoded now.
+
+        Raises:
+            ImageLoadError: an image cannot be read (the session is unchanged).
+            ValueError: the query's marker count differs from the number of images.
+        """
+        features = [self._encode(image) for image in images]
+        if IMAGE_MARKER not in query:
+            query = IMAGE_PROMPT * len(features) + query
+        if query.count(IMAGE_MARKER) != len(features):
+            raise ValueError(f"the query has {query.count(IMAGE_MARKER)} image markers but {len(features)} images")
+        with self.lock:
+            self.turns.append((query, reply))
+            self.turn_images.append(features)
 
     def clear(self) -> None:
         """Forgets the history and every image."""
-        self.turns, self.turn_images, self.pending_images = [], [], []
+        with self.lock:
+            self.turns, self.turn_images, self.pending_images = [], [], []
 
     def clear_history(self) -> None:
         """Forgets the conversation but keeps its images for the next question."""
-        self.pending_images = [f for images in self.turn_images for f in images] + self.pending_images
-        self.turns, self.turn_images = [], []
+        with self.lock:
+            self.pending_images = [f for images in self.turn_images for f in images] + self.pending_images
+            self.turns, self.turn_images = [], []
 
     def with_image_markers(self, query: str) -> str:
         """The query with one `<Img><ImageHere></Img>` per pending image in front, unless it places them itself."""
@@ -105,7 +133,11 @@ class ChatSession:
 
     def build_prompt(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Input ids [1, T] for `query` (with its image markers) after the kept history, and the image features
-        [N, Q, H] in marker order."""
+        [N, Q, H] in marker order.
+
+        Raises:
+            ValueError: the number of image markers differs from the number of images.
+        """
         all_images = self.turn_images + [self.pending_images]
         for first in range(len(self.turns) + 1):
             rendered = render_chatml(
@@ -116,9 +148,14 @@ class ChatSession:
                 break
         features = [f for images in all_images[first:] for f in images]
         if rendered.num_images != len(features):
-            raise ValueError(f"the prompt has {rendered.num_images} image markers but {len(features)} images were added")
+            raise ValueError(
+                f"the prompt has {rendered.num_images} image markers but {len(features)} images were added")
         ids = torch.tensor([rendered.input_ids], device=self.device)
         return ids, (torch.stack(features) if features else None)
+
+    def cancel(self) -> None:
+        """Stops the generation running now (from any thread); its `ask` raises `GenerationCancelled`."""
+        self._cancel.set()
 
     def ask(self, query: str, settings: GenerationSettings | None = None, streamer: Any = None) -> str:
         """Answers `query` (about the images added since the last question, and the history).
@@ -126,34 +163,91 @@ class ChatSession:
         Args:
             query: the user's text; `<ImageHere>` markers place the new images, else they go first.
             settings: decoding options.
-            streamer: a transformers streamer (e.g. `TextIteratorStreamer`) receiving tokens as they come.
+            streamer: a transformers streamer (e.g. `TextIteratorStreamer`) receiving tokens as they come; with
+                beam search it receives the whole reply at the end. It is always ended, even on an error.
 
         Returns:
             The reply text; the turn is added to the history.
+
+        Raises:
+            GenerationCancelled: `cancel()` stopped it (nothing is added to the history).
+            ValueError: invalid settings, or a marker count that differs from the number of pending images.
         """
         settings = settings or GenerationSettings()
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        query = self.with_image_markers(query)
-        ids, features = self.build_prompt(query)
-        new = self.model.generate(
-            ids, image_features=features, eos_token_id=chat_stop_token_ids(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **settings.generate_kwargs(),
-        )
-        reply = self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
-        self.turns.append((query, reply))
-        self.turn_images.append(self.pending_images)
-        self.pending_images = []
+        with self.lock:
+            query = self.with_image_markers(query)
+            reply = self._generate(query, settings, streamer)
+            self.turns.append((query, reply))
+            self.turn_images.append(self.pending_images)
+            self.pending_images = []
+            return reply
+
+    def regenerate(self, settings: GenerationSettings | None = None, streamer: Any = None) -> str:
+        """Answers the last question again (e.g. with other settings), replacing the last reply.
+
+        Images added since that question stay pending for the next one. Args, Returns and Raises as `ask`;
+        on an error the previous reply is kept.
+
+        Raises:
+            ValueError: no question has been answered yet.
+        """
+        with self.lock:
+            if not self.turns:
+                raise ValueError("nothing to regenerate: no question has been answered yet")
+            last_turn, last_images = self.turns.pop(), self.turn_images.pop()
+            pending, self.pending_images = self.pending_images, last_images
+            try:
+                return self.ask(last_turn[0], settings, streamer)
+            except BaseException:
+                self.turns.append(last_turn)
+                self.turn_images.append(last_images)
+                raise
+            finally:
+                self.pending_images = pending
+
+    def _generate(self, query: str, settings: GenerationSettings, streamer: Any) -> str:
+        try:
+            settings.check()
+            ids, features = self.build_prompt(query)
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            self._cancel.clear()
+            beams = settings.num_beams > 1  # transformers cannot stream beam search
+            new = self.model.generate(ids, image_features=features, streamer=None if beams else streamer,
+                                      **chat_generate_kwargs(self.tokenizer, settings, (self._cancel,)))
+        except BaseException:
+            if streamer is not None:  # a consumer iterating the streamer would otherwise wait forever
+                streamer.end()
+            raise
+        if beams and streamer is not None:  # the way generate feeds a streamer: the (empty) prompt, then tokens
+            streamer.put(ids[:, :0].cpu())
+            streamer.put(new[:1].cpu())
+            streamer.end()
+        reply = decode_reply(self.tokenizer, new[0], settings.stop)
+        if self._cancel.fired:
+            raise GenerationCancelled(reply)
         return reply
 
 
 def chat(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, query: str,
          history: list[tuple[str, str]] | None = None, images: list[str | Path | Image.Image] | None = None,
          settings: GenerationSettings | None = None) -> tuple[str, list[tuple[str, str]]]:
-    """One-call chat: answers `query` about `images` after a text-only `history`; returns (reply, new history)."""
+    """One-call chat: answers `query` about `images` after a text-only `history`.
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        query: the question.
+        history: earlier (question, reply) pairs, without images.
+        images: the question's images.
+        settings: decoding options.
+
+    Returns:
+        (reply, the history with this turn appended).
+    """
     session = ChatSession(model, tokenizer)
-    session.turns = list(history or [])
-    session.turn_images = [[] for _ in session.turns]
+    for user, reply in history or []:
+        session.add_turn(user, reply)
     for image in images or []:
         session.add_image(image)
     reply = session.ask(query, settings)

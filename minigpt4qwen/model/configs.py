@@ -12,6 +12,9 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, Pre
 # field for both, so the composite stores this extra attribute and the model re-applies it after construction.
 LN_VISION_EPS = 1e-5
 NUM_QUERY_TOKENS = 32
+# Blip2VisionConfig's default initializer_range is 1e-10, i.e. an all-but-zero random init of every ViT weight:
+# harmless when real weights are loaded, but a ViT trained from scratch (the CPU demo) could never learn.
+VISION_INIT_STD = 0.02
 
 
 def eva_vit_g_config(image_size: int = 224) -> Blip2VisionConfig:
@@ -27,6 +30,7 @@ def eva_vit_g_config(image_size: int = 224) -> Blip2VisionConfig:
         layer_norm_eps=1e-6,
         qkv_bias=True,
         attention_dropout=0.0,
+        initializer_range=VISION_INIT_STD,
     )
 
 
@@ -98,6 +102,7 @@ def tiny_vision_config(image_size: int = 28) -> Blip2VisionConfig:
         layer_norm_eps=1e-6,
         qkv_bias=True,
         attention_dropout=0.0,
+        initializer_range=VISION_INIT_STD,
     )
 
 

@@ -32,25 +32,22 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         MemoryError: the pre-flight estimate says the run cannot fit on the device.
         NonFiniteError: too many non-finite steps.
     """
-    from minigpt4qwen.checkpoint.assemble import build_model
+    from minigpt4qwen.checkpoint.assemble import apply_runtime_options, build_model
     from minigpt4qwen.data.collate import DataCollator
     from minigpt4qwen.data.dataset import ConversationDataset
-    from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 
     cfg: RunConfig = load_config(config_path, overrides, RunConfig)
     cfg.train.validate()
     cfg.data.validate()
     info = distributed.init_distributed()
     try:
-        model, tokenizer = build_model(cfg.model, device=info.device)
-        model.set_trainable(cfg.model.trainable)
-        model.cast_parts(cfg.model.dtypes)
+        model, tokenizer = build_model(cfg.model, device=info.device, runtime=False)
         if cfg.train.lora.enabled:
             from minigpt4qwen.training.lora import apply_lora
 
             logger.info("LoRA: %d trainable adapter parameters", apply_lora(model, cfg.train.lora))
+        apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
         checkpointing = cfg.model.activation_checkpointing
-        apply_activation_checkpointing(model, vision=checkpointing.vision_model, language_model=checkpointing.language_model)
         if cfg.train.check_memory:
             estimate = estimate_memory(model, micro_batch_size=cfg.train.micro_batch_size,
                                        max_length=cfg.data.max_txt_len,

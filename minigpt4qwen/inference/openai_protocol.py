@@ -1,0 +1,263 @@
+"""The OpenAI chat-completions request, validated and turned into a fresh `ChatSession` for one request.
+
+Messages keep their order: system text becomes the system prompt, each image part becomes an
+`<Img><ImageHere></Img>` marker where it appears in its user message, and earlier user/assistant pairs become the
+session's history, so a request reproduces what `ChatSession.ask` answers for the same conversation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.text.conversation import IMAGE_MARKER
+from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
+
+_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
+
+
+class RequestError(Exception):
+    """A request the server refuses; `status` is the HTTP status (400, 413, ...)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None  # accepted for compatibility; every image is resized to the vision tower's size
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+
+
+class ChatRequest(BaseModel):
+    """The fields of `POST /v1/chat/completions` this server reads; unknown fields are ignored.
+
+    `top_k`, `repetition_penalty` and `num_beams` are extensions (send them with the openai client's `extra_body`).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    num_beams: int | None = Field(default=None, ge=1, le=8)
+
+    def settings(self, default_max_tokens: int, max_tokens_limit: int) -> GenerationSettings:
+        """Decoding options: greedy unless temperature > 0 or top_p < 1 asks for sampling (temperature 0 is greedy).
+
+        Args:
+            default_max_tokens: max_new_tokens when the request sets no max_tokens.
+            max_tokens_limit: the largest max_tokens accepted.
+
+        Returns:
+            The checked settings, stop strings included.
+
+        Raises:
+            RequestError: n > 1, more than 4 stop strings, or max_tokens above the server's limit.
+        """
+        if self.n != 1:
+            raise RequestError("n: only n=1 is supported", param="n")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise RequestError("stop: at most 4 stop strings", param="stop")
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise RequestError(f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",
+                               param="max_tokens")
+        sample = (self.temperature or 0) > 0 or (self.temperature is None and (self.top_p or 1) < 1)
+        settings = GenerationSettings(
+            max_new_tokens=max_tokens, do_sample=sample, temperature=self.temperature or 1.0, top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0, num_beams=self.num_beams or 1, repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed, stop=tuple(s for s in stops if s),
+        )
+        try:
+            return settings.check()
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+
+
+@dataclass
+class Conversation:
+    """A request's conversation: history pairs with their images, then the question with its images."""
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    turn_images: list[list[Image.Image]] = field(default_factory=list)
+    query: str = ""
+    query_images: list[Image.Image] = field(default_factory=list)
+
+    def session(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
+                max_window_size: int = 6144) -> ChatSession:
+        """A fresh session holding this history, its images encoded, and the question's images pending.
+
+        Encodes images with the model, so call it under the generation lock.
+
+        Args:
+            model: the model.
+            tokenizer: its tokenizer.
+            max_window_size: prompt budget in tokens.
+
+        Returns:
+            The session, ready for `ask(self.query)`.
+        """
+        session = ChatSession(model, tokenizer, system_prompt=self.system_prompt, max_window_size=max_window_size)
+        for (query, reply), images in zip(self.turns, self.turn_images):
+            session.add_turn(query, reply, images)
+        for image in self.query_images:
+            session.add_image(image)
+        return session
+
+
+@dataclass
+class ImageLimits:
+    """What a request may bring: how many images, how many pixels each, and whether local paths are read."""
+
+    max_images: int = 8
+    max_pixels: int = 25_000_000
+    allow_local_files: bool = False
+
+
+def decode_image(url: str, limits: ImageLimits, where: str) -> Image.Image:
+    """Decodes an `image_url`: a `data:image/...;base64,` URI, or a local path / file:// URL when allowed.
+
+    Args:
+        url: the part's URL.
+        limits: the server's limits.
+        where: the part's place in the request, for error messages.
+
+    Returns:
+        The RGB image.
+
+    Raises:
+        RequestError: anything else, or bytes that are not a decodable image of acceptable size.
+    """
+    if url.startswith("data:"):
+        match = _DATA_URI.fullmatch(url)
+        if not match or not match["mime"].lower().startswith("image/") or ";base64" not in match["params"].lower():
+            mime = match["mime"] if match else "?"
+            raise RequestError(f"{where}: expected a data:image/...;base64 URI, got media type {mime!r}", param=where)
+        try:
+            raw = base64.b64decode(match["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{where}: the data URI is not valid base64", param=where) from None
+        return _open_checked(io.BytesIO(raw), limits, where)
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        raise RequestError(f"{where}: remote image URLs are not fetched; send the image as a data: URI", param=where)
+    if not limits.allow_local_files:
+        raise RequestError(f"{where}: local image paths are disabled on this server (start it with "
+                           "--allow-local-files) - send the image as a data: URI", param=where)
+    path = unquote(urlparse(url).path) if url.startswith("file://") else url
+    if not Path(path).is_file():
+        raise RequestError(f"{where}: no such image file: {path}", param=where)
+    return _open_checked(path, limits, where)
+
+
+def _open_checked(source: str | io.BytesIO, limits: ImageLimits, where: str) -> Image.Image:
+    try:
+        with Image.open(source) as image:  # reads the header only: a huge image is refused before it is decoded
+            if image.width * image.height > limits.max_pixels:
+                raise RequestError(f"{where}: an image of {image.width}x{image.height} pixels is above the limit of "
+                                   f"{limits.max_pixels}", param=where)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise RequestError(f"{where}: not a decodable image ({type(err).__name__})", param=where) from None
+
+
+def build_conversation(request: ChatRequest, limits: ImageLimits) -> Conversation:
+    """Turns the request's messages into a `Conversation`, decoding (and checking) every image.
+
+    Consecutive messages of one role are joined with a newline; after the system messages the conversation must
+    start with a user message and end with one.
+
+    Args:
+        request: the validated request.
+        limits: the server's limits on images.
+
+    Returns:
+        The conversation, images decoded (not yet encoded by the model).
+
+    Raises:
+        RequestError: a misplaced role or image, a typed `<ImageHere>`, too many or bad images.
+    """
+    system: list[str] = []
+    merged: list[tuple[str, str, list[Image.Image]]] = []  # (role, content with markers, images)
+    count = 0
+    for i, message in enumerate(request.messages):
+        role = "system" if message.role == "developer" else message.role
+        content = message.content
+        parts = content if isinstance(content, list) else [TextPart(type="text", text=content or "")]
+        text, images = "", []
+        for j, part in enumerate(parts):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                if IMAGE_MARKER in part.text:
+                    raise RequestError(f"{where}: the text may not contain {IMAGE_MARKER}; send images as image_url "
+                                       "parts", param=where)
+                text += part.text
+                continue
+            if role != "user":
+                raise RequestError(f"{where}: images are only allowed in user messages", param=where)
+            count += 1
+            if count > limits.max_images:
+                raise RequestError(f"too many images: at most {limits.max_images} per request", param=where)
+            images.append(decode_image(part.image_url.url, limits, f"{where}.image_url"))
+            text += IMAGE_PROMPT
+        if role == "system":
+            if merged:
+                raise RequestError(f"messages[{i}]: system messages must come before the conversation",
+                                   param="messages")
+            system.append(text)
+        elif merged and merged[-1][0] == role:
+            merged[-1] = (role, merged[-1][1] + "\n" + text, merged[-1][2] + images)
+        else:
+            merged.append((role, text, images))
+    if not merged or merged[0][0] != "user":
+        raise RequestError("messages: the conversation must start with a user message", param="messages")
+    if merged[-1][0] != "user":
+        raise RequestError("messages: the last message must be from the user", param="messages")
+    conversation = Conversation(system_prompt="\n".join(system) if system else DEFAULT_SYSTEM_PROMPT,
+                                query=merged[-1][1], query_images=merged[-1][2])
+    for (_, user, images), (_, reply, _) in zip(merged[:-1:2], merged[1:-1:2]):
+        conversation.turns.append((user, reply))
+        conversation.turn_images.append(images)
+    return conversation

@@ -1,0 +1,186 @@
+"""An OpenAI-compatible HTTP server: `POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`.
+
+    serve(model, tokenizer, "minigpt4qwen", port=8000)   # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
+
+Each request gets a fresh conversation built from its own messages; generations run one at a time on the model
+(the others wait in line), so concurrent clients never see each other's images or history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.openai_protocol import ChatRequest, ImageLimits, RequestError, build_conversation
+from minigpt4qwen.inference.streaming import ReplyStream
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+
+log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (checked as it arrives, whatever Content-Length says)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"request body of {int(declared)} bytes is above the limit of {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"request body is above the limit of {limit} bytes", status=413)
+    return bytes(body)
+
+
+def _location(loc: tuple) -> str:
+    """A pydantic error location as a field path, without union branch names ("str", "list[...]", a part's tag)."""
+    names = [str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in ("str", "list"))]
+    return ".".join(n for i, n in enumerate(names) if i == 0 or n != names[i - 1]) or "body"
+
+
+def _parse(body: bytes) -> ChatRequest:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(f"the request body is not valid JSON: {err}") from None
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as err:
+        details = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in err.errors())
+        raise RequestError(f"invalid request: {details}", status=422) from None
+
+
+def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
+              allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
+              max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
+              max_window_size: int = 6144) -> FastAPI:
+    """Builds the FastAPI app serving `model`.
+
+    Args:
+        model: the model (one generation at a time runs on it).
+        tokenizer: its tokenizer.
+        model_name: the id reported by `/v1/models` and in responses (requests may name any model).
+        allow_local_files: also accept `image_url` local paths and file:// URLs (only for trusted clients: they
+            can read any image the server process can).
+        max_body_bytes: larger request bodies get 413.
+        max_images: more images in one request get 400.
+        max_image_pixels: larger images (width x height) get 400.
+        default_max_tokens: max_tokens when a request sets none.
+        max_tokens_limit: larger max_tokens get 400.
+        max_window_size: prompt budget in tokens; older turns are dropped beyond it.
+
+    Returns:
+        The app (run it with uvicorn, or `serve`).
+    """
+    app = FastAPI(title="MiniGPT4Qwen", version="1")
+    lock = threading.Lock()
+    limits = ImageLimits(max_images=max_images, max_pixels=max_image_pixels, allow_local_files=allow_local_files)
+    created = int(time.time())
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, err: RequestError) -> JSONResponse:
+        return _error(err.status, err.message, err.param)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "busy": lock.locked()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "minigpt4qwen"}]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        body = await _read_body(request, max_body_bytes)
+        chat = _parse(body)
+        settings = chat.settings(default_max_tokens, max_tokens_limit)
+        conversation = await run_in_threadpool(build_conversation, chat, limits)  # image decoding is CPU work
+        usage = {"prompt_tokens": 0}
+
+        def answer(session: ChatSession, job_settings: GenerationSettings, streamer: Any) -> str:
+            query = session.with_image_markers(conversation.query)
+            usage["prompt_tokens"] = int(session.build_prompt(query)[0].shape[1])
+            return session.ask(query, job_settings, streamer)
+
+        reply = ReplyStream(lambda: conversation.session(model, tokenizer, max_window_size), answer, settings,
+                            lock=lock)
+        completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage_dict() -> dict[str, int]:
+            return {**usage, "completion_tokens": reply.num_tokens,
+                    "total_tokens": usage["prompt_tokens"] + reply.num_tokens}
+
+        if not chat.stream:
+            try:
+                text = "".join([piece async for piece in reply])
+            except Exception as err:  # a bug or an out-of-memory: the client gets a 500, the server goes on
+                log.exception("generation failed")
+                return _error(500, f"generation failed: {err}", kind="server_error")
+            return JSONResponse({
+                "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": reply.finish_reason, "logprobs": None}],
+                "usage": usage_dict(),
+            })
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            data = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        def delta(content: dict[str, str], finish_reason: str | None = None) -> str:
+            return event([{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}])
+
+        async def events() -> AsyncIterator[str]:
+            yield delta({"role": "assistant", "content": ""})
+            try:
+                async for piece in reply:
+                    yield delta({"content": piece})
+            except Exception as err:  # headers are sent: report in the stream, as OpenAI does
+                log.exception("generation failed")
+                error = {"message": f"generation failed: {err}", "type": "server_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            else:
+                yield delta({}, reply.finish_reason)
+                if (chat.stream_options or {}).get("include_usage"):
+                    yield event([], usage=usage_dict())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def serve(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen", *,
+          host: str = "127.0.0.1", port: int = 8000, allow_local_files: bool = False, **limits: Any) -> None:
+    """Runs the server until interrupted (binds 127.0.0.1 unless `host` says otherwise).
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        model_name: the id reported to clients.
+        host: interface to bind ("0.0.0.0" exposes it to the network: there is no authentication).
+        port: TCP port.
+        allow_local_files: accept local image paths (see `build_app`).
+        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ...).
+    """
+    app = build_app(model, tokenizer, model_name, allow_local_files, **limits)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,150 @@
+"""ChatSession additions: cancellation, regenerate, add_turn, stop strings, beam search with a streamer, and the
+safe text parsing of GenerationSettings."""
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, TextIteratorStreamer
+
+from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
+from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+
+WORDS = "what colour is the shape red green blue circle square 图 中 的 形 状 是 什 么 颜 色".split()
+SHORT = GenerationSettings(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tokenizer = build_tiny_chat_tokenizer(WORDS)
+    torch.manual_seed(1)
+    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=len(tokenizer)),
+                                 image_token_id=tokenizer.convert_tokens_to_ids("<|extra_0|>"),
+                                 vision_config=tiny_vision_config(), qformer_config=tiny_qformer_config(),
+                                 num_query_tokens=4)
+    return MiniGPT4Qwen(config).eval(), tokenizer
+
+
+def _stream(session, call):
+    """Runs `call(streamer)` in a thread; returns (streamed text, result or exception)."""
+    streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    outcome = {}
+
+    def work():
+        try:
+            outcome["result"] = call(streamer)
+        except Exception as err:
+            outcome["result"] = err
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    text = "".join(streamer)
+    worker.join(timeout=60)
+    return text, outcome["result"]
+
+
+def test_cancel_stops_generation_and_keeps_the_session(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    session = ChatSession(model, tokenizer)
+    session.add_image(Image.new("RGB", (40, 40), "red"))
+    steps = []
+
+    class CancelAfterThree(StoppingCriteria):  # cancels from inside the loop, as another thread would
+        def __call__(self, input_ids, scores, **kwargs):
+            steps.append(1)
+            if len(steps) == 3:
+                session.cancel()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, stopping_criteria, **k: original(
+        *a, stopping_criteria=[CancelAfterThree(), *stopping_criteria], **k))
+    settings = GenerationSettings(max_new_tokens=500, stop=("@@@",))  # "@@@" never appears: only cancel stops it
+    with pytest.raises(GenerationCancelled) as cancelled:
+        session.ask("what", settings)
+    assert len(steps) == 3 and isinstance(cancelled.value.partial, str)  # stopped in the step it was raised
+    assert session.turns == [] and len(session.pending_images) == 1
+    monkeypatch.undo()
+    reply = session.ask("what", SHORT)  # the image kept pending goes with the next question
+    assert session.turns == [("<Img><ImageHere></Img>what", reply)] and session.pending_images == []
+
+
+def test_regenerate_replaces_the_last_reply_and_keeps_new_images(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    session = ChatSession(model, tokenizer)
+    session.add_image(Image.new("RGB", (40, 40), "blue"))
+    first = session.ask("what colour", SHORT)
+    session.add_image(Image.new("RGB", (40, 40), "green"))  # for the next question, not the regenerated one
+    again = session.regenerate(SHORT)
+    assert again == first and len(session.turns) == 1 and len(session.turn_images[0]) == 1
+    assert len(session.pending_images) == 1
+    sampled = session.regenerate(GenerationSettings(max_new_tokens=6, do_sample=True, temperature=2.0, seed=3))
+    assert session.turns[-1][1] == sampled
+    with pytest.raises(ValueError, match="nothing to regenerate"):
+        ChatSession(model, tokenizer).regenerate()
+    with pytest.raises(ValueError, match="temperature"):
+        session.regenerate(GenerationSettings(temperature=0.0))
+    assert session.turns[-1][1] == sampled  # a failed regenerate keeps the previous reply
+
+
+def test_add_turn_rebuilds_a_conversation(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    live = ChatSession(model, tokenizer)
+    live.add_image(Image.new("RGB", (40, 40), "red"))
+    reply = live.ask("what colour", SHORT)
+    rebuilt = ChatSession(model, tokenizer)
+    rebuilt.add_turn("what colour", reply, images=[Image.new("RGB", (40, 40), "red")])
+    assert rebuilt.turns == live.turns
+    ids, features = rebuilt.build_prompt("what shape")
+    live_ids, live_features = live.build_prompt("what shape")
+    assert torch.equal(ids, live_ids) and torch.allclose(features, live_features)
+    with pytest.raises(ValueError, match="2 image markers but 1 images"):
+        rebuilt.add_turn("<ImageHere><ImageHere>", "x", images=[Image.new("RGB", (40, 40), "red")])
+
+
+def test_stop_strings_cut_the_reply(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    full = ChatSession(model, tokenizer).ask("what", GenerationSettings(max_new_tokens=12))
+    stop = full[4:6]
+    cut = ChatSession(model, tokenizer).ask("what", GenerationSettings(max_new_tokens=12, stop=(stop,)))
+    assert len(full) > 6 and cut == full[:full.find(stop)].strip()
+
+
+def test_beam_search_feeds_the_streamer_at_the_end(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    session = ChatSession(model, tokenizer)
+    beams = GenerationSettings(max_new_tokens=6, num_beams=2)
+    streamed, reply = _stream(session, lambda s: session.ask("what", beams, s))
+    assert isinstance(reply, str) and streamed.strip() == reply
+
+
+def test_streamer_is_ended_when_generation_fails(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    session = ChatSession(model, tokenizer)
+    streamed, error = _stream(session, lambda s: session.ask("<ImageHere> what", SHORT, s))  # no image added
+    assert streamed == "" and isinstance(error, ValueError) and "image markers" in str(error)
+
+
+def test_settings_text_parsing_is_typed_and_never_evaluated():
+    settings = GenerationSettings()
+    assert settings.with_text("temperature", "0.7").temperature == 0.7
+    assert settings.with_text("do_sample", "on").do_sample is True
+    assert settings.with_text("seed", "none").seed is None and settings.with_text("seed", "12").seed == 12
+    assert settings.with_text("stop", '["a", "b c"]').stop == ("a", "b c")
+    assert settings.with_text("stop", "User:").stop == ("User:",) and settings.with_text("stop", "").stop == ()
+    assert settings.with_text("temperature", "1").temperature == 1.0
+    for key, text, message in [("temperature", "__import__('os')", "must be a number"),
+                               ("temperature", "nan", "must be a number"), ("top_p", "1.5", r"top_p must be in"),
+                               ("max_new_tokens", "0", ">= 1"), ("max_new_tokens", "True", "an integer"),
+                               ("do_sample", "maybe", "true or false"), ("stop", '[1, 2]', "list of strings"),
+                               ("bogus", "1", "unknown setting"), ("seed", "-1", "seed must be")]:
+        with pytest.raises(ValueError, match=message):
+            settings.with_text(key, text)
+    assert settings == GenerationSettings()  # unchanged by the failed updates
+    with pytest.raises(ValueError, match="do_sample must be true or false"):
+        GenerationSettings(do_sample="yes").check()
+    assert GenerationSettings(temperature=0.5, do_sample=True).generate_kwargs()["temperature"] == 0.5
+    assert "stop" not in GenerationSettings(stop=("x",)).generate_kwargs()

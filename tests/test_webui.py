@@ -1,0 +1,146 @@
+"""The gradio web UI, launched on 127.0.0.1 and driven by a real headless Chromium through Playwright."""
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                       "(apt-get install -y chromium chromium-driver)"),
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # gradio's own pandas deprecations
+]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+WORDS = ["what", "colour", "is", "the", "shape", "red", "green", "blue", "circle", "square", *"图中的形状是什么颜色"]
+N = 20  # max new tokens set through the UI
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tokenizer = build_tiny_chat_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=len(tokenizer)),
+                                 image_token_id=tokenizer.convert_tokens_to_ids("<|extra_0|>"),
+                                 vision_config=tiny_vision_config(), qformer_config=tiny_qformer_config(),
+                                 num_query_tokens=4)
+    model = MiniGPT4Qwen(config).eval()
+    with torch.no_grad():  # the tiny configs initialise the image path ~1e-10: every image would look the same
+        for name, param in model.named_parameters():
+            if not name.startswith("language_model.") and "norm" not in name:
+                param.normal_(0, 0.2)
+    # Only words, single spaces and the stop tokens may come out: the chat renders markdown, and random
+    # punctuation would not read back as the same text.
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    allowed = [tok.isalpha() or tok == " " or tok in ("<|im_end|>", "<|endoftext|>") for tok in vocab]
+    bias = torch.where(torch.tensor(allowed), 0.0, -1e4)
+    model.language_model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+
+    def slowly(module, args):  # ~15 ms a token, so the browser sees the reply grow
+        time.sleep(0.015)
+
+    model.language_model.register_forward_pre_hook(slowly)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def url(model_and_tokenizer):
+    from minigpt4qwen.inference.webui import build_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    app = build_app(*model_and_tokenizer)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def _words(text):
+    return " ".join(text.split())  # the page collapses runs of spaces
+
+
+def _bot_texts(page):
+    return [_words(t) for t in page.locator("#chatbot [data-testid=bot]").all_inner_texts()]
+
+
+def _wait_for_reply(page, count, expected):
+    """Polls the last of `count` replies until it reads `expected`; returns every distinct text seen on the way."""
+    seen, deadline = [], time.monotonic() + 20
+    while time.monotonic() < deadline:
+        texts = _bot_texts(page)
+        if len(texts) == count and (not seen or seen[-1] != texts[-1]):
+            seen.append(texts[-1])
+        if seen and seen[-1] == _words(expected):
+            return seen
+        time.sleep(0.01)
+    raise AssertionError(f"reply {count}: expected {expected!r}, last seen {seen[-1:]!r}")
+
+
+def _ask(page, question):
+    page.fill("#query textarea", question)
+    page.click("#send")
+
+
+def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_and_tokenizer, tmp_path):
+    red = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), "red").save(red)
+    greedy = GenerationSettings(max_new_tokens=N)
+    sampled = GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, seed=7)
+    engine = ChatSession(*model_and_tokenizer)
+    engine.add_image(Image.open(red))
+    first = engine.ask("what colour", greedy)
+    second = engine.ask("what shape", sampled)
+    regenerated = engine.regenerate(GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, seed=8))
+    after_restart = ChatSession(*model_and_tokenizer).ask("what colour", greedy)
+    assert len({first, second, regenerated, after_restart}) == 4 and len(first) > 10
+
+    page.set_input_files("#images input[type=file]", str(red))
+    page.locator("#chatbot [data-testid=user] img").first.wait_for()
+    page.fill("#max-new-tokens input[type=number]", str(N))
+    page.press("#max-new-tokens input[type=number]", "Enter")
+    _ask(page, "what colour")
+    seen = _wait_for_reply(page, 1, first)
+    partial = [s for s in seen if s and s != _words(first)]
+    assert partial and all(_words(first).startswith(s) for s in partial), f"not streamed: {seen}"
+
+    page.check("#do-sample input[type=checkbox]")
+    page.fill("#temperature input[type=number]", "1.5")
+    page.press("#temperature input[type=number]", "Enter")
+    page.fill("#seed textarea", "7")
+    _ask(page, "what shape")
+    _wait_for_reply(page, 2, second)
+
+    page.fill("#seed textarea", "8")
+    page.click("#regenerate")
+    _wait_for_reply(page, 2, regenerated)
+    assert _bot_texts(page)[0] == _words(first)
+
+    page.click("#restart")
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length === 0")
+    page.uncheck("#do-sample input[type=checkbox]")
+    _ask(page, "what colour")
+    _wait_for_reply(page, 1, after_restart)
+    assert page.locator("#chatbot [data-testid=user] img").count() == 0
