@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
+from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
 from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
@@ -55,19 +56,28 @@ def bench_training(model, device: str, batch: int, steps: int, warmup: int, plai
 
 
 def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str | None) -> tuple[float, float]:
-    """Returns (time to first token in ms, decode tokens/s aggregated over the batch), greedy, forced length."""
+    """Returns (time to first token in ms, decode tokens/s aggregated over the batch), greedy, forced length.
+
+    `cache` is transformers' cache implementation (None = dynamic, "static"), or "ours" for the
+    `StaticGreedyDecoder` (static cache + CUDA-graph decode step; batch 1 only).
+    """
     ids = torch.randint(0, 150000, (batch, PROMPT_GEN), generator=torch.Generator().manual_seed(0))
     ids[:, 5:37] = EXTRA_0
     ids = ids.to(device)
     px = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.bfloat16)
     kwargs = dict(do_sample=False, pad_token_id=151643, eos_token_id=None)
-    if cache:
+    if cache == "ours":
+        decoder = StaticGreedyDecoder(model, max_cache_len=PROMPT_GEN + new_tokens, compile=device.startswith("cuda"))
+    elif cache:
         kwargs["cache_implementation"] = cache
 
     def timed(n: int) -> float:
         sync(device)
         start = time.perf_counter()
-        model.generate(ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if cache == "ours":
+            decoder.generate(ids, pixel_values=px, max_new_tokens=n)
+        else:
+            model.generate(ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n, **kwargs)
         sync(device)
         return time.perf_counter() - start
 
@@ -108,6 +118,8 @@ def main() -> None:
     parser.add_argument("--engine", default="ours", choices=["ours", "plain"],
                         help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
+    parser.add_argument("--caches", default="dynamic,static,ours", help="generation rows: dynamic, static, ours")
+    parser.add_argument("--compile-vision", action="store_true", help="compile the ViT blocks for generation (TTFT)")
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -125,7 +137,7 @@ def main() -> None:
     print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{' + compile' if args.compile else ''} | {machine()}")
     print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    rows = [("checkpointing off", False, int(b)) for b in args.batches.split(",")]
+    rows = [("checkpointing off", False, int(b)) for b in args.batches.split(",") if b]
     for name, ckpt, batch in rows:
         try:
             sps, peak = bench_training(model, args.device, batch, args.steps, warmup=3, plain=plain)
@@ -141,10 +153,13 @@ def main() -> None:
     if args.skip_generation or plain:
         return
     model.eval()
+    if args.compile_vision:
+        compile_blocks(model, vision=True, language_model=False)
     print("\n| generation (greedy, 63-token prompt with one image, 128 new tokens) | batch | TTFT ms | decode tok/s |")
     print("| --- | --- | --- | --- |")
-    for cache in (None, "static"):
-        for batch in (1, 8, 32):
+    for cache in args.caches.split(","):
+        cache = None if cache == "dynamic" else cache
+        for batch in ((1,) if cache == "ours" else (1, 8, 32)):
             try:
                 ttft, tps = bench_generation(model, args.device, batch, 128 if args.size != "tiny" else 8, cache)
                 print(f"| {cache or 'dynamic'} cache | {batch} | {ttft:.0f} | {tps:.1f} |", flush=True)

@@ -8,6 +8,7 @@ through `MiniGPT4Qwen.generate`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -32,10 +33,12 @@ class StaticGreedyDecoder:
         self.max_cache_len = max_cache_len
         self.check_every = check_every
         self.cache = StaticCache(config=self.llm.config, max_cache_len=max_cache_len)
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass the cache under the name this version takes.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
         self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True) if compile else self._decode_step
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        logits = self.llm(input_ids=token, position_ids=position, past_key_values=self.cache, use_cache=True).logits
+        logits = self.llm(input_ids=token, position_ids=position, use_cache=True, **{self._cache_kw: self.cache}).logits
         return logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
 
     @torch.no_grad()
@@ -57,8 +60,8 @@ class StaticGreedyDecoder:
         self.cache.reset()
         embeds = self.model.embed(input_ids, image_features)
         positions = torch.arange(length + max_new_tokens, device=input_ids.device)[None]  # [1, T + n]
-        logits = self.llm(inputs_embeds=embeds, position_ids=positions[:, :length], past_key_values=self.cache,
-                          use_cache=True, logits_to_keep=1).logits
+        logits = self.llm(inputs_embeds=embeds, position_ids=positions[:, :length], use_cache=True, logits_to_keep=1,
+                          **{self._cache_kw: self.cache}).logits
         tokens = [logits[:, -1].argmax(-1, keepdim=True)]  # [1, 1] each
         stops = torch.tensor(list(stop_token_ids), device=input_ids.device)
         for step in range(1, max_new_tokens):
