@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.data.config import DataConfig
+from minigpt4qwen.training.parallel_config import ParallelConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -97,3 +98,4 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -7,6 +7,7 @@ estimate is checked, and DDP is applied from outside the model before the traine
 from __future__ import annotations
 
 import logging
+import math
 
 from minigpt4qwen.config import load_config, to_yaml
 from minigpt4qwen.training import distributed
@@ -40,6 +41,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
     cfg.train.validate()
     cfg.data.validate()
     info = distributed.init_distributed()
+    cfg.parallel.validate(info.world_size)
     try:
         model, tokenizer = build_model(cfg.model, device=info.device, runtime=False)
         if cfg.train.lora.enabled:
@@ -57,9 +59,21 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             check_fits(estimate)
         dataset = ConversationDataset(cfg.data, tokenizer, image_token_id=model.image_token_id,
                                       num_query_tokens=model.num_query_tokens, train=True, seed=cfg.train.seed)
-        collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
-        trainer = Trainer(distributed.wrap_ddp(model, info), cfg.train, dataset, collate, info=info,
-                          num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg))
+        pad = cfg.data.pad_to_multiple_of
+        if cfg.parallel.engine == "pipeline":  # few sequence lengths: few activation shapes between stages
+            pad = math.lcm(pad, cfg.parallel.seq_bucket)
+        collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
+        common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg))
+        if cfg.parallel.engine == "deepspeed":
+            from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer
+
+            trainer = DeepSpeedTrainer(model, cfg.train, dataset, collate, parallel=cfg.parallel, **common)
+        elif cfg.parallel.engine == "pipeline":
+            from minigpt4qwen.training.pipeline import PipelineTrainer
+
+            trainer = PipelineTrainer(model, cfg.train, dataset, collate, parallel=cfg.parallel, **common)
+        else:
+            trainer = Trainer(distributed.wrap_ddp(model, info), cfg.train, dataset, collate, **common)
         trainer.resume()
         result = trainer.fit()
         if info.is_main:

@@ -1,0 +1,138 @@
+"""DeepSpeed checkpoints (ours: ZeRO-0/1/2/3 and pipeline; the original project's) -> our native checkpoint.
+
+    python -m minigpt4qwen.checkpoint.deepspeed_convert output/run/checkpoint-00001200 out/native [--parts ...]
+
+ZeRO-1/2/3 weights come from the fp32 master copies through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`;
+ZeRO-0 weights from `mp_rank_00_model_states.pt`; our pipeline's `layer_XX-model_states.pt` files are renamed
+with the `pipeline_keys.json` the pipeline trainer writes beside them; anything else goes to `original.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minigpt4qwen.checkpoint.keymap import CheckpointError
+from minigpt4qwen.checkpoint.native import FORMAT_VERSION, META_NAME, WEIGHTS_NAME, atomic_directory
+from minigpt4qwen.checkpoint.original import original_keymap, read_original_checkpoint
+from minigpt4qwen.model.minigpt4qwen import part_of_key
+from minigpt4qwen.model.parts import PART_NAMES
+
+PIPELINE_KEYS = "pipeline_keys.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# Activation-checkpoint wrappers appear in parameter names (DeepSpeed records named_parameters), not in state_dict.
+_WRAPPER = "_checkpoint_wrapped_module."
+
+
+def _tag_dir(path: Path) -> Path:
+    """A DeepSpeed save_dir with a `latest` file -> the checkpoint directory it names."""
+    if (path / "latest").is_file() and not any(path.glob("*model_states.pt")):
+        return path / (path / "latest").read_text().strip()
+    return path
+
+
+def read_deepspeed_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads one of our DeepSpeed checkpoints (ZeRO or pipeline) into composite names, fp32 masters when stored.
+
+    Args:
+        path: `output_dir/checkpoint-N`, or `output_dir` (its `latest` is followed).
+
+    Returns:
+        The saved (trainable) parameters by composite name (`language_projection.weight`, ...).
+
+    Raises:
+        CheckpointError: not a DeepSpeed checkpoint written by our engines.
+    """
+    tag_dir = _tag_dir(Path(path))
+    if (tag_dir / PIPELINE_KEYS).is_file():
+        return _read_pipeline(tag_dir)
+    if not any(tag_dir.glob(f"*{MODEL_STATES}")):
+        raise CheckpointError(f"{tag_dir}: no {MODEL_STATES} or {PIPELINE_KEYS}: not one of our DeepSpeed checkpoints")
+    if any(tag_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3 (and bf16 ZeRO-0): partitioned fp32 masters
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tensors = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                           exclude_frozen_parameters=True)
+    else:
+        tensors = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    return {key.replace(_WRAPPER, ""): value for key, value in tensors.items()}
+
+
+def _read_pipeline(tag_dir: Path) -> dict[str, torch.Tensor]:
+    names = json.loads((tag_dir / PIPELINE_KEYS).read_text())  # {layer index: {key in layer: composite key}}
+    tensors = {}
+    for index, mapping in names.items():
+        file = tag_dir / f"layer_{int(index):02d}-model_states.pt"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (an incomplete pipeline checkpoint)")
+        for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
+            if key not in mapping:
+                raise CheckpointError(f"{file}: key {key!r} is not in {PIPELINE_KEYS}")
+            tensors[mapping[key]] = value
+    return tensors
+
+
+def write_native(tensors: dict[str, torch.Tensor], directory: str | Path, extra: dict | None = None) -> Path:
+    """Writes tensors as a native checkpoint directory (the layout of `native.save_checkpoint`), atomically."""
+    meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": "trainable", "keys": len(tensors),
+            **(extra or {})}
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+    return Path(directory)
+
+
+def convert_to_native(source: str | Path, output: str | Path, parts: Sequence[str] | None = None) -> Path:
+    """Converts any DeepSpeed-era checkpoint to a native checkpoint that chat and training load.
+
+    Args:
+        source: one of our DeepSpeed checkpoints (see `read_deepspeed_checkpoint`), or any checkpoint of the
+            original project (`model.pth`, a pipeline `global_stepN/` directory, ...).
+        output: the native checkpoint directory to write.
+        parts: keep only these model parts (e.g. ["language_projection"] for a projection-only checkpoint);
+            all saved parts when None.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        CheckpointError: unreadable source, or none of `parts` in it.
+    """
+    source = Path(source)
+    tag_dir = _tag_dir(source) if source.is_dir() else source
+    ours_pipeline = (tag_dir / PIPELINE_KEYS).is_file()
+    # The original's pipeline directories also hold model states, but no key map: original.py reads them.
+    zero_dir = any(tag_dir.glob(f"*{MODEL_STATES}")) and not any(tag_dir.glob("layer_*-model_states.pt"))
+    if ours_pipeline or zero_dir:
+        tensors, origin = read_deepspeed_checkpoint(tag_dir), "deepspeed"
+        if not all(k.split(".", 1)[0] in PART_NAMES for k in tensors):  # the original's ZeRO run (Qwen1 names)
+            tensors, origin = original_keymap().convert(tensors, source=str(source)), "original-deepspeed"
+    else:
+        tensors, origin = read_original_checkpoint(source), "original"
+    if parts is not None:
+        tensors = {k: v for k, v in tensors.items() if part_of_key(k) in parts}
+        if not tensors:
+            raise CheckpointError(f"{source}: holds none of the parts {list(parts)}")
+    return write_native(tensors, output, {"converted_from": str(source), "source_kind": origin})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: SOURCE OUTPUT [--parts PART ...]."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source")
+    parser.add_argument("output")
+    parser.add_argument("--parts", nargs="+", help="e.g. language_projection (projection only) or "
+                        "language_projection language_model")
+    args = parser.parse_args(argv)
+    print(convert_to_native(args.source, args.output, args.parts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
