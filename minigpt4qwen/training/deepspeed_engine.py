@@ -210,6 +210,8 @@ class DeepSpeedTrainer(Trainer):
         location = checkpoint_location(self.cfg.resume, self.cfg.output_dir)
         if location is None:
             return None
+        # Not strict: checkpoints written with exclude_frozen_parameters hold the trained weights only (DeepSpeed
+        # restores those and leaves the frozen ones as loaded by the model build).
         path, client = self.engine.load_checkpoint(str(location[0]), tag=location[1], load_module_strict=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {location[0]} (tag {location[1]})")
