@@ -1,6 +1,6 @@
 """DeepSpeed checkpoints (ours: ZeRO-0/1/2/3 and pipeline; the original project's) -> our native checkpoint.
 
-    python -m minigpt4qwen.checkpoint.deepspeed_convert output/run/checkpoint-00001200 out/native [--parts ...]
+    minigpt4qwen convert output/run/checkpoint-00001200 out/native [--parts language_projection]
 
 ZeRO-1/2/3 weights come from the fp32 master copies through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`;
 ZeRO-0 weights from `mp_rank_00_model_states.pt`; our pipeline's `layer_XX-model_states.pt` files are renamed
@@ -9,7 +9,6 @@ with the `pipeline_keys.json` the pipeline trainer writes beside them; anything 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +76,22 @@ def _read_pipeline(tag_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _original_zero_module(tag_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The module state dict of the original project's ZeRO-0/1/2 checkpoint (LAVIS/Qwen1 names), else None.
+
+    The original saved without `exclude_frozen_parameters`, so `mp_rank_00_model_states.pt` holds the complete
+    model in its training dtype; its own `deepspeed2pth.py` read exactly that, and so does this (the fp32 masters
+    in the optimizer files are not needed). Memory-mapped: our own checkpoints are only peeked at.
+    """
+    if not (tag_dir / MODEL_STATES).is_file():  # ZeRO-3 names its files per rank: ours, the original had none
+        return None
+    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
+    module = states.get("module") or {}
+    if not module or all(k.split(".", 1)[0] in PART_NAMES for k in module):
+        return None
+    return module
+
+
 def write_native(tensors: dict[str, torch.Tensor], directory: str | Path, extra: dict | None = None) -> Path:
     """Writes tensors as a native checkpoint directory (the layout of `native.save_checkpoint`), atomically."""
     meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": "trainable", "keys": len(tensors),
@@ -109,10 +124,11 @@ def convert_to_native(source: str | Path, output: str | Path, parts: Sequence[st
     ours_pipeline = (tag_dir / PIPELINE_KEYS).is_file()
     # The original's pipeline directories also hold model states, but no key map: original.py reads them.
     zero_dir = any(tag_dir.glob(f"*{MODEL_STATES}")) and not any(tag_dir.glob("layer_*-model_states.pt"))
-    if ours_pipeline or zero_dir:
+    original_module = _original_zero_module(tag_dir) if zero_dir and not ours_pipeline else None
+    if original_module is not None:
+        tensors, origin = original_keymap().convert(original_module, source=str(source)), "original-deepspeed"
+    elif ours_pipeline or zero_dir:
         tensors, origin = read_deepspeed_checkpoint(tag_dir), "deepspeed"
-        if not all(k.split(".", 1)[0] in PART_NAMES for k in tensors):  # the original's ZeRO run (Qwen1 names)
-            tensors, origin = original_keymap().convert(tensors, source=str(source)), "original-deepspeed"
     else:
         tensors, origin = read_original_checkpoint(source), "original"
     if parts is not None:
@@ -120,19 +136,3 @@ def convert_to_native(source: str | Path, output: str | Path, parts: Sequence[st
         if not tensors:
             raise CheckpointError(f"{source}: holds none of the parts {list(parts)}")
     return write_native(tensors, output, {"converted_from": str(source), "source_kind": origin})
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: SOURCE OUTPUT [--parts PART ...]."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source")
-    parser.add_argument("output")
-    parser.add_argument("--parts", nargs="+", help="e.g. language_projection (projection only) or "
-                        "language_projection language_model")
-    args = parser.parse_args(argv)
-    print(convert_to_native(args.source, args.output, args.parts))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -205,4 +205,25 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="DeepSpeed / pipeline / original-project checkpoint -> native checkpoint",
+                       description="Convert SRC (one of our DeepSpeed ZeRO-0..3 or pipeline checkpoints, or any "
+                                   "checkpoint of the original project) into the native checkpoint directory OUT, "
+                                   "which chat and training load.")
+    p.add_argument("src", help="a checkpoint-N directory, an output_dir with a `latest` file, or an original "
+                               "checkpoint (model.pth, global_stepN/, ...)")
+    p.add_argument("out")
+    p.add_argument("--parts", nargs="+", help="keep only these parts: language_projection (projection only), "
+                                              "or language_projection language_model; default: all saved parts")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from minigpt4qwen.checkpoint.deepspeed_convert import convert_to_native
+
+    print(f"converted to {convert_to_native(args.src, args.out, args.parts)}")
+    return 0
+
+
 REGISTER = [add_demo, add_train, add_export, add_data, add_chat, add_generate, add_webui, add_serve]
+REGISTER.append(add_convert)

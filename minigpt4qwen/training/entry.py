@@ -1,13 +1,17 @@
 """`minigpt4qwen train CONFIG [key=value ...]`: config -> model, data, trainer, in one process or under torchrun.
 
-The model is built on each process's device, LoRA and activation checkpointing are applied, the memory
-estimate is checked, and DDP is applied from outside the model before the trainer takes over.
+The model is built on each process's device (on the CPU for the pipeline engine, which moves each stage's
+layers to its device), LoRA and activation checkpointing are applied, the memory estimate is checked (not for
+the pipeline: it estimates a whole model on one device), and DDP, DeepSpeed ZeRO or the DeepSpeed pipeline is
+applied from outside the model before the trainer's loop takes over.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+
+import torch
 
 from minigpt4qwen.config import load_config, to_yaml
 from minigpt4qwen.training import distributed
@@ -43,14 +47,17 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
     info = distributed.init_distributed()
     cfg.parallel.validate(info.world_size)
     try:
-        model, tokenizer = build_model(cfg.model, device=info.device, runtime=False)
+        pipeline = cfg.parallel.engine == "pipeline"
+        # The pipeline engine moves only its own stage's layers to the device: the whole model would not fit.
+        model, tokenizer = build_model(cfg.model, device=torch.device("cpu") if pipeline else info.device,
+                                       runtime=False)
         if cfg.train.lora.enabled:
             from minigpt4qwen.training.lora import apply_lora
 
             logger.info("LoRA: %d trainable adapter parameters", apply_lora(model, cfg.train.lora))
         apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
         checkpointing = cfg.model.activation_checkpointing
-        if cfg.train.check_memory:
+        if cfg.train.check_memory and not pipeline:  # the estimate is for a whole model on one device
             estimate = estimate_memory(model, micro_batch_size=cfg.train.micro_batch_size,
                                        max_length=cfg.data.max_txt_len,
                                        activation_bytes=4 if cfg.train.precision == "fp32" else 2,
@@ -60,7 +67,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         dataset = ConversationDataset(cfg.data, tokenizer, image_token_id=model.image_token_id,
                                       num_query_tokens=model.num_query_tokens, train=True, seed=cfg.train.seed)
         pad = cfg.data.pad_to_multiple_of
-        if cfg.parallel.engine == "pipeline":  # few sequence lengths: few activation shapes between stages
+        if pipeline:  # few sequence lengths: few activation shapes between stages
             pad = math.lcm(pad, cfg.parallel.seq_bucket)
         collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
         common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg))
@@ -68,7 +75,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer
 
             trainer = DeepSpeedTrainer(model, cfg.train, dataset, collate, parallel=cfg.parallel, **common)
-        elif cfg.parallel.engine == "pipeline":
+        elif pipeline:
             from minigpt4qwen.training.pipeline import PipelineTrainer
 
             trainer = PipelineTrainer(model, cfg.train, dataset, collate, parallel=cfg.parallel, **common)

@@ -18,7 +18,7 @@ class ParallelConfig:
 
     engine: ddp (the plain trainer) | deepspeed (ZeRO, `zero_stage`) | pipeline (DeepSpeed pipeline parallelism,
         `num_stages` stages; data parallelism = processes / num_stages).
-    zero_stage: 0-3 for engine=deepspeed; 0 or 1 for engine=pipeline (DeepSpeed's pipeline supports no more).
+    zero_stage: 0-3 for engine=deepspeed; 0 for engine=pipeline (global-norm clipping across stages needs it).
     offload_optimizer / offload_param: ZeRO-Offload of the optimizer states (stage >= 1) / parameters (stage 3)
         to CPU memory.
     partition: how the pipeline's layers are split: by parameter count (all parameters, frozen ones included,
@@ -42,8 +42,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.engine must be one of {ENGINES}, not {self.engine!r}")
         if not 0 <= self.zero_stage <= 3:
             raise ValueError(f"parallel.zero_stage must be 0-3, not {self.zero_stage}")
-        if self.engine == "pipeline" and self.zero_stage > 1:
-            raise ValueError("DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+        if self.engine == "pipeline" and self.zero_stage != 0:
+            # ZeRO-1 steps the optimizer per parameter group, which defeats the pipeline's global-norm clipping.
+            raise ValueError("the pipeline engine runs with parallel.zero_stage 0 (DP x PP without ZeRO sharding)")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("parallel.offload_param needs zero_stage 3")
         if self.partition not in PARTITIONS:
