@@ -17,7 +17,7 @@ from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import DistInfo, wrap_ddp
 from minigpt4qwen.training.optim import WarmupCosine
-from minigpt4qwen.training.trainer import Trainer
+from minigpt4qwen.training.trainer import Trainer, epoch_plan
 from tests.conftest import IMAGE_TOKEN_ID, NUM_QUERIES, make_tiny_model
 
 
@@ -240,3 +240,16 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert weights.keys() == got["weights"].keys()
     for key in weights:
         torch.testing.assert_close(got["weights"][key], weights[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_length_grouped_plan_is_deterministic_and_groups_lengths():
+    lengths = [int(x) for x in torch.randint(10, 500, (400,), generator=torch.Generator().manual_seed(0))]
+    plan = epoch_plan(400, 8, seed=3, epoch=1, lengths=lengths)
+    assert plan == epoch_plan(400, 8, seed=3, epoch=1, lengths=lengths)
+    assert plan != epoch_plan(400, 8, seed=3, epoch=2, lengths=lengths)
+    flat = [i for batch in plan for i in batch]
+    assert len(flat) == len(set(flat)) == 400 and all(len(b) == 8 for b in plan)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plan) / len(plan)
+    random_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b)
+                        for b in epoch_plan(400, 8, seed=3, epoch=1)) / len(plan)
+    assert spread < random_spread / 4  # less padding in every batch

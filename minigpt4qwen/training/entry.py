@@ -70,7 +70,8 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         if pipeline:  # few sequence lengths: few activation shapes between stages
             pad = math.lcm(pad, cfg.parallel.seq_bucket)
         collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
-        common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg))
+        common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg),
+                      lengths=dataset.lengths if cfg.data.group_by_length else None)
         if cfg.parallel.engine == "deepspeed":
             from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from minigpt4qwen.data.sampler import ShardedSampler
 from minigpt4qwen.model.loss import supervised_positions
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
@@ -47,13 +48,21 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def epoch_plan(num_samples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_plan(num_samples: int, global_batch: int, seed: int, epoch: int,
+               lengths: Sequence[int] | None = None) -> list[list[int]]:
     """The global batches (sample indices) of one epoch: a seeded permutation cut into full batches.
 
-    A pure function of (seed, epoch), so a resumed run recomputes it and skips the steps already done.
+    With `lengths`, samples of similar length are grouped into the same batches (less padding; see
+    `ShardedSampler`). A pure function of its arguments, so a resumed run recomputes it and skips the steps
+    already done.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator).tolist()
+    if lengths is not None:
+        sampler = ShardedSampler(num_samples, global_batch, lengths=list(lengths), seed=seed)
+        sampler.set_epoch(epoch)
+        order = sampler.global_order().tolist()
+    else:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(num_samples, generator=generator).tolist()
     return [order[i : i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
 
 
@@ -76,12 +85,14 @@ class Trainer:
         info: this process's rank and device.
         num_workers: DataLoader workers.
         config_yaml: the whole run's config, saved as output_dir/config.yaml.
+        lengths: per-sample token lengths; given, batches group samples of similar length.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Dataset, collate: Callable[[list], dict], *,
                  val_dataset: Dataset | None = None, info: DistInfo = DistInfo(), num_workers: int = 0,
-                 config_yaml: str | None = None):
+                 config_yaml: str | None = None, lengths: Sequence[int] | None = None):
         cfg.validate()
+        self.lengths = lengths
         self.model, self.cfg, self.info = model, cfg, info
         self.dataset, self.val_dataset, self.collate = dataset, val_dataset, collate
         self.num_workers = num_workers
@@ -106,7 +117,7 @@ class Trainer:
         """This rank's micro-batches of `epoch` from optimizer step `first_step` on, in order."""
         per_rank = self.cfg.micro_batch_size * self.cfg.grad_accum
         lo = self.info.rank * per_rank
-        plan = epoch_plan(len(self.dataset), self.global_batch, self.cfg.seed, epoch)[first_step:]
+        plan = epoch_plan(len(self.dataset), self.global_batch, self.cfg.seed, epoch, self.lengths)[first_step:]
         mb = self.cfg.micro_batch_size
         batches = [batch[lo + i : lo + i + mb] for batch in plan for i in range(0, per_rank, mb)]
         if hasattr(self.dataset, "set_epoch"):  # per-(epoch, sample) augmentation seeds: resumable with workers
