@@ -62,7 +62,10 @@ def test_data_check_passes_and_then_names_a_bad_record(project, tmp_path, capsys
 def test_train_resume_and_export(project, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(project / "train.yaml"), f"train.output_dir={run}"]
-    assert main(args + ["train.max_steps=2"]) == 0
+    assert main(args + ["train.max_steps=2", "train.tensorboard=true"]) == 0
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records)
     first = read_native_checkpoint(state.find_latest(run))
     assert set(first) == {"language_projection.weight", "language_projection.bias"}
     assert main(args) == 0  # resume=auto continues from step 2 to 4
