@@ -82,11 +82,28 @@ def test_train_resume_and_export(project, tmp_path):
 
 def test_lora_trains_adapters_only(project, tmp_path):
     run = tmp_path / "lora"
-    assert main(["train", str(project / "train.yaml"), f"train.output_dir={run}", "train.max_steps=1",
-                 "train.lora.enabled=true", "train.lora.r=2"]) == 0
-    saved = read_native_checkpoint(state.find_latest(run))
+    assert main(["train", str(project / "train.yaml"), f"train.output_dir={run}", "train.max_steps=2",
+                 "train.lora.enabled=true", "train.lora.r=2", "train.lora.alpha=4"]) == 0
+    ckpt = state.find_latest(run)
+    saved = read_native_checkpoint(ckpt)
     assert any("lora_" in k for k in saved) and "language_projection.weight" in saved
     assert not any(k.endswith("q_proj.weight") and "lora" not in k for k in saved)
+    # The adapters load back (rebuilt from the checkpoint's description), merge into the LLM, and export.
+    out = tmp_path / "lora_export"
+    assert main(["export", str(project / "train.yaml"), str(out), f"model.checkpoint={ckpt}"]) == 0
+    from minigpt4qwen.checkpoint.export import load_exported
+
+    from minigpt4qwen.checkpoint.assemble import build_model
+    from minigpt4qwen.config import load_config
+    from minigpt4qwen.training.config import RunConfig
+
+    merged, _ = load_exported(out)
+    base, _ = build_model(load_config(project / "train.yaml", [], RunConfig).model)
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    lora_a = next(v for k, v in saved.items() if "q_proj.lora_A" in k)
+    lora_b = next(v for k, v in saved.items() if "q_proj.lora_B" in k)
+    assert lora_b.abs().sum() > 0
+    torch.testing.assert_close(merged.state_dict()[q] - base.state_dict()[q], (4 / 2) * lora_b @ lora_a)
 
 
 def test_a_bad_config_is_one_clear_line(project, capsys):

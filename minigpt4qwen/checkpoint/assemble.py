@@ -15,6 +15,7 @@ from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedTokeni
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.llm import load_llm, placeholder_token_id
+from minigpt4qwen.checkpoint.native import is_native_checkpoint, read_native_meta
 from minigpt4qwen.checkpoint.sources import read_model_checkpoint, read_qformer_weights, read_vision_weights
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
@@ -72,6 +73,12 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
         model = MiniGPT4Qwen(config, language_model=language_model)
     model.cast_parts(cfg.dtypes)  # meta tensors take the target dtypes, so loads cast while they materialise
 
+    lora = _checkpoint_lora(cfg.checkpoint)
+    if lora is not None:  # the checkpoint's keys name LoRA adapters: rebuild them before loading
+        from minigpt4qwen.training.config import LoraConfig
+        from minigpt4qwen.training.lora import apply_lora
+
+        apply_lora(model, LoraConfig(**lora))
     sources = []
     if cfg.vision_weights:
         sources.append((cfg.vision_weights, read_vision_weights(cfg.vision_weights, config)))
@@ -83,6 +90,9 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
         load_checked(model, tensors, source=str(source), allow_missing=True)
         logger.info("%s: loaded %d tensors into %s", source, len(tensors), sorted({part_of_key(k) for k in tensors}))
     _initialise_or_fail(model)
+    if lora is not None:  # fold the adapters into the LLM weights: a plain model, exportable, no adapter overhead
+        model.language_model = model.language_model.merge_and_unload()
+        logger.info("%s: LoRA adapters merged into the LLM", cfg.checkpoint)
 
     model.set_trainable(cfg.trainable)
     model = model.to(device)
@@ -98,6 +108,13 @@ def apply_runtime_options(model: MiniGPT4Qwen, cfg: ModelConfig) -> None:
                                    language_model=checkpointing.language_model, every=checkpointing.every)
     if cfg.compile_blocks:
         compile_blocks(model)
+
+
+def _checkpoint_lora(checkpoint: str | None) -> dict | None:
+    """The LoRA settings recorded in one of our checkpoints, if it holds adapters."""
+    if checkpoint is None or not is_native_checkpoint(checkpoint):
+        return None
+    return read_native_meta(checkpoint).get("lora")
 
 
 def vision_architecture(name: str, image_size: int) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,7 +68,8 @@ def select_state_dict(model: nn.Module, which: str = "trainable") -> dict[str, t
     return {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(model: nn.Module, directory: str | Path, *, which: str = "trainable", extra: dict | None = None) -> Path:
+def save_checkpoint(model: nn.Module, directory: str | Path, *, which: str = "trainable", extra: dict | None = None,
+                    write_more: Callable[[Path], None] | None = None) -> Path:
     """Writes `model`'s chosen tensors and a description to `directory` (atomically).
 
     Args:
@@ -76,6 +77,8 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, which: str = "tr
         directory: target directory; replaced if it exists.
         which: 'trainable' (default) or 'all'.
         extra: JSON-serialisable information to record (e.g. step, config).
+        write_more: writes further files into the (temporary) directory before it is published, so they
+            appear atomically with the weights (e.g. the trainer's optimizer state).
 
     Returns:
         The directory path.
@@ -83,11 +86,40 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, which: str = "tr
     tensors = select_state_dict(model, which)
     if not tensors:
         raise ValueError("nothing to save: no parameter requires grad (use which='all')")
-    meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": which, "keys": len(tensors), **(extra or {})}
+    meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": which, "keys": len(tensors),
+            "lora": lora_description(model), **(extra or {})}
     with atomic_directory(directory) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
+        if write_more is not None:
+            write_more(tmp)
     return Path(directory)
+
+
+def lora_description(model: nn.Module) -> dict | None:
+    """The LoRA settings of a peft-wrapped LLM (needed to rebuild the adapters a checkpoint's keys refer to)."""
+    peft_config = getattr(getattr(model, "language_model", None), "peft_config", None)
+    if not peft_config:
+        return None
+    lora = peft_config["default"]
+    return {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+            "target_modules": sorted(lora.target_modules)}
+
+
+def read_native_meta(path: str | Path) -> dict:
+    """The JSON description of a `save_checkpoint` directory.
+
+    Raises:
+        CheckpointError: missing or unreadable description, or an unknown format version.
+    """
+    meta_file = Path(path) / META_NAME
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_file}: unreadable checkpoint description ({err})") from None
+    if meta.get("format") != "minigpt4qwen" or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: not a minigpt4qwen checkpoint of version <= {FORMAT_VERSION}: {meta}")
+    return meta
 
 
 def is_native_checkpoint(path: str | Path) -> bool:
@@ -102,13 +134,8 @@ def read_native_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         CheckpointError: missing or corrupt files, or an unknown format version.
     """
     path = Path(path)
-    meta_file, weights = path / META_NAME, path / WEIGHTS_NAME
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{meta_file}: unreadable checkpoint description ({err})") from None
-    if meta.get("format") != "minigpt4qwen" or meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: not a minigpt4qwen checkpoint of version <= {FORMAT_VERSION}: {meta}")
+    weights = path / WEIGHTS_NAME
+    read_native_meta(path)
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing (the checkpoint was not completely written?)")
     try:

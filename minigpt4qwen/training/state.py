@@ -7,7 +7,6 @@ directory is written atomically, so a killed save leaves only a `.tmp-` director
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -16,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
-from minigpt4qwen.checkpoint.native import (
-    FORMAT_VERSION, META_NAME, WEIGHTS_NAME, atomic_directory, read_native_checkpoint, select_state_dict,
-)
+from minigpt4qwen.checkpoint.native import WEIGHTS_NAME, read_native_checkpoint, save_checkpoint, select_state_dict
 
 STATE_NAME = "training_state.pt"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -85,9 +81,6 @@ def save_training_checkpoint(
     Returns:
         The directory.
     """
-    tensors = select_state_dict(model, contents)
-    meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": contents, "keys": len(tensors),
-            **asdict(position), **(extra or {})}
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -95,11 +88,8 @@ def save_training_checkpoint(
         "position": asdict(position),
         "rng": rng_states,
     }
-    with atomic_directory(directory) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
-        torch.save(state, tmp / STATE_NAME)
-    return Path(directory)
+    return save_checkpoint(model, directory, which=contents, extra={**asdict(position), **(extra or {})},
+                           write_more=lambda tmp: torch.save(state, tmp / STATE_NAME))
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
