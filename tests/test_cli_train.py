@@ -62,10 +62,15 @@ def test_data_check_passes_and_then_names_a_bad_record(project, tmp_path, capsys
 def test_train_resume_and_export(project, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(project / "train.yaml"), f"train.output_dir={run}"]
-    assert main(args + ["train.max_steps=2", "train.tensorboard=true"]) == 0
+    config = yaml.safe_load((project / "train.yaml").read_text())
+    config["data"]["val_datasets"] = config["data"]["datasets"]
+    (tmp_path / "with_val.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "with_val.yaml"), f"train.output_dir={run}", "train.max_steps=2",
+                 "train.tensorboard=true", "train.eval_every=1"]) == 0
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records)
+    assert any(r.get("kind") == "val" and r["loss"] > 0 for r in records), records
     first = read_native_checkpoint(state.find_latest(run))
     assert set(first) == {"language_projection.weight", "language_projection.bias"}
     assert main(args) == 0  # resume=auto continues from step 2 to 4
@@ -109,3 +114,12 @@ def test_lora_trains_adapters_only(project, tmp_path):
 def test_a_bad_config_is_one_clear_line(project, capsys):
     assert main(["train", str(project / "train.yaml"), "train.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+    # Settings that would be silently ignored or overridden are refused before anything is built.
+    for override, message in [("data.image_size=56", "image_size"), ("train.log_every=0", "log_every"),
+                              ("parallel.zero_stage=2", "engine=deepspeed"),
+                              ("train.lora.enabled=true", "model.trainable.language_model"),
+                              ("parallel.engine=deepspeed", "model.dtypes")]:
+        extra = ["model.trainable.language_model=true"] if "lora" in override else []
+        extra += ["train.precision=bf16", "model.dtypes.language_model=bf16"] if "engine=deepspeed" in override else []
+        assert main(["train", str(project / "train.yaml"), override, *extra]) == 2, override
+        assert message in capsys.readouterr().err, override

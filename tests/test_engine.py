@@ -90,3 +90,15 @@ def test_one_call_chat_and_bad_image(model_and_tokenizer, tmp_path):
     with pytest.raises(ImageLoadError, match="bad.jpg"):
         session.add_image(bad)
     assert session.pending_images == []
+
+
+def test_one_call_chat_continues_its_own_history(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    images = [_image("red")]
+    first, history = chat(model, tokenizer, "what colour", images=images, settings=GenerationSettings(max_new_tokens=3))
+    second, history = chat(model, tokenizer, "what shape", history=history, images=images + [_image("blue")],
+                           settings=GenerationSettings(max_new_tokens=3))
+    assert len(history) == 2 and history[0][1] == first and history[1][1] == second
+    assert history[1][0].count("<ImageHere>") == 1  # the new image belongs to the new question
+    with pytest.raises(ValueError, match="history refers to 1 images"):
+        chat(model, tokenizer, "again", history=history[:1], images=[])

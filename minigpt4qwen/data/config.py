@@ -39,6 +39,7 @@ class DataConfig:
 
     # The annotation files mixed into one training set.
     datasets: list[DatasetSpec] = field(default_factory=list)
+    val_datasets: list[DatasetSpec] = field(default_factory=list)  # validation loss every train.eval_every steps
     # Side of the square images given to the vision tower, in pixels.
     image_size: int = 224
     # RandomResizedCrop's area range for training images (the original's min_scale / max_scale).
@@ -86,13 +87,14 @@ class DataConfig:
             raise ValueError("data.label_mode 'original' reproduces the original ChatML layout: use chat_format chatml")
         if not self.datasets:
             raise ValueError("data.datasets is empty: list at least one annotation file")
-        for i, spec in enumerate(self.datasets):
-            if spec.format not in FORMATS:
-                raise ValueError(f"data.datasets[{i}].format = {spec.format!r}: expected one of {FORMATS}")
-            if not spec.annotation:
-                raise ValueError(f"data.datasets[{i}].annotation is empty: give the annotation file")
-            if not spec.weight > 0:
-                raise ValueError(f"data.datasets[{i}].weight = {spec.weight}: must be > 0")
+        for section, specs in (("datasets", self.datasets), ("val_datasets", self.val_datasets)):
+            for i, spec in enumerate(specs):
+                if spec.format not in FORMATS:
+                    raise ValueError(f"data.{section}[{i}].format = {spec.format!r}: expected one of {FORMATS}")
+                if not spec.annotation:
+                    raise ValueError(f"data.{section}[{i}].annotation is empty: give the annotation file")
+                if not spec.weight > 0:
+                    raise ValueError(f"data.{section}[{i}].weight = {spec.weight}: must be > 0")
         if self.image_size < 1 or self.max_txt_len < 1 or self.pad_to_multiple_of < 1 or self.num_workers < 0:
             raise ValueError("data.image_size, max_txt_len and pad_to_multiple_of must be >= 1, num_workers >= 0")
         if not 0 < self.min_scale <= self.max_scale <= 1:

@@ -238,17 +238,27 @@ def chat(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, query: str,
         model: the model.
         tokenizer: its tokenizer.
         query: the question.
-        history: earlier (question, reply) pairs, without images.
-        images: the question's images.
+        history: earlier (question, reply) pairs as returned by a previous call (questions keep their image
+            markers).
+        images: every image of the conversation in order: first the ones the history's markers refer to, then
+            this question's (so a follow-up call passes the same list, plus any new images).
         settings: decoding options.
 
     Returns:
         (reply, the history with this turn appended).
     """
     session = ChatSession(model, tokenizer)
+    images = list(images or [])
+    needed = sum(user.count(IMAGE_MARKER) for user, _ in history or [])
+    if needed > len(images):
+        raise ValueError(f"the history refers to {needed} images but {len(images)} were given; pass the "
+                         "conversation's images in order, the earlier turns' first")
+    used = 0
     for user, reply in history or []:
-        session.add_turn(user, reply)
-    for image in images or []:
+        count = user.count(IMAGE_MARKER)
+        session.add_turn(user, reply, images[used : used + count])
+        used += count
+    for image in images[used:]:
         session.add_image(image)
     reply = session.ask(query, settings)
     return reply, session.turns

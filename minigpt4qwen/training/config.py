@@ -89,13 +89,44 @@ class TrainConfig:
             raise ValueError("set train.epochs >= 1 or train.max_steps")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("train.lr must be > 0 and train.min_lr >= 0")
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas needs two values (beta1, beta2), got {list(self.betas)}")
+        if self.log_every < 1:
+            raise ValueError("train.log_every must be >= 1")
+        for name in ("warmup_steps", "keep_last", "save_every_steps", "eval_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, not {getattr(self, name)}")
 
 
 @dataclass
 class RunConfig:
-    """One YAML file: the model, the data and the training run."""
+    """One YAML file: the model, the data, the training run and the parallel engine."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        """Checks each section and the settings that involve several of them; raises ValueError."""
+        self.train.validate()
+        self.data.validate()
+        self.parallel.validate()
+        if self.model.image_size != self.data.image_size:
+            raise ValueError(f"model.image_size ({self.model.image_size}) and data.image_size ({self.data.image_size}) "
+                             "differ: the vision tower takes one size")
+        if self.train.lora.enabled and self.model.trainable.language_model:
+            raise ValueError("train.lora.enabled trains adapters on a frozen LLM: set model.trainable.language_model"
+                             "=false (or disable LoRA to train the whole LLM)")
+        if self.parallel.engine != "ddp" and self.train.save_contents != "trainable":
+            raise ValueError("the DeepSpeed engines save trained weights only: use train.save_contents=trainable")
+        if self.parallel.engine == "pipeline" and self.data.val_datasets:
+            raise ValueError("the pipeline engine does not evaluate a validation set: remove data.val_datasets")
+        dtypes = set(vars(self.model.dtypes).values())
+        if self.parallel.engine == "deepspeed" and self.train.precision != "fp32" and len(dtypes) > 1:
+            # DeepSpeed's bf16/fp16 mode casts every part to that dtype (keeping fp32 master weights of the
+            # trained ones), which would silently override model.dtypes.
+            raise ValueError(f"parallel.engine=deepspeed with train.precision={self.train.precision} stores every part "
+                             f"in that dtype: set all model.dtypes to {self.train.precision} (now {sorted(dtypes)})")

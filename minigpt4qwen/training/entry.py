@@ -8,6 +8,7 @@ applied from outside the model before the trainer's loop takes over.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -42,8 +43,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
     from minigpt4qwen.data.dataset import ConversationDataset
 
     cfg: RunConfig = load_config(config_path, overrides, RunConfig)
-    cfg.train.validate()
-    cfg.data.validate()
+    cfg.validate()
     info = distributed.init_distributed()
     cfg.parallel.validate(info.world_size)
     try:
@@ -70,7 +70,12 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         if pipeline:  # few sequence lengths: few activation shapes between stages
             pad = math.lcm(pad, cfg.parallel.seq_bucket)
         collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
-        common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg),
+        val_dataset = None
+        if cfg.data.val_datasets:
+            val_dataset = ConversationDataset(dataclasses.replace(cfg.data, datasets=cfg.data.val_datasets), tokenizer,
+                                              image_token_id=model.image_token_id,
+                                              num_query_tokens=model.num_query_tokens, train=False, seed=cfg.train.seed)
+        common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg), val_dataset=val_dataset,
                       lengths=dataset.lengths if cfg.data.group_by_length else None)
         if cfg.parallel.engine == "deepspeed":
             from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer

@@ -47,6 +47,12 @@ class ParallelConfig:
             raise ValueError("the pipeline engine runs with parallel.zero_stage 0 (DP x PP without ZeRO sharding)")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("parallel.offload_param needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("parallel.offload_optimizer needs zero_stage >= 1")
+        if self.engine == "ddp" and (self.zero_stage or self.offload_optimizer):
+            raise ValueError("parallel.zero_stage / offload_optimizer act only with parallel.engine=deepspeed")
+        if self.engine != "pipeline" and (self.num_stages != 1 or self.balance):
+            raise ValueError("parallel.num_stages / balance act only with parallel.engine=pipeline")
         if self.partition not in PARTITIONS:
             raise ValueError(f"parallel.partition must be one of {PARTITIONS}, not {self.partition!r}")
         if self.partition == "balance" and len(self.balance) != self.num_stages:

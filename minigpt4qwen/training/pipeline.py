@@ -245,7 +245,7 @@ class PipelineTrainer(DeepSpeedTrainer):
         info = info or DistInfo()
         parallel.validate(info.world_size)
         if kwargs.get("val_dataset") is not None:
-            raise ValueError("the pipeline engine does not evaluate a validation set; drop data.val")
+            raise ValueError("the pipeline engine does not evaluate a validation set; remove data.val_datasets")
         if parallel.zero_stage != 0:
             # ZeRO-1 steps the optimizer once per parameter group, so a step hook cannot see the whole gradient.
             raise ValueError("the pipeline engine runs ZeRO stage 0 (its global gradient clipping needs it)")
