@@ -32,16 +32,16 @@ class ActivationCheckpointing:
 class ModelConfig:
     """Where the weights come from and how each part is stored and trained.
 
-    A `preset` (qwen7b_chat, qwen14b_chat, tiny) fills the paths of the original project's `cache/ckpt` layout
+    A `preset` (qwen7b_chat, qwen14b_chat) fills the paths of the original project's `cache/ckpt` layout
     for every path left empty; explicit paths always win.
     """
 
-    preset: Optional[str] = None  # qwen7b_chat | qwen14b_chat | tiny
+    preset: Optional[str] = None  # qwen7b_chat | qwen14b_chat
     cache_root: str = "cache"  # the original project's weight folder (holds ckpt/eva, ckpt/blip2, ckpt/Qwen7B-chat)
     llm: Optional[str] = None  # LLM directory: Qwen1 (model_type qwen) or any transformers causal LM
     vision_weights: Optional[str] = None  # LAVIS eva_vit_g.pth, or a Hugging Face BLIP-2 directory
     qformer_weights: Optional[str] = None  # LAVIS blip2_pretrained_flant5xxl.pth, or a Hugging Face BLIP-2 directory
-    checkpoint: Optional[str] = None  # ours, the original project's model.pth / checkpoint_N.pth / pipeline dir, or an export
+    checkpoint: Optional[str] = None  # ours (incl. LoRA), the original project's model.pth / checkpoint_N.pth / pipeline dir
     vision_arch: str = "eva_vit_g"  # eva_vit_g (the real tower) | tiny (tests and the CPU demo)
     image_size: int = 224
     num_query_tokens: int = 32

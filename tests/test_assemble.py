@@ -84,3 +84,11 @@ def test_missing_parts_are_named_with_the_setting_to_fix(files):
 @dataclass
 class _Wrapper:
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def test_inference_refuses_an_untrained_projection(files):
+    root, *_ = files
+    with pytest.raises(CheckpointError, match="language_projection.*model.checkpoint"):
+        build_model(_config(root, checkpoint=None), fresh_projection=False)
+    model, _ = build_model(_config(root, checkpoint=None))  # a new training run starts from a random one
+    assert model.language_projection.weight.abs().sum() > 0

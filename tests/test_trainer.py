@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from minigpt4qwen.checkpoint.keymap import CheckpointError
 from minigpt4qwen.model.parts import TrainableParts
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
@@ -253,3 +254,10 @@ def test_length_grouped_plan_is_deterministic_and_groups_lengths():
     random_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b)
                         for b in epoch_plan(400, 8, seed=3, epoch=1)) / len(plan)
     assert spread < random_spread / 4  # less padding in every batch
+
+
+def test_resume_with_a_changed_schedule_is_refused(tmp_path):
+    run(tmp_path, max_steps=2, save_every_steps=2)
+    trainer = Trainer(tiny(), config(tmp_path, max_steps=10, resume="auto"), ToyDataset(), collate)
+    with pytest.raises(CheckpointError, match="schedule"):
+        trainer.resume()

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 FRESHLY_INITIALISED = ("language_projection",)
 
 
-def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
-                runtime: bool = True) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
+def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime: bool = True,
+                fresh_projection: bool = True) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
     """Loads every configured source and returns the model with trainable flags and dtypes applied.
 
     Args:
@@ -45,6 +45,8 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
         device: where the model ends up.
         runtime: also apply activation checkpointing and compilation (`apply_runtime_options`); pass False to
             modify the modules first (e.g. LoRA) and apply them afterwards.
+        fresh_projection: a projection no source provides is initialised randomly (a new training run); False
+            (inference) makes it an error instead of a model that answers from an untrained projection.
 
     Returns:
         (model, tokenizer).
@@ -89,7 +91,7 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
     for source, tensors in sources:
         load_checked(model, tensors, source=str(source), allow_missing=True)
         logger.info("%s: loaded %d tensors into %s", source, len(tensors), sorted({part_of_key(k) for k in tensors}))
-    _initialise_or_fail(model)
+    _initialise_or_fail(model, FRESHLY_INITIALISED if fresh_projection else ())
     if lora is not None:  # fold the adapters into the LLM weights: a plain model, exportable, no adapter overhead
         model.language_model = model.language_model.merge_and_unload()
         logger.info("%s: LoRA adapters merged into the LLM", cfg.checkpoint)
@@ -128,13 +130,13 @@ def vision_architecture(name: str, image_size: int) -> tuple[Blip2VisionConfig, 
     raise ValueError(f"unknown model.vision_arch {name!r}; use eva_vit_g or tiny")
 
 
-def _initialise_or_fail(model: MiniGPT4Qwen) -> None:
+def _initialise_or_fail(model: MiniGPT4Qwen, fresh_parts: tuple[str, ...]) -> None:
     """Gives parts a fresh run may lack a random init; any other part still on meta is a configuration error."""
     missing: dict[str, list[str]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_meta:
             missing.setdefault(part_of_key(key), []).append(key)
-    for part in FRESHLY_INITIALISED:
+    for part in fresh_parts:
         if part in missing:
             module: nn.Linear = getattr(model, part)
             module.to_empty(device="cpu")
@@ -142,7 +144,8 @@ def _initialise_or_fail(model: MiniGPT4Qwen) -> None:
             logger.info("%s: no weights given, initialised randomly (a fresh training run)", part)
             missing.pop(part)
     if missing:
-        hints = {"vision_model": "model.vision_weights (eva_vit_g.pth)",
+        hints = {"language_projection": "model.checkpoint / -c (a trained model.pth or checkpoint directory)",
+                 "vision_model": "model.vision_weights (eva_vit_g.pth)",
                  "qformer": "model.qformer_weights (blip2_pretrained_flant5xxl.pth)",
                  "query_tokens": "model.qformer_weights (blip2_pretrained_flant5xxl.pth)"}
         lines = [f"{part} ({len(keys)} tensors, e.g. {keys[0]}): set {hints.get(part, 'model.checkpoint')}"

@@ -225,5 +225,4 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [add_demo, add_train, add_export, add_data, add_chat, add_generate, add_webui, add_serve]
-REGISTER.append(add_convert)
+REGISTER = [add_demo, add_train, add_export, add_convert, add_data, add_chat, add_generate, add_webui, add_serve]

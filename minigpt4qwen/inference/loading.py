@@ -125,7 +125,7 @@ def _build(args: argparse.Namespace, dtype: str, device: str) -> tuple[MiniGPT4Q
         trainable=TrainableParts(language_projection=False),
         dtypes=model_cfg.dtypes if dtype == "auto" else PartDtypes.uniform(dtype),
     )
-    return build_model(model_cfg, device=device)
+    return build_model(model_cfg, device=device, fresh_projection=False)
 
 
 def spread_language_model(model: MiniGPT4Qwen) -> dict[str, int | str]:

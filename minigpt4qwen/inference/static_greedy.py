@@ -3,7 +3,8 @@
 transformers' `generate` spends more time in Python per token than a batch-1 decode step takes on a GPU. Here
 the prefill runs once (image rows merged), then each step is one compiled call that feeds its own argmax back,
 and the host checks for a stop token only every `check_every` steps. Greedy only; sampling and beam search go
-through `MiniGPT4Qwen.generate`.
+through `MiniGPT4Qwen.generate`. A library API (used by the benchmark): the chat front ends still decode through
+`MiniGPT4Qwen.generate`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class StaticGreedyDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
                  image_features: torch.Tensor | None = None, max_new_tokens: int = 512,
-                 stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0) -> torch.Tensor:
+                 stop_token_ids: Sequence[int] = ()) -> torch.Tensor:
         """Greedy continuation of one unpadded prompt [1, T]; returns the new tokens [1, n] (stop token included).
 
         Raises:
@@ -65,14 +66,14 @@ class StaticGreedyDecoder:
         tokens = [logits[:, -1].argmax(-1, keepdim=True)]  # [1, 1] each
         stops = torch.tensor(list(stop_token_ids), device=input_ids.device)
         for step in range(1, max_new_tokens):
-            if step >= min_new_tokens and stops.numel() and step % self.check_every == 0:
+            if stops.numel() and step % self.check_every == 0:
                 if torch.isin(torch.cat(tokens[-self.check_every:], 1), stops).any():
                     break
             # clone: a CUDA-graph output is overwritten by the next replay
             tokens.append(self._step(tokens[-1], positions[:, length + step - 1 : length + step]).clone())
         out = torch.cat(tokens, dim=1)  # [1, n]
         if stops.numel():
-            hits = torch.isin(out[0, min_new_tokens:], stops).nonzero()
+            hits = torch.isin(out[0], stops).nonzero()
             if hits.numel():
-                out = out[:, : min_new_tokens + int(hits[0]) + 1]
+                out = out[:, : int(hits[0]) + 1]
         return out

@@ -162,6 +162,11 @@ def load_training_checkpoint(
     except Exception as err:  # a truncated pickle raises many different types
         raise CheckpointError(f"{directory / STATE_NAME}: unreadable training state ({err})") from None
     optimizer.load_state_dict(state["optimizer"])
+    saved_schedule, schedule = state["scheduler"].get("lr_lambdas"), scheduler.state_dict().get("lr_lambdas")
+    if saved_schedule != schedule:
+        # LambdaLR restores the saved schedule object, so a changed schedule would be silently ignored.
+        raise CheckpointError(f"{directory}: the run was saved with the schedule {saved_schedule}, this config gives "
+                              f"{schedule}; resume with the same train.max_steps / epochs / warmup_steps / lr / min_lr")
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
