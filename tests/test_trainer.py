@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt4qwen.checkpoint.keymap import CheckpointError
 from minigpt4qwen.model.parts import TrainableParts
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
@@ -256,8 +255,10 @@ def test_length_grouped_plan_is_deterministic_and_groups_lengths():
     assert spread < random_spread / 4  # less padding in every batch
 
 
-def test_resume_with_a_changed_schedule_is_refused(tmp_path):
+def test_an_extended_run_follows_its_new_schedule(tmp_path):
     run(tmp_path, max_steps=2, save_every_steps=2)
     trainer = Trainer(tiny(), config(tmp_path, max_steps=10, resume="auto"), ToyDataset(), collate)
-    with pytest.raises(CheckpointError, match="schedule"):
-        trainer.resume()
+    trainer.resume()
+    fresh = Trainer(tiny(), config(tmp_path / "fresh", max_steps=10), ToyDataset(), collate)
+    assert vars(trainer.scheduler.lr_lambdas[0]) == vars(fresh.scheduler.lr_lambdas[0])
+    assert trainer.scheduler.last_epoch == 2

@@ -7,6 +7,7 @@ directory is written atomically, so a killed save leaves only a `.tmp-` director
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import shutil
@@ -19,6 +20,8 @@ from torch import nn
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
 from minigpt4qwen.checkpoint.native import WEIGHTS_NAME, read_native_checkpoint, save_checkpoint, select_state_dict
+
+logger = logging.getLogger(__name__)
 
 STATE_NAME = "training_state.pt"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -162,12 +165,14 @@ def load_training_checkpoint(
     except Exception as err:  # a truncated pickle raises many different types
         raise CheckpointError(f"{directory / STATE_NAME}: unreadable training state ({err})") from None
     optimizer.load_state_dict(state["optimizer"])
-    saved_schedule, schedule = state["scheduler"].get("lr_lambdas"), scheduler.state_dict().get("lr_lambdas")
-    if saved_schedule != schedule:
-        # LambdaLR restores the saved schedule object, so a changed schedule would be silently ignored.
-        raise CheckpointError(f"{directory}: the run was saved with the schedule {saved_schedule}, this config gives "
-                              f"{schedule}; resume with the same train.max_steps / epochs / warmup_steps / lr / min_lr")
+    configured = scheduler.state_dict().get("lr_lambdas")
     scheduler.load_state_dict(state["scheduler"])
+    if state["scheduler"].get("lr_lambdas") != configured:
+        # LambdaLR restores the saved schedule object; a run resumed with a new max_steps / warmup / lr range
+        # (e.g. extended) follows the new schedule from the current step instead.
+        scheduler.lr_lambdas[0].__dict__.update(configured[0])
+        logger.warning("%s: the schedule changed since this checkpoint (%s -> %s); continuing on the new one",
+                       directory, state["scheduler"].get("lr_lambdas"), configured)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     rngs = state["rng"]
