@@ -5,18 +5,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from minigpt4qwen.checkpoint.export import export_hf
 from minigpt4qwen.data.formats import DataError
 from minigpt4qwen.inference.batch import generate_file
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
-from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+from tests.conftest import make_tiny_chat_model
 
-WORDS = "what colour is the shape red green blue circle square 图 中 的 形 状 是 什 么 颜 色".split()
 GREEDY = GenerationSettings(max_new_tokens=10)
 COLOURS = ("red", "green", "blue", "white")
 RECORDS = [  # lengths differ (so rows are padded), 0-2 images each
@@ -31,17 +27,7 @@ RECORDS = [  # lengths differ (so rows are padded), 0-2 images each
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     """A tiny model whose answers clearly depend on the image: the vision parts get large random weights."""
-    tokenizer = build_tiny_chat_tokenizer(WORDS)
-    torch.manual_seed(2)
-    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=len(tokenizer)),
-                                 image_token_id=tokenizer.convert_tokens_to_ids("<|extra_0|>"),
-                                 vision_config=tiny_vision_config(), qformer_config=tiny_qformer_config(),
-                                 num_query_tokens=4)
-    model = MiniGPT4Qwen(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.startswith("language_model.") and (param.dim() > 1 or "embeddings" in name):
-                param.normal_(0, 0.5)
+    model, tokenizer = make_tiny_chat_model(seed=2, image_std=0.5)
     return model, tokenizer
 
 

@@ -9,23 +9,14 @@ from PIL import Image
 from transformers import StoppingCriteria, TextIteratorStreamer
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
-from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
-from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+from tests.conftest import make_tiny_chat_model
 
-WORDS = "what colour is the shape red green blue circle square 图 中 的 形 状 是 什 么 颜 色".split()
 SHORT = GenerationSettings(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    tokenizer = build_tiny_chat_tokenizer(WORDS)
-    torch.manual_seed(1)
-    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=len(tokenizer)),
-                                 image_token_id=tokenizer.convert_tokens_to_ids("<|extra_0|>"),
-                                 vision_config=tiny_vision_config(), qformer_config=tiny_qformer_config(),
-                                 num_query_tokens=4)
-    return MiniGPT4Qwen(config).eval(), tokenizer
+    return make_tiny_chat_model(seed=1)
 
 
 def _stream(session, call):

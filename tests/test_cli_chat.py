@@ -17,24 +17,15 @@ from PIL import Image
 from minigpt4qwen.checkpoint.export import export_hf, load_exported
 from minigpt4qwen.cli.main import main
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
-from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+from tests.conftest import make_tiny_chat_model
 
-WORDS = "what colour is the shape red green blue circle square 图 中 的 形 状 是 什 么 颜 色".split()
 QUESTION = "what colour is the shape"
 USER = "User> "
 CHAT = [sys.executable, "-m", "minigpt4qwen.cli.main", "chat", "--max-new-tokens", "8"]
 
 
 def _export_streaming_model(directory):
-    tokenizer = build_tiny_chat_tokenizer(WORDS)
-    torch.manual_seed(0)
-    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=len(tokenizer)),
-                                 image_token_id=tokenizer.convert_tokens_to_ids("<|extra_0|>"),
-                                 vision_config=tiny_vision_config(), qformer_config=tiny_qformer_config(),
-                                 num_query_tokens=4)
-    model = MiniGPT4Qwen(config).eval()
+    model, tokenizer = make_tiny_chat_model(seed=0)
     with torch.no_grad():  # logits: +-10 * h[0] for 图 / 中, 0 for every other token (stop tokens included)
         head = model.language_model.get_output_embeddings().weight
         head.zero_()

@@ -96,9 +96,8 @@ def test_lora_trains_adapters_only(project, tmp_path):
     # The adapters load back (rebuilt from the checkpoint's description), merge into the LLM, and export.
     out = tmp_path / "lora_export"
     assert main(["export", str(project / "train.yaml"), str(out), f"model.checkpoint={ckpt}"]) == 0
-    from minigpt4qwen.checkpoint.export import load_exported
-
     from minigpt4qwen.checkpoint.assemble import build_model
+    from minigpt4qwen.checkpoint.export import load_exported
     from minigpt4qwen.config import load_config
     from minigpt4qwen.training.config import RunConfig
 
