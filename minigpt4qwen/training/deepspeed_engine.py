@@ -22,11 +22,11 @@ from torch import nn
 
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
-from minigpt4qwen.training.distributed import all_gather_objects, all_reduce_sum, barrier
+from minigpt4qwen.training.distributed import all_gather_objects, barrier
 from minigpt4qwen.training.metrics import MetricsLogger
 from minigpt4qwen.training.optim import build_scheduler
 from minigpt4qwen.training.parallel_config import ParallelConfig
-from minigpt4qwen.training.trainer import NonFiniteError, Trainer, count_supervised
+from minigpt4qwen.training.trainer import NonFiniteError, Trainer
 
 logger = logging.getLogger(__name__)
 _TAG_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -150,11 +150,8 @@ class DeepSpeedTrainer(Trainer):
 
     def _step(self, micro: Sequence[dict]) -> tuple[float, float, int]:
         """One optimizer step through the engine; returns (global loss, grad norm, global tokens)."""
-        counts = torch.tensor([count_supervised(b) for b in micro], dtype=torch.float64)
-        total_tokens = int(all_reduce_sum(counts.sum().reshape(1)).item())
+        total_tokens, scale = self._loss_scale(micro)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.info.device)
-        # DeepSpeed averages gradients over ranks; times world size gives the sum (as in Trainer._step).
-        scale = self.info.world_size / max(total_tokens, 1)
         for i, batch in enumerate(micro):
             with self.autocast():
                 out = self.engine(**self._to_device(batch))
@@ -162,7 +159,7 @@ class DeepSpeedTrainer(Trainer):
             loss_sum += out.loss_sum.detach().double()
             if i < len(micro) - 1:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        loss = (all_reduce_sum(loss_sum).item() / total_tokens) if total_tokens else 0.0
+        loss = self._mean_loss(loss_sum, total_tokens)
         self._applied = self._boundary_step(loss)
         return loss, self._grad_norm(), total_tokens
 

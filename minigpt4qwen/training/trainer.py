@@ -134,13 +134,22 @@ class Trainer:
                 if k in MODEL_INPUTS and isinstance(v, torch.Tensor)}
 
     # ------------------------------------------------------------------------------------------ steps
-    def _step(self, micro: Sequence[dict]) -> tuple[float, float, int]:
-        """One optimizer step over this rank's micro-batches; returns (global loss, grad norm, global tokens)."""
+    def _loss_scale(self, micro: Sequence[dict]) -> tuple[int, float]:
+        """The step's supervised tokens (all micro-batches, all ranks) and the factor that makes each
+        micro-batch's summed loss its share of the step's mean; the engines average gradients over ranks, so the
+        world size turns that average back into the sum."""
         counts = torch.tensor([count_supervised(b) for b in micro], dtype=torch.float64)
         total_tokens = int(all_reduce_sum(counts.sum().reshape(1)).item())
+        return total_tokens, self.info.world_size / max(total_tokens, 1)
+
+    def _mean_loss(self, loss_sum: torch.Tensor, total_tokens: int) -> float:
+        """The step's mean loss per supervised token over all ranks (`loss_sum` is this rank's sum)."""
+        return (all_reduce_sum(loss_sum).item() / total_tokens) if total_tokens else 0.0
+
+    def _step(self, micro: Sequence[dict]) -> tuple[float, float, int]:
+        """One optimizer step over this rank's micro-batches; returns (global loss, grad norm, global tokens)."""
+        total_tokens, scale = self._loss_scale(micro)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.info.device)
-        # DDP averages gradients over ranks; multiplying by world size turns that average back into the sum.
-        scale = self.info.world_size / max(total_tokens, 1)
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with nullcontext() if sync else self.model.no_sync():
@@ -149,7 +158,7 @@ class Trainer:
                 loss = out.loss_sum.float() * scale
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += out.loss_sum.detach().double()
-        loss = (all_reduce_sum(loss_sum).item() / total_tokens) if total_tokens else 0.0
+        loss = self._mean_loss(loss_sum, total_tokens)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
