@@ -43,11 +43,12 @@ def make_tiny_model(seed: int = 0, vocab_size: int = 64, num_queries: int = NUM_
 CHAT_WORDS = "what colour is the shape red green blue circle square 图 中 的 形 状 是 什 么 颜 色".split()
 
 
-def make_tiny_chat_model(seed: int = 0, image_std: float | None = None):
+def make_tiny_chat_model(seed: int = 0, image_std: float | None = None, redraw_biases: bool = False):
     """A tiny model with the demo's word-level ChatML tokenizer over `CHAT_WORDS`; returns (model, tokenizer).
 
     `image_std` redraws the weights of the image path (vision, Q-Former, projection) with that std, so that
-    answers clearly depend on the image (random tiny towers barely tell images apart).
+    answers clearly depend on the image (random tiny towers barely tell images apart): the matrices and
+    embeddings, or with `redraw_biases` every parameter except the norms.
     """
     tokenizer = build_tiny_chat_tokenizer(CHAT_WORDS)
     torch.manual_seed(seed)
@@ -59,7 +60,8 @@ def make_tiny_chat_model(seed: int = 0, image_std: float | None = None):
     if image_std is not None:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if not name.startswith("language_model.") and (param.dim() > 1 or "embeddings" in name):
+                chosen = "norm" not in name if redraw_biases else (param.dim() > 1 or "embeddings" in name)
+                if not name.startswith("language_model.") and chosen:
                     param.normal_(0, image_std)
     return model, tokenizer
 

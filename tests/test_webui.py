@@ -10,9 +10,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
-from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+from tests.conftest import make_tiny_chat_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -22,23 +20,13 @@ pytestmark = [
 ]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-WORDS = ["what", "colour", "is", "the", "shape", "red", "green", "blue", "circle", "square", *"图中的形状是什么颜色"]
 N = 20  # max new tokens set through the UI
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    tokenizer = build_tiny_chat_tokenizer(WORDS)
-    torch.manual_seed(0)
-    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=len(tokenizer)),
-                                 image_token_id=tokenizer.convert_tokens_to_ids("<|extra_0|>"),
-                                 vision_config=tiny_vision_config(), qformer_config=tiny_qformer_config(),
-                                 num_query_tokens=4)
-    model = MiniGPT4Qwen(config).eval()
-    with torch.no_grad():  # the tiny configs initialise the image path ~1e-10: every image would look the same
-        for name, param in model.named_parameters():
-            if not name.startswith("language_model.") and "norm" not in name:
-                param.normal_(0, 0.2)
+    # Images must give different answers: the image path gets larger random weights.
+    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
     # Only words, single spaces and the stop tokens may come out: the chat renders markdown, and random
     # punctuation would not read back as the same text.
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
