@@ -58,23 +58,26 @@ def bench_training(model, device: str, batch: int, steps: int, warmup: int, plai
 def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str | None) -> tuple[float, float]:
     """Returns (time to first token in ms, decode tokens/s aggregated over the batch), greedy, forced length.
 
-    `cache` is transformers' cache implementation (None = dynamic, "static"), or "ours" for the
-    `StaticGreedyDecoder` (static cache + CUDA-graph decode step; batch 1 only).
+    `cache` is transformers' cache implementation (None = dynamic, "static"), or "ours" / "ours-compiled" /
+    "ours-autotuned" for the `StaticGreedyDecoder` (static cache, CUDA graphs for encoder, prefill and decode
+    step, decode step eager / compiled / compiled with tuned matmuls; batch 1 only).
     """
     ids = torch.randint(0, 150000, (batch, PROMPT_GEN), generator=torch.Generator().manual_seed(0))
     ids[:, 5:37] = EXTRA_0
     ids = ids.to(device)
     px = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.bfloat16)
     kwargs = dict(do_sample=False, pad_token_id=151643, eos_token_id=None)
-    if cache == "ours":
-        decoder = StaticGreedyDecoder(model, max_cache_len=PROMPT_GEN + new_tokens, compile=device.startswith("cuda"))
+    ours = cache is not None and cache.startswith("ours")
+    if ours:
+        modes = {"ours": None, "ours-compiled": "default", "ours-autotuned": "max-autotune-no-cudagraphs"}
+        decoder = StaticGreedyDecoder(model, max_cache_len=PROMPT_GEN + new_tokens, compile_mode=modes[cache])
     elif cache:
         kwargs["cache_implementation"] = cache
 
     def timed(n: int) -> float:
         sync(device)
         start = time.perf_counter()
-        if cache == "ours":
+        if ours:
             decoder.generate(ids, pixel_values=px, max_new_tokens=n)
         else:
             model.generate(ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n, **kwargs)
@@ -118,7 +121,7 @@ def main() -> None:
     parser.add_argument("--engine", default="ours", choices=["ours", "plain"],
                         help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
-    parser.add_argument("--caches", default="dynamic,static,ours", help="generation rows: dynamic, static, ours")
+    parser.add_argument("--caches", default="dynamic,static,ours", help="generation rows: dynamic, static, ours, ours-compiled, ours-autotuned")
     parser.add_argument("--compile-vision", action="store_true", help="compile the ViT blocks for generation (TTFT)")
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()
@@ -159,7 +162,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for cache in args.caches.split(","):
         cache = None if cache == "dynamic" else cache
-        for batch in ((1,) if cache == "ours" else (1, 8, 32)):
+        for batch in ((1,) if cache and cache.startswith("ours") else (1, 8, 32)):
             try:
                 ttft, tps = bench_generation(model, args.device, batch, 128 if args.size != "tiny" else 8, cache)
                 print(f"| {cache or 'dynamic'} cache | {batch} | {ttft:.0f} | {tps:.1f} |", flush=True)

@@ -18,7 +18,7 @@ from transformers import TextIteratorStreamer
 
 from minigpt4qwen.data.images import ImageLoadError, load_image
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
-from minigpt4qwen.inference.loading import load_for_inference, settings_from_args
+from minigpt4qwen.inference.loading import fast_decoder, load_for_inference, settings_from_args
 
 WELCOME = """\
 Welcome to MiniGPT4Qwen: type a question to chat, :h for the commands.
@@ -282,7 +282,8 @@ def chat_main(args: argparse.Namespace) -> int:
             return 2
     model, tokenizer = load_for_inference(args)
     system = {"system_prompt": args.system_prompt} if args.system_prompt is not None else {}
-    session = ChatSession(model, tokenizer, max_window_size=args.max_window_size, **system)
+    session = ChatSession(model, tokenizer, max_window_size=args.max_window_size, decoder=fast_decoder(model, args),
+                          **system)
     cli = ChatCLI(session, settings, notes=sys.stderr if args.query is not None else sys.stdout)
     for path in args.image:
         cli.add_image(path)

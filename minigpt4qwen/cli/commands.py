@@ -103,12 +103,13 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_generation_options, add_model_options
+    from minigpt4qwen.inference.loading import add_decoder_options, add_generation_options, add_model_options
 
     p = sub.add_parser("chat", help="chat in the terminal (or answer one --query and exit)",
                        description="Enter image paths (:f to finish), then chat; :h lists the commands. "
                                    "With --image the image step is skipped; with --query one answer goes to stdout.")
     add_model_options(p)
+    add_decoder_options(p)
     add_generation_options(p, seed=42)  # the original demo's seed
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     p.add_argument("--query", help="answer this once and exit")
@@ -149,11 +150,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_webui(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.loading import add_decoder_options, add_model_options
 
     p = sub.add_parser("webui", help="chat in the browser (gradio): upload images, streamed replies",
                        description="Serves the web UI at http://HOST:PORT; 127.0.0.1 by default (this machine only).")
     add_model_options(p)
+    add_decoder_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind; 0.0.0.0 exposes it to the network (there is no authentication)")
     p.add_argument("--port", type=int, default=7860)
@@ -164,23 +166,25 @@ def add_webui(sub: argparse._SubParsersAction) -> None:
 
 
 def run_webui(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.loading import fast_decoder, load_for_inference
     from minigpt4qwen.inference.webui import launch
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     model, tokenizer = load_for_inference(args)
     launch(model, tokenizer, host=args.host, port=args.port, share=args.share,
-           system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT, max_window_size=args.max_window_size)
+           system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT, max_window_size=args.max_window_size,
+           decoder=fast_decoder(model, args))
     return 0
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.loading import add_decoder_options, add_model_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models)",
                        description="Serves the model at http://HOST:PORT/v1 for any OpenAI client; images come as "
                                    "data: URIs. 127.0.0.1 by default (this machine only); one generation at a time.")
     add_model_options(p)
+    add_decoder_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind; 0.0.0.0 exposes it to the network (there is no authentication)")
     p.add_argument("--port", type=int, default=8000)
@@ -195,13 +199,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.loading import fast_decoder, load_for_inference
     from minigpt4qwen.inference.server import serve
 
     model, tokenizer = load_for_inference(args)
     serve(model, tokenizer, args.model_name, host=args.host, port=args.port, allow_local_files=args.allow_local_files,
           max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-          max_window_size=args.max_window_size)
+          max_window_size=args.max_window_size, decoder=fast_decoder(model, args))
     return 0
 
 

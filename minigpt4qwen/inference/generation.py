@@ -166,10 +166,14 @@ class CancelFlag(StoppingCriteria):
         self._event.clear()
         self.fired = False
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def poll(self) -> bool:
+        """Whether it is set (and, if so, marks it as having stopped the generation)."""
         stop = self._event.is_set()
         self.fired = self.fired or stop
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.poll(), dtype=torch.bool, device=input_ids.device)
 
 
 class StopOnText(StoppingCriteria):

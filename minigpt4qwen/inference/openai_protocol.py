@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
+from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
@@ -126,8 +127,8 @@ class Conversation:
     query: str = ""
     query_images: list[Image.Image] = field(default_factory=list)
 
-    def session(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
-                max_window_size: int = 6144) -> ChatSession:
+    def session(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144,
+                decoder: StaticGreedyDecoder | None = None) -> ChatSession:
         """A fresh session holding this history, its images encoded, and the question's images pending.
 
         Encodes images with the model, so call it under the generation lock.
@@ -136,11 +137,13 @@ class Conversation:
             model: the model.
             tokenizer: its tokenizer.
             max_window_size: prompt budget in tokens.
+            decoder: the model's CUDA-graph greedy decoder, or None.
 
         Returns:
             The session, ready for `ask(self.query)`.
         """
-        session = ChatSession(model, tokenizer, system_prompt=self.system_prompt, max_window_size=max_window_size)
+        session = ChatSession(model, tokenizer, system_prompt=self.system_prompt, max_window_size=max_window_size,
+                              decoder=decoder)
         for (query, reply), images in zip(self.turns, self.turn_images):
             session.add_turn(query, reply, images)
         for image in self.query_images:

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
 from minigpt4qwen.inference.openai_protocol import ChatRequest, ImageLimits, RequestError, build_conversation
+from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
 from minigpt4qwen.inference.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
@@ -70,7 +71,7 @@ def _parse(body: bytes) -> ChatRequest:
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
               allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
               max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-              max_window_size: int = 6144) -> FastAPI:
+              max_window_size: int = 6144, decoder: StaticGreedyDecoder | None = None) -> FastAPI:
     """Builds the FastAPI app serving `model`.
 
     Args:
@@ -85,6 +86,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         default_max_tokens: max_tokens when a request sets none.
         max_tokens_limit: larger max_tokens get 400.
         max_window_size: prompt budget in tokens; older turns are dropped beyond it.
+        decoder: the model's CUDA-graph greedy decoder (see `ChatSession`), or None.
 
     Returns:
         The app (run it with uvicorn, or `serve`).
@@ -120,7 +122,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
             usage["prompt_tokens"] = int(session.build_prompt(query)[0].shape[1])
             return session.ask(query, job_settings, streamer)
 
-        reply = ReplyStream(lambda: conversation.session(model, tokenizer, max_window_size), answer, settings,
+        reply = ReplyStream(lambda: conversation.session(model, tokenizer, max_window_size, decoder), answer, settings,
                             lock=lock)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -180,7 +182,7 @@ def serve(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: s
         host: interface to bind ("0.0.0.0" exposes it to the network: there is no authentication).
         port: TCP port.
         allow_local_files: accept local image paths (see `build_app`).
-        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ...).
+        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ..., decoder).
     """
     app = build_app(model, tokenizer, model_name, allow_local_files, **limits)
     uvicorn.run(app, host=host, port=port, log_level="info")
