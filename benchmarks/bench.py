@@ -1,7 +1,7 @@
 """Training and generation throughput of MiniGPT4Qwen at full size (random weights), printed as tables.
 
-    python benchmarks/bench.py --size 7b            # one GPU; the anchors' workload (see ../shared/anchors.md)
-    python benchmarks/bench.py --size tiny --device cpu --steps 2   # a dry run of the script itself
+    python -m benchmarks.bench --size 7b --compile --engine both   # one GPU: the whole table, ours and plain
+    python -m benchmarks.bench --size tiny --device cpu --steps 2     # a dry run of the script itself
 
 Training workload: one 224x224 image + 209 real tokens per sample (32 placeholders, a ~57-token prompt, a
 120-token supervised answer), no padding; only the projection trains; bf16 towers, fp32 projection, bf16 autocast.
@@ -10,6 +10,7 @@ Training workload: one 224x224 image + 209 real tokens per sample (32 placeholde
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -55,13 +56,18 @@ def bench_training(model, device: str, batch: int, steps: int, warmup: int, plai
     return batch * steps / (time.perf_counter() - start), peak_gib(device)
 
 
-def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str | None) -> tuple[float, float]:
-    """Returns (time to first token in ms, decode tokens/s aggregated over the batch), greedy, forced length.
+def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str | None) -> tuple[float, float, float]:
+    """Returns (time to first token in ms, decode tokens/s aggregated over the batch, peak GiB: weights, cache,
+    graphs and activations), greedy, forced length.
 
     `cache` is transformers' cache implementation (None = dynamic, "static"), or "ours" / "ours-compiled" /
     "ours-autotuned" for the `StaticGreedyDecoder` (static cache, CUDA graphs for encoder, prefill and decode
     step, decode step eager / compiled / compiled with tuned matmuls; batch 1 only).
     """
+    gc.collect()  # the previous row's decoder and caches
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    reset_peak(device)
     ids = torch.randint(0, 150000, (batch, PROMPT_GEN), generator=torch.Generator().manual_seed(0))
     ids[:, 5:37] = EXTRA_0
     ids = ids.to(device)
@@ -88,7 +94,7 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
         timed(new_tokens)
     first = min(timed(1) for _ in range(3))
     full = min(timed(new_tokens) for _ in range(2))
-    return first * 1000, batch * (new_tokens - 1) / (full - first)
+    return first * 1000, batch * (new_tokens - 1) / (full - first), peak_gib(device)
 
 
 def cap_rows(model, args: argparse.Namespace) -> None:
@@ -110,6 +116,45 @@ def cap_rows(model, args: argparse.Namespace) -> None:
     torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+def training_rows(model, args: argparse.Namespace, engine: str) -> None:
+    """Prints the max-throughput training rows of `model` (checkpointing off, each micro-batch of --batches)."""
+    name = f"{engine}, checkpointing off"
+    for batch in (int(b) for b in args.batches.split(",") if b):
+        try:
+            sps, peak = bench_training(model, args.device, batch, args.steps, warmup=3, plain=engine == "plain")
+        except torch.OutOfMemoryError:
+            print(f"| {name} | {batch} | OOM | | | | |")
+            reset_peak(args.device)
+            continue
+        tflops = sps * TRAIN_TFLOP_PER_SAMPLE_7B * (2.0 if args.size == "14b" else 1.0)
+        print(f"| {name} | {batch} | {sps:.1f} | {sps * SEQ:.0f} | {tflops:.0f} | "
+              f"{tflops / MATMUL_CEILING_TFLOPS:.0%} | {peak:.1f} |", flush=True)
+
+
+def generation_rows(model, args: argparse.Namespace) -> None:
+    """Prints one generation row per --caches entry and batch size."""
+    print("\n| generation (greedy, 63-token prompt with one image, 128 new tokens) | batch | TTFT ms | decode tok/s "
+          "| peak GiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for cache in args.caches.split(","):
+        cache = None if cache == "dynamic" else cache
+        for batch in ((1,) if cache and cache.startswith("ours") else (1, 8, 32)):
+            try:
+                ttft, tps, peak = bench_generation(model, args.device, batch, 128 if args.size != "tiny" else 8, cache)
+                print(f"| {cache or 'dynamic'} cache | {batch} | {ttft:.0f} | {tps:.1f} | {peak:.1f} |", flush=True)
+            except Exception as err:  # a benchmark row failing must not hide the others
+                print(f"| {cache or 'dynamic'} cache | {batch} | failed: {type(err).__name__}: {str(err)[:80]} | |",
+                      flush=True)
+
+
+def build_plain(args: argparse.Namespace):
+    """Plain transformers' `Blip2ForConditionalGeneration`, projection trainable."""
+    model = build_random_plain(args.size, args.device)
+    model.requires_grad_(False)
+    model.language_projection.requires_grad_(True)
+    return model.train()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
@@ -118,56 +163,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cap-gib", type=float, default=24.0, help="memory cap for the 'consumer card' rows")
     parser.add_argument("--skip-generation", action="store_true")
-    parser.add_argument("--engine", default="ours", choices=["ours", "plain"],
-                        help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline")
+    parser.add_argument("--engine", default="ours", choices=["ours", "plain", "both"],
+                        help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline; both = "
+                             "ours, then plain's training rows in the same run")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
-    parser.add_argument("--caches", default="dynamic,static,ours", help="generation rows: dynamic, static, ours, ours-compiled, ours-autotuned")
+    parser.add_argument("--caches", default="dynamic,static,ours-compiled",
+                        help="generation rows: dynamic, static (transformers), ours, ours-compiled, ours-autotuned")
     parser.add_argument("--compile-vision", action="store_true", help="compile the ViT blocks for generation (TTFT)")
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    plain = args.engine == "plain"
-    if plain:
-        model = build_random_plain(args.size, args.device)
-        model.requires_grad_(False)
-        model.language_projection.requires_grad_(True)
-    else:
-        model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
-        model.set_trainable(TrainableParts())
-        if args.compile:
-            compile_blocks(model)
-    model.train()
     print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{' + compile' if args.compile else ''} | {machine()}")
     print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    rows = [("checkpointing off", False, int(b)) for b in args.batches.split(",") if b]
-    for name, ckpt, batch in rows:
-        try:
-            sps, peak = bench_training(model, args.device, batch, args.steps, warmup=3, plain=plain)
-        except torch.OutOfMemoryError:
-            print(f"| {name} | {batch} | OOM | | | | |")
-            reset_peak(args.device)
-            continue
-        tflops = sps * TRAIN_TFLOP_PER_SAMPLE_7B * (2.0 if args.size == "14b" else 1.0)
-        print(f"| {name} | {batch} | {sps:.1f} | {sps * SEQ:.0f} | {tflops:.0f} | "
-              f"{tflops / MATMUL_CEILING_TFLOPS:.0%} | {peak:.1f} |", flush=True)
-    if args.device.startswith("cuda") and not plain and args.cap_every:
-        cap_rows(model, args)
-    if args.skip_generation or plain:
+    if args.engine == "plain":
+        training_rows(build_plain(args), args, "plain")
         return
-    model.eval()
-    if args.compile_vision:
-        compile_blocks(model, vision=True, language_model=False)
-    print("\n| generation (greedy, 63-token prompt with one image, 128 new tokens) | batch | TTFT ms | decode tok/s |")
-    print("| --- | --- | --- | --- |")
-    for cache in args.caches.split(","):
-        cache = None if cache == "dynamic" else cache
-        for batch in ((1,) if cache and cache.startswith("ours") else (1, 8, 32)):
-            try:
-                ttft, tps = bench_generation(model, args.device, batch, 128 if args.size != "tiny" else 8, cache)
-                print(f"| {cache or 'dynamic'} cache | {batch} | {ttft:.0f} | {tps:.1f} |", flush=True)
-            except Exception as err:  # a benchmark row failing must not hide the others
-                print(f"| {cache or 'dynamic'} cache | {batch} | failed: {type(err).__name__}: {str(err)[:80]} | |", flush=True)
+    model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
+    model.set_trainable(TrainableParts())
+    if args.compile:
+        compile_blocks(model)
+    training_rows(model.train(), args, "ours")
+    if args.device.startswith("cuda") and args.cap_every:
+        cap_rows(model, args)
+    if not args.skip_generation:
+        model.eval()
+        if args.compile_vision:
+            compile_blocks(model, vision=True, language_model=False)
+        generation_rows(model, args)
+    if args.engine == "both":
+        del model
+        gc.collect()
+        print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
+              "| peak GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        training_rows(build_plain(args), args, "plain")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ def main() -> None:
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile-mode", default="default", help="inductor mode of the decode step; 'none' for eager")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="let SDPA pick another kernel")
     args = parser.parse_args()
     dev = args.device
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_random_model(args.size, dev, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
     mode = None if args.compile_mode == "none" else args.compile_mode
     decoder = StaticGreedyDecoder(model, max_cache_len=256, compile_mode=mode)
@@ -35,7 +38,8 @@ def main() -> None:
     decoder.generate(ids, pixel_values=torch.randn(1, 3, 224, 224, device=dev), max_new_tokens=8)
     llm = model.language_model
     streamed = sum(p.numel() * p.element_size() for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
-    print(f"# decode step profile, MiniGPT4Qwen-{args.size}, compile mode {mode} | {machine()}")
+    print(f"# decode step profile, MiniGPT4Qwen-{args.size}, compile mode {mode}, cuDNN attention "
+          f"{'off' if args.no_cudnn_attention else 'allowed'} | {machine()}")
     print(f"weights read per token: {streamed / 1e9:.2f} GB")
     sync(dev)
     start = time.perf_counter()

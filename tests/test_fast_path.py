@@ -4,6 +4,7 @@ the `generate` path; other decoding modes still go through `generate`."""
 import threading
 
 import pytest
+import torch
 from PIL import Image
 from transformers import TextIteratorStreamer, TextStreamer
 
@@ -33,6 +34,15 @@ def test_same_replies_as_generate_over_a_conversation(model_and_tokenizer):
     plain = _conversation(ChatSession(model, tokenizer))
     fast = _conversation(ChatSession(model, tokenizer, decoder=StaticGreedyDecoder(model, max_cache_len=32)))
     assert fast == plain and len(plain[0]) > 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_same_replies_with_cuda_graphs():
+    model, tokenizer = make_tiny_chat_model(seed=1, image_std=0.5)
+    plain = _conversation(ChatSession(model, tokenizer))
+    model = model.cuda()
+    decoder = StaticGreedyDecoder(model, max_cache_len=32)
+    assert decoder.cuda_graphs and _conversation(ChatSession(model, tokenizer, decoder=decoder)) == plain
 
 
 def test_streams_the_reply(model_and_tokenizer):

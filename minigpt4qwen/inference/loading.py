@@ -53,7 +53,8 @@ def add_decoder_options(parser: argparse.ArgumentParser) -> None:
                    help="answer greedy questions with transformers' generate instead of the CUDA-graph decoder")
     g.add_argument("--compile-decode", action="store_true",
                    help="also compile the decode step: fused kernels, about 35%% faster decoding at batch 1 after "
-                        "a minute or two of compiling at start-up")
+                        "a minute or two of compiling at start-up (and again when a conversation outgrows the "
+                        "KV cache: 1024, 2048, 4096, ... tokens)")
 
 
 def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> StaticGreedyDecoder | None:
