@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from minigpt4qwen.checkpoint.deepspeed_convert import convert_to_native  # noqa: E402
+from minigpt4qwen.checkpoint.keymap import CheckpointError  # noqa: E402
 from minigpt4qwen.checkpoint.native import read_native_checkpoint  # noqa: E402
 from minigpt4qwen.model.parts import TrainableParts  # noqa: E402
 from minigpt4qwen.training.trainer import Trainer  # noqa: E402
@@ -107,6 +108,12 @@ def test_conversion_round_trip(ds_run, stage, tmp_path):
     assert set(projection) == {"language_projection.weight", "language_projection.bias"}
 
 
+def test_resume_refuses_other_trainable_parts_and_another_global_batch(ds_run):
+    _, results = ds_run
+    assert "lacks 102 trainable weights, e.g. ['language_model." in results["more_parts"]
+    assert "8 samples per optimizer step, this run has 4" in results["other_batch"]
+
+
 def _final_weights(trainer) -> dict[str, torch.Tensor]:
     """The trained parameters, gathered from their ZeRO-3 partitions where needed."""
     import deepspeed
@@ -140,6 +147,14 @@ def _worker(out: Path) -> None:
         source = out / f"zero{stage}" / "checkpoint-00000002"
         results[f"resumed{stage}"] = train(f"resumed{stage}", stage, resume=str(source))
     results["frozen"] = train("frozen", 2, TrainableParts())
+    refusals = {"more_parts": (None, out / "frozen" / "checkpoint-00000004", {}),
+                "other_batch": (None, out / "zero2" / "checkpoint-00000002", {"grad_accum": 1})}
+    for name, (parts, source, kw) in refusals.items():
+        try:
+            train(name, 2, parts, resume=str(source), **kw)
+            results[name] = "resumed"
+        except CheckpointError as err:
+            results[name] = str(err)
     if info.is_main:
         torch.save(results, out / "results.pt")
     destroy()

@@ -17,7 +17,8 @@ from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import DistInfo, wrap_ddp
 from minigpt4qwen.training.optim import WarmupCosine
-from minigpt4qwen.training.trainer import Trainer, epoch_plan
+from minigpt4qwen.data.sampler import epoch_plan
+from minigpt4qwen.training.trainer import Trainer
 from tests.conftest import IMAGE_TOKEN_ID, NUM_QUERIES, make_tiny_model
 
 
@@ -144,6 +145,24 @@ def test_resume_is_exact(tmp_path, monkeypatch):
         assert torch.equal(value, trainable(model)[key]), key
 
 
+def test_resume_refuses_another_global_batch_or_other_trainable_parts(tmp_path):
+    from minigpt4qwen.checkpoint.keymap import CheckpointError
+
+    run(tmp_path, tiny(TrainableParts()), max_steps=2, save_every_steps=2)
+    model = tiny(TrainableParts())
+    before = trainable(model)
+    other_batch = Trainer(model, config(tmp_path, max_steps=4, resume="auto", grad_accum=1), ToyDataset(), collate)
+    with pytest.raises(CheckpointError, match="4 samples per optimizer step, this run has 2"):
+        other_batch.resume()
+    assert all(torch.equal(v, trainable(model)[k]) for k, v in before.items())  # refused before loading
+    more_parts = Trainer(tiny(TrainableParts(qformer=True)), config(tmp_path, max_steps=4, resume="auto"),
+                         ToyDataset(), collate)
+    with pytest.raises(CheckpointError, match="lacks .* trainable weights, e.g. .'qformer"):
+        more_parts.resume()
+    same = Trainer(tiny(TrainableParts()), config(tmp_path, max_steps=4, resume="auto"), ToyDataset(), collate)
+    assert same.resume() is not None and same.position.global_batch == 4
+
+
 def test_frozen_parameters_untouched_and_in_eval(tmp_path):
     model = tiny(TrainableParts())  # the original recipe: only the projection trains
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
@@ -174,6 +193,24 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
     ds.items = [ds.items[0]] * 4
     with pytest.raises(NonFiniteError):
         run(tmp_path, dataset=ds, micro_batch_size=1, grad_accum=1, max_steps=4, max_nonfinite_steps=2)
+
+
+def test_fp16_overflow_skips_are_not_non_finite_steps(tmp_path, monkeypatch):
+    from minigpt4qwen.training import trainer as trainer_module
+
+    def overflowing(out, max_steps):
+        model = tiny(TrainableParts())
+        model.language_projection.weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+        return Trainer(model, config(out, precision="fp16", max_steps=max_steps, max_nonfinite_steps=2),
+                       ToyDataset(), collate)  # finite losses, infinite gradients: fp16 overflow every step
+
+    result = overflowing(tmp_path / "a", 3).fit()
+    assert result.skipped_steps == [1, 2, 3]
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records if r.get("skipped")] == ["overflow"] * 3
+    monkeypatch.setattr(trainer_module, "MAX_OVERFLOW_RUN", 2)
+    with pytest.raises(trainer_module.NonFiniteError, match="3 fp16 overflows in a row"):
+        overflowing(tmp_path / "b", 5).fit()
 
 
 def test_interrupted_save_keeps_the_good_checkpoint(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 
@@ -127,3 +128,21 @@ class ShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.samples_per_rank - self.start
+
+
+def epoch_plan(num_samples: int, global_batch: int, seed: int, epoch: int,
+               lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """The global batches (sample indices) of one epoch: a seeded permutation cut into full batches.
+
+    With `lengths`, samples of similar length are grouped into the same batches (less padding; see
+    `ShardedSampler`). A pure function of its arguments, so a resumed run recomputes it and skips the steps
+    already done.
+    """
+    if lengths is not None:
+        sampler = ShardedSampler(num_samples, global_batch, lengths=list(lengths), seed=seed)
+        sampler.set_epoch(epoch)
+        order = sampler.global_order().tolist()
+    else:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(num_samples, generator=generator).tolist()
+    return [order[i : i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]

@@ -202,17 +202,32 @@ class DeepSpeedTrainer(Trainer):
         barrier()
         return Path(self.cfg.output_dir) / tag
 
+    def _module_load_options(self, source: Path) -> dict:
+        """`load_checkpoint` options for the module weights: checked against what this run trains."""
+
+        def load_trained(src: dict, dst: torch.nn.Module) -> None:
+            # Checkpoints written with exclude_frozen_parameters hold the trained weights only; the frozen ones
+            # stay as the model build loaded them. DeepSpeed's own non-strict load would not say what is missing.
+            ckpt.check_trained_keys(source, src, dst)
+            dst.load_state_dict(src, strict=False)
+
+        return {"custom_load_fn": load_trained}
+
     def resume(self) -> Path | None:
         """Loads the DeepSpeed checkpoint named by `cfg.resume` (`latest` in output_dir for "auto"), if any."""
         location = checkpoint_location(self.cfg.resume, self.cfg.output_dir)
         if location is None:
             return None
-        # Not strict: checkpoints written with exclude_frozen_parameters hold the trained weights only (DeepSpeed
-        # restores those and leaves the frozen ones as loaded by the model build).
-        path, client = self.engine.load_checkpoint(str(location[0]), tag=location[1], load_module_strict=False)
+        save_dir, tag = location
+        if tag is None:  # "auto": the tag DeepSpeed's `latest` file names
+            tag = (save_dir / "latest").read_text().strip()
+        source = save_dir / tag
+        path, client = self.engine.load_checkpoint(str(save_dir), tag=tag, **self._module_load_options(source))
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {location[0]} (tag {location[1]})")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {save_dir} (tag {tag})")
         self.position = ckpt.Position(**client["position"])
+        ckpt.check_resumable(source, self.position, self.global_batch)
+        self.position.global_batch = self.global_batch
         rngs, rank = client["rng"], dist.get_rank() if dist.is_initialized() else 0  # saved by global rank
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         logger.info("resumed from %s at step %d", path, self.position.global_step)

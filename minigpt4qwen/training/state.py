@@ -11,6 +11,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
-from minigpt4qwen.checkpoint.native import WEIGHTS_NAME, read_native_checkpoint, save_checkpoint, select_state_dict
+from minigpt4qwen.checkpoint.native import WEIGHTS_NAME, read_native_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +30,45 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class Position:
-    """Where the run stands: optimizer steps done, and the data position (epoch, steps done in that epoch)."""
+    """Where the run stands: optimizer steps done, and the data position (epoch, steps done in that epoch, in
+    steps of `global_batch` samples; 0 in checkpoints written before it was recorded)."""
 
     global_step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     nonfinite_steps: int = 0
+    global_batch: int = 0
+
+
+def check_resumable(source: str | Path, saved: Position, global_batch: int) -> None:
+    """Refuses to resume a run whose data position counts steps of another global batch size.
+
+    Raises:
+        CheckpointError: `saved` was written with a different global batch.
+    """
+    if saved.global_batch and saved.global_batch != global_batch:
+        raise CheckpointError(
+            f"{source}: written by a run with {saved.global_batch} samples per optimizer step, this run has "
+            f"{global_batch} (micro_batch_size x grad_accum x processes); its data position (epoch {saved.epoch}, "
+            f"step {saved.step_in_epoch}) would point at other samples. Resume with the same global batch, or start "
+            f"a new run from its weights: model.checkpoint={source} train.resume=none")
+
+
+def check_trained_keys(source: str | Path, keys: Iterable[str], model: nn.Module) -> None:
+    """Checks that a checkpoint's weight names are exactly what a resumed run trains (plus other model tensors).
+
+    Raises:
+        CheckpointError: trainable weights missing from it, or names the model does not have.
+    """
+    keys, state = set(keys), model.state_dict(keep_vars=True)
+    trainable = {k for k, v in state.items() if isinstance(v, nn.Parameter) and v.requires_grad}
+    missing, unexpected = sorted(trainable - keys), sorted(keys - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: lacks {len(missing)} trainable weights, e.g. {missing[:3]} (were other "
+                              "parts trainable when it was written? see model.trainable)")
+    if unexpected:
+        raise CheckpointError(f"{source}: holds {len(unexpected)} weights the model does not have, e.g. "
+                              f"{unexpected[:3]}")
 
 
 def rng_state() -> dict:
@@ -145,25 +179,29 @@ def load_training_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     rank: int = 0,
+    global_batch: int | None = None,
 ) -> Position:
     """Restores weights, optimizer, scheduler, scaler and this rank's RNG state; returns the position.
 
+    Args:
+        global_batch: this run's samples per optimizer step, checked against the checkpoint's before anything
+            is loaded (None: not checked).
+
     Raises:
-        CheckpointError: unreadable files, or saved weights that do not match the model's trainable parameters.
+        CheckpointError: unreadable files, saved weights that do not match the model's trainable parameters, or
+            another global batch size.
     """
     directory = Path(directory)
     tensors = read_native_checkpoint(directory)
-    expected = set(select_state_dict(model, "trainable"))
-    missing = expected - set(tensors)
-    if missing:
-        raise CheckpointError(f"{directory}: lacks trainable weights, e.g. {sorted(missing)[:3]}")
-    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
-    if unexpected:
-        raise CheckpointError(f"{directory}: weights the model does not have, e.g. {unexpected[:3]}")
     try:
         state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated pickle raises many different types
         raise CheckpointError(f"{directory / STATE_NAME}: unreadable training state ({err})") from None
+    position = Position(**state["position"])
+    if global_batch is not None:
+        check_resumable(directory, position, global_batch)
+    check_trained_keys(directory, tensors, model)
+    model.load_state_dict(tensors, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     configured = scheduler.state_dict().get("lr_lambdas")
     scheduler.load_state_dict(state["scheduler"])
@@ -178,4 +216,4 @@ def load_training_checkpoint(
     rngs = state["rng"]
     # A run resumed on more processes than it was saved with reuses rank 0's state for the new ranks.
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return Position(**state["position"])
+    return position

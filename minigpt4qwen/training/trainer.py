@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from minigpt4qwen.data.sampler import ShardedSampler
+from minigpt4qwen.data.sampler import epoch_plan
 from minigpt4qwen.model.loss import supervised_positions
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
@@ -31,6 +31,9 @@ from minigpt4qwen.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
+
+
+MAX_OVERFLOW_RUN = 20  # fp16 overflow skips in a row before giving up: the loss scale fell by 2**20 in vain
 
 
 class NonFiniteError(RuntimeError):
@@ -46,24 +49,6 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     checkpoint: Path | None = None
-
-
-def epoch_plan(num_samples: int, global_batch: int, seed: int, epoch: int,
-               lengths: Sequence[int] | None = None) -> list[list[int]]:
-    """The global batches (sample indices) of one epoch: a seeded permutation cut into full batches.
-
-    With `lengths`, samples of similar length are grouped into the same batches (less padding; see
-    `ShardedSampler`). A pure function of its arguments, so a resumed run recomputes it and skips the steps
-    already done.
-    """
-    if lengths is not None:
-        sampler = ShardedSampler(num_samples, global_batch, lengths=list(lengths), seed=seed)
-        sampler.set_epoch(epoch)
-        order = sampler.global_order().tolist()
-    else:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(num_samples, generator=generator).tolist()
-    return [order[i : i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
 
 
 def count_supervised(batch: dict) -> int:
@@ -110,7 +95,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device_type) if cfg.precision == "fp16" else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else nullcontext
-        self.position = ckpt.Position()
+        self.position = ckpt.Position(global_batch=self.global_batch)
 
     # ------------------------------------------------------------------------------------------ data
     def _micro_batches(self, epoch: int, first_step: int) -> Iterator[dict]:
@@ -183,6 +168,29 @@ class Trainer:
         self.scheduler.step()
         return applied
 
+    def _is_overflow(self, loss: float) -> bool:
+        """A skipped step with a finite loss under fp16 is dynamic loss scaling at work (the scale goes down)."""
+        return self.cfg.precision == "fp16" and math.isfinite(loss)
+
+    def _report_skip(self, metrics: MetricsLogger, record: dict, overflows: int) -> None:
+        """Logs a skipped step; raises `NonFiniteError` past `max_nonfinite_steps` non-finite losses or
+        `MAX_OVERFLOW_RUN` overflows in a row (then the gradients are infinite at any loss scale)."""
+        pos, step = self.position, self.position.global_step
+        if overflows:
+            metrics.log({**record, "kind": "overflow", "skipped": True}, step)
+            logger.info("step %d skipped: fp16 overflow, the loss scale goes down (%d in a row)", step, overflows)
+            if overflows > MAX_OVERFLOW_RUN:
+                raise NonFiniteError(f"{overflows} fp16 overflows in a row: the gradients are infinite at any loss "
+                                     "scale; lower train.lr, check the data, or use bf16")
+            return
+        pos.nonfinite_steps += 1
+        metrics.log({**record, "kind": "nonfinite", "skipped": True}, step)
+        logger.warning("step %d skipped: loss %s, grad norm %s (%d/%d non-finite steps)", step, record["loss"],
+                       record["grad_norm"], pos.nonfinite_steps, self.cfg.max_nonfinite_steps)
+        if pos.nonfinite_steps >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(f"{pos.nonfinite_steps} non-finite steps (train.max_nonfinite_steps); lower "
+                                 "train.lr, check the data, or use bf16 instead of fp16")
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per supervised token over the validation set (all ranks), in eval mode."""
@@ -219,7 +227,9 @@ class Trainer:
         path = ckpt.resolve_resume(self.cfg.resume, self.cfg.output_dir)
         if path is not None:
             self.position = ckpt.load_training_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler,
-                                                          self.scaler, rank=self.info.rank)
+                                                          self.scaler, rank=self.info.rank,
+                                                          global_batch=self.global_batch)
+            self.position.global_batch = self.global_batch  # older checkpoints did not record it
             logger.info("resumed from %s at step %d", path, self.position.global_step)
         return path
 
@@ -243,6 +253,7 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        overflows = 0  # fp16 overflow skips in a row
         try:
             while pos.global_step < self.total_steps:
                 micro_iter = self._micro_batches(pos.epoch, pos.step_in_epoch)
@@ -259,15 +270,10 @@ class Trainer:
                     record = {"kind": "train", "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                               "tokens": tokens, "samples_per_s": self.global_batch / elapsed,
                               "tokens_per_s": tokens / elapsed}
+                    overflows = overflows + 1 if not applied and self._is_overflow(loss) else 0
                     if not applied:
-                        pos.nonfinite_steps += 1
                         result.skipped_steps.append(pos.global_step)
-                        metrics.log({**record, "kind": "nonfinite", "skipped": True}, pos.global_step)
-                        logger.warning("step %d skipped: loss %s, grad norm %s (%d/%d non-finite steps)",
-                                       pos.global_step, loss, grad_norm, pos.nonfinite_steps, cfg.max_nonfinite_steps)
-                        if pos.nonfinite_steps >= cfg.max_nonfinite_steps:
-                            raise NonFiniteError(f"{pos.nonfinite_steps} non-finite steps (train.max_nonfinite_steps);"
-                                                 " lower train.lr, check the data, or use bf16 instead of fp16")
+                        self._report_skip(metrics, record, overflows)
                     elif pos.global_step % cfg.log_every == 0 or pos.global_step == 1:
                         metrics.log(record, pos.global_step)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}",
