@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
@@ -61,7 +61,7 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
     graphs and activations), greedy, forced length.
 
     `cache` is transformers' cache implementation (None = dynamic, "static"), or "ours" / "ours-compiled" /
-    "ours-autotuned" for the `StaticGreedyDecoder` (static cache, CUDA graphs for encoder, prefill and decode
+    "ours-autotuned" for the `GraphDecoder` (static cache, CUDA graphs for encoder, prefill and decode
     step, decode step eager / compiled / compiled with tuned matmuls; batch 1 only).
     """
     gc.collect()  # the previous row's decoder and caches
@@ -75,8 +75,10 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
     kwargs = dict(do_sample=False, pad_token_id=151643, eos_token_id=None)
     ours = cache is not None and cache.startswith("ours")
     if ours:
-        modes = {"ours": None, "ours-compiled": "default", "ours-autotuned": "max-autotune-no-cudagraphs"}
-        decoder = StaticGreedyDecoder(model, max_cache_len=PROMPT_GEN + new_tokens, compile_mode=modes[cache])
+        modes = {"ours": None, "ours-compiled": "default", "ours-autotuned": "max-autotune-no-cudagraphs",
+                 "ours-compiled-sampling": "default"}
+        decoder = GraphDecoder(model, max_cache_len=PROMPT_GEN + new_tokens, compile_mode=modes[cache])
+        sampling = {"do_sample": True, "top_p": 0.8, "top_k": 50} if cache.endswith("sampling") else {}
     elif cache:
         kwargs["cache_implementation"] = cache
 
@@ -84,7 +86,7 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
         sync(device)
         start = time.perf_counter()
         if ours:
-            decoder.generate(ids, pixel_values=px, max_new_tokens=n)
+            decoder.generate(ids, pixel_values=px, max_new_tokens=n, **sampling)
         else:
             model.generate(ids, pixel_values=px, max_new_tokens=n, min_new_tokens=n, **kwargs)
         sync(device)
@@ -168,7 +170,8 @@ def main() -> None:
                              "ours, then plain's training rows in the same run")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
     parser.add_argument("--caches", default="dynamic,static,ours-compiled",
-                        help="generation rows: dynamic, static (transformers), ours, ours-compiled, ours-autotuned")
+                        help="generation rows: dynamic, static (transformers), ours, ours-compiled, ours-autotuned, "
+                             "ours-compiled-sampling (top-p 0.8, top-k 50)")
     parser.add_argument("--compile-vision", action="store_true", help="compile the ViT blocks for generation (TTFT)")
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()

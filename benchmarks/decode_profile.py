@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.parts import PartDtypes
 
 STEPS = 20
@@ -32,7 +32,7 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_random_model(args.size, dev, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
     mode = None if args.compile_mode == "none" else args.compile_mode
-    decoder = StaticGreedyDecoder(model, max_cache_len=256, compile_mode=mode)
+    decoder = GraphDecoder(model, max_cache_len=256, compile_mode=mode)
     ids = torch.randint(0, 150000, (1, PROMPT_GEN), generator=torch.Generator().manual_seed(0)).to(dev)
     ids[:, 5:37] = EXTRA_0
     decoder.generate(ids, pixel_values=torch.randn(1, 3, 224, 224, device=dev), max_new_tokens=8)
@@ -44,13 +44,13 @@ def main() -> None:
     sync(dev)
     start = time.perf_counter()
     for _ in range(STEPS):
-        decoder._decode()  # the captured graph
+        decoder._decode_call(sample=False)()  # the captured graph
     sync(dev)
     print(f"graph replay: {(time.perf_counter() - start) / STEPS * 1000:.2f} ms per token")
     activity = ProfilerActivity.CUDA if dev.startswith("cuda") else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         for _ in range(STEPS):
-            decoder._decode_body()  # the same step without the graph: kernels are visible
+            decoder._decode_step(False)  # the same step without the graph: kernels are visible
         sync(dev)
     kind = torch.autograd.DeviceType.CUDA if dev.startswith("cuda") else torch.autograd.DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind]

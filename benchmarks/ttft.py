@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder, prefill_bucket
+from minigpt4qwen.inference.graph_decoder import GraphDecoder, prefill_bucket
 from minigpt4qwen.model.parts import PartDtypes
 
 
@@ -50,14 +50,14 @@ def main() -> None:
     first = timed(lambda: model.generate(ids, pixel_values=px, max_new_tokens=1, do_sample=False), dev)
     print(f"eager: ViT {vit:.1f} ms | ViT+Q-Former+projection {enc:.1f} | embed+merge {emb:.1f} | "
           f"LLM prefill {prefill:.1f} | whole first token (generate) {first:.1f}", flush=True)
-    decoder = StaticGreedyDecoder(model, max_cache_len=256)
+    decoder = GraphDecoder(model, max_cache_len=256)
     decoder.generate(ids, pixel_values=px, max_new_tokens=1)  # captures the encoder and prefill graphs
     g_enc = timed(lambda: decoder.encode_images(px), dev)
     bucket = prefill_bucket(PROMPT_GEN, decoder.max_cache_len)
-    g_prefill = timed(decoder._prefills[bucket], dev)
+    g_prefill = timed(decoder._prefill_call(bucket, sample=False), dev)
     g_first = timed(lambda: decoder.generate(ids, pixel_values=px, max_new_tokens=1), dev)
     print(f"CUDA graphs: ViT+Q-Former+projection {g_enc:.1f} ms | LLM prefill (padded to {bucket}) {g_prefill:.1f} | "
-          f"whole first token (StaticGreedyDecoder) {g_first:.1f}", flush=True)
+          f"whole first token (GraphDecoder) {g_first:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""ChatSession with a StaticGreedyDecoder: the same greedy replies, stop strings, streaming and cancellation as
-the `generate` path; other decoding modes still go through `generate`."""
+"""ChatSession with a GraphDecoder: the same greedy replies, stop strings, streaming and cancellation as
+the `generate` path, seeded sampling; beam search still goes through `generate`."""
 
 import threading
 
@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import TextIteratorStreamer, TextStreamer
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from tests.conftest import make_tiny_chat_model
 
 LONG = GenerationSettings(max_new_tokens=24)
@@ -32,7 +32,7 @@ def _conversation(session):
 def test_same_replies_as_generate_over_a_conversation(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     plain = _conversation(ChatSession(model, tokenizer))
-    fast = _conversation(ChatSession(model, tokenizer, decoder=StaticGreedyDecoder(model, max_cache_len=32)))
+    fast = _conversation(ChatSession(model, tokenizer, decoder=GraphDecoder(model, max_cache_len=32)))
     assert fast == plain and len(plain[0]) > 4
 
 
@@ -41,13 +41,13 @@ def test_same_replies_with_cuda_graphs():
     model, tokenizer = make_tiny_chat_model(seed=1, image_std=0.5)
     plain = _conversation(ChatSession(model, tokenizer))
     model = model.cuda()
-    decoder = StaticGreedyDecoder(model, max_cache_len=32)
+    decoder = GraphDecoder(model, max_cache_len=32)
     assert decoder.cuda_graphs and _conversation(ChatSession(model, tokenizer, decoder=decoder)) == plain
 
 
 def test_streams_the_reply(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    session = ChatSession(model, tokenizer, decoder=StaticGreedyDecoder(model, check_every=3))
+    session = ChatSession(model, tokenizer, decoder=GraphDecoder(model, check_every=3))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault("reply", session.ask("what is it", LONG, streamer)))
@@ -59,7 +59,7 @@ def test_streams_the_reply(model_and_tokenizer):
 
 def test_cancel_stops_between_chunks_and_keeps_the_session(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    session = ChatSession(model, tokenizer, decoder=StaticGreedyDecoder(model, check_every=2))
+    session = ChatSession(model, tokenizer, decoder=GraphDecoder(model, check_every=2))
     session.add_image(Image.new("RGB", (40, 40), "red"))
 
     class CancelOnSecondChunk(TextStreamer):
@@ -76,14 +76,25 @@ def test_cancel_stops_between_chunks_and_keeps_the_session(model_and_tokenizer):
     assert session.turns == [] and len(session.pending_images) == 1
 
 
-def test_other_decoding_modes_use_generate(model_and_tokenizer, monkeypatch):
+def test_penalty_equals_generate_and_seeded_sampling_repeats(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    decoder = StaticGreedyDecoder(model)
+    decoder = GraphDecoder(model)
+    penalised = GenerationSettings(max_new_tokens=24, repetition_penalty=1.5)
+    assert ChatSession(model, tokenizer, decoder=decoder).ask("what", penalised) == \
+        ChatSession(model, tokenizer).ask("what", penalised)
+    sampled = GenerationSettings(max_new_tokens=24, do_sample=True, temperature=1.5, top_p=0.95, top_k=40, seed=7)
+    replies = {ChatSession(model, tokenizer, decoder=decoder).ask("what", sampled) for _ in range(3)}
+    assert len(replies) == 1
+    assert replies != {ChatSession(model, tokenizer, decoder=decoder).ask("what", GenerationSettings(
+        max_new_tokens=24, do_sample=True, temperature=1.5, seed=8))}
+
+
+def test_beam_search_uses_generate(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    decoder = GraphDecoder(model)
     session = ChatSession(model, tokenizer, decoder=decoder)
-    monkeypatch.setattr(decoder, "generate", lambda *a, **k: pytest.fail("greedy decoder used"))
-    session.ask("what", GenerationSettings(max_new_tokens=4, do_sample=True, seed=0))
+    monkeypatch.setattr(decoder, "generate", lambda *a, **k: pytest.fail("graph decoder used"))
     session.ask("what", GenerationSettings(max_new_tokens=4, num_beams=2))
-    session.ask("what", GenerationSettings(max_new_tokens=4, repetition_penalty=1.2))
     other, _ = make_tiny_chat_model(seed=2)
     with pytest.raises(ValueError, match="another model"):
         ChatSession(other, tokenizer, decoder=decoder)

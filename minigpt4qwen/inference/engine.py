@@ -20,9 +20,9 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.data.images import ImageTransform, load_image
-from minigpt4qwen.inference.fast_path import fast_path_applies, generate_greedy
+from minigpt4qwen.inference.fast_path import fast_path_applies, generate_fast
 from minigpt4qwen.inference.generation import CancelFlag, GenerationSettings, chat_generate_kwargs, decode_reply
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER, render_chatml
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
@@ -53,13 +53,13 @@ class ChatSession:
         tokenizer: its tokenizer (ChatML special tokens required).
         system_prompt: the system message.
         max_window_size: prompt budget in tokens; older turns are dropped beyond it (the original's 6144).
-        decoder: the model's `StaticGreedyDecoder` (shared by sessions): encodes the images and answers greedy
-            questions (CUDA graphs); None: everything goes through `MiniGPT4Qwen.generate`.
+        decoder: the model's `GraphDecoder` (shared by sessions): encodes the images and answers every question
+            without beam search (CUDA graphs); None: everything goes through `MiniGPT4Qwen.generate`.
     """
 
     def __init__(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_window_size: int = 6144,
-                 decoder: StaticGreedyDecoder | None = None):
+                 decoder: GraphDecoder | None = None):
         if decoder is not None and decoder.model is not model:
             raise ValueError("the decoder belongs to another model")
         self.model = model.eval()
@@ -222,7 +222,7 @@ class ChatSession:
             self._cancel.clear()
             beams = settings.num_beams > 1  # transformers cannot stream beam search
             if self.decoder is not None and fast_path_applies(settings):
-                new = generate_greedy(self.decoder, self.tokenizer, ids, features, settings, self._cancel, streamer)
+                new = generate_fast(self.decoder, self.tokenizer, ids, features, settings, self._cancel, streamer)
             else:
                 new = self.model.generate(ids, image_features=features, streamer=None if beams else streamer,
                                           **chat_generate_kwargs(self.tokenizer, settings, (self._cancel,)))
@@ -242,7 +242,7 @@ class ChatSession:
 
 def chat(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, query: str,
          history: list[tuple[str, str]] | None = None, images: list[str | Path | Image.Image] | None = None,
-         settings: GenerationSettings | None = None, decoder: StaticGreedyDecoder | None = None,
+         settings: GenerationSettings | None = None, decoder: GraphDecoder | None = None,
          ) -> tuple[str, list[tuple[str, str]]]:
     """One-call chat: answers `query` about `images` after a text-only `history`.
 
@@ -255,7 +255,7 @@ def chat(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, query: str,
         images: every image of the conversation in order: first the ones the history's markers refer to, then
             this question's (so a follow-up call passes the same list, plus any new images).
         settings: decoding options.
-        decoder: the model's fast greedy decoder (see `ChatSession`).
+        decoder: the model's CUDA-graph decoder (see `ChatSession`).
 
     Returns:
         (reply, the history with this turn appended).

@@ -1,5 +1,5 @@
-"""The chat engine's fast path: greedy replies through `StaticGreedyDecoder`, with the same stop tokens, stop
-strings, cancellation and streaming as the `generate` path (and the same reply)."""
+"""The chat engine's fast path: replies through `GraphDecoder`, with the same stop tokens, stop strings,
+cancellation and streaming as the `generate` path (and, greedy, the same reply)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 from minigpt4qwen.inference.generation import CancelFlag, GenerationSettings, StopOnText
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 
 
 def fast_path_applies(settings: GenerationSettings) -> bool:
-    """Whether `settings` ask for plain greedy decoding (no sampling, beams or repetition penalty)."""
-    return not settings.do_sample and settings.num_beams == 1 and settings.repetition_penalty == 1.0
+    """Whether `GraphDecoder` can answer with `settings`: everything but beam search."""
+    return settings.num_beams == 1
 
 
-def generate_greedy(decoder: StaticGreedyDecoder, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+def generate_fast(decoder: GraphDecoder, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
                     image_features: torch.Tensor | None, settings: GenerationSettings, cancel: CancelFlag,
                     streamer: Any = None) -> torch.Tensor:
-    """The new ids [1, n] of a greedy reply, as `MiniGPT4Qwen.generate` would give them (stop id included).
+    """The new ids [1, n] of a reply (stop id included); greedy, the ids `MiniGPT4Qwen.generate` gives.
 
     Args:
         decoder: the model's decoder.
         tokenizer: the model's tokenizer (ChatML stop ids).
         input_ids: the prompt [1, T].
         image_features: its images' features [N, Q, H], or None.
-        settings: checked greedy settings (`fast_path_applies`).
+        settings: checked settings without beams (`fast_path_applies`); the seed, if any, is applied here.
         cancel: polled between chunks of tokens.
         streamer: a transformers streamer: gets the (empty) prompt, the tokens in chunks, then `end()` (on
             success; on an error the caller ends it).
@@ -49,7 +49,9 @@ def generate_greedy(decoder: StaticGreedyDecoder, tokenizer: PreTrainedTokenizer
     if streamer is not None:  # the way `generate` feeds a streamer: the prompt (none: embeddings), then tokens
         streamer.put(input_ids[:, :0].cpu())
     ids = decoder.generate(input_ids, image_features=image_features, max_new_tokens=settings.max_new_tokens,
-                           stop_token_ids=chat_stop_token_ids(tokenizer), on_tokens=on_tokens, should_stop=should_stop)
+                           stop_token_ids=chat_stop_token_ids(tokenizer), on_tokens=on_tokens, should_stop=should_stop,
+                           do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p,
+                           top_k=settings.top_k, repetition_penalty=settings.repetition_penalty, seed=settings.seed)
     if streamer is not None:
         streamer.end()
     return ids

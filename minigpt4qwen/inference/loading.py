@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from minigpt4qwen.inference.generation import GenerationSettings
-    from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+    from minigpt4qwen.inference.graph_decoder import GraphDecoder
     from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -43,37 +43,37 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the options of the CUDA-graph greedy decoder used by the chat front ends.
+    """Adds the options of the CUDA-graph decoder used by the chat front ends.
 
     Args:
         parser: a subcommand's parser.
     """
-    g = parser.add_argument_group("fast decoding (one GPU, greedy replies)")
+    g = parser.add_argument_group("fast decoding (one GPU; every reply but beam search)")
     g.add_argument("--no-cuda-graphs", action="store_true",
-                   help="answer greedy questions with transformers' generate instead of the CUDA-graph decoder")
+                   help="answer with transformers' generate instead of the CUDA-graph decoder")
     g.add_argument("--compile-decode", action="store_true",
                    help="also compile the decode step: fused kernels, about 35%% faster decoding at batch 1 after "
                         "a minute or two of compiling at start-up (and again when a conversation outgrows the "
                         "KV cache: 1024, 2048, 4096, ... tokens)")
 
 
-def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> StaticGreedyDecoder | None:
-    """The CUDA-graph greedy decoder for `model` as the options of `add_decoder_options` ask, or None when they
+def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> GraphDecoder | None:
+    """The CUDA-graph decoder for `model` as the options of `add_decoder_options` ask, or None when they
     turn it off or the model is not on one GPU (the CPU, or an LLM spread over several GPUs).
 
     Args:
         model: the loaded model.
         args: parsed options.
     """
-    from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+    from minigpt4qwen.inference.graph_decoder import GraphDecoder
 
     devices = {p.device for p in model.parameters()}
     if args.no_cuda_graphs or len(devices) != 1 or next(iter(devices)).type != "cuda":
         return None
     try:
-        return StaticGreedyDecoder(model, compile_mode="default" if args.compile_decode else None)
+        return GraphDecoder(model, compile_mode="default" if args.compile_decode else None)
     except ValueError as err:  # e.g. an LLM with sliding-window layers
-        print(f"[note] greedy replies use transformers' generate: {err}", file=sys.stderr)
+        print(f"[note] replies use transformers' generate: {err}", file=sys.stderr)
         return None
 
 

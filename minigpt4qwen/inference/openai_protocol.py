@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
@@ -128,7 +128,7 @@ class Conversation:
     query_images: list[Image.Image] = field(default_factory=list)
 
     def session(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144,
-                decoder: StaticGreedyDecoder | None = None) -> ChatSession:
+                decoder: GraphDecoder | None = None) -> ChatSession:
         """A fresh session holding this history, its images encoded, and the question's images pending.
 
         Encodes images with the model, so call it under the generation lock.
@@ -137,7 +137,7 @@ class Conversation:
             model: the model.
             tokenizer: its tokenizer.
             max_window_size: prompt budget in tokens.
-            decoder: the model's CUDA-graph greedy decoder, or None.
+            decoder: the model's CUDA-graph decoder, or None.
 
         Returns:
             The session, ready for `ask(self.query)`.

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
 from minigpt4qwen.inference.openai_protocol import ChatRequest, ImageLimits, RequestError, build_conversation
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
@@ -71,7 +71,7 @@ def _parse(body: bytes) -> ChatRequest:
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
               allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
               max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-              max_window_size: int = 6144, decoder: StaticGreedyDecoder | None = None) -> FastAPI:
+              max_window_size: int = 6144, decoder: GraphDecoder | None = None) -> FastAPI:
     """Builds the FastAPI app serving `model`.
 
     Args:
@@ -86,7 +86,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         default_max_tokens: max_tokens when a request sets none.
         max_tokens_limit: larger max_tokens get 400.
         max_window_size: prompt budget in tokens; older turns are dropped beyond it.
-        decoder: the model's CUDA-graph greedy decoder (see `ChatSession`), or None.
+        decoder: the model's CUDA-graph decoder (see `ChatSession`), or None.
 
     Returns:
         The app (run it with uvicorn, or `serve`).

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.data.images import ImageLoadError
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.static_greedy import StaticGreedyDecoder
+from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.streaming import Action, ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
@@ -56,7 +56,7 @@ def _settings(do_sample: bool, num_beams: float, temperature: float, top_k: floa
 
 
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-              max_window_size: int = 6144, decoder: StaticGreedyDecoder | None = None) -> gr.Blocks:
+              max_window_size: int = 6144, decoder: GraphDecoder | None = None) -> gr.Blocks:
     """Builds the web UI for `model`.
 
     Args:
@@ -64,7 +64,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, system
         tokenizer: its tokenizer.
         system_prompt: the system message of every conversation.
         max_window_size: prompt budget in tokens; older turns are dropped beyond it.
-        decoder: the model's CUDA-graph greedy decoder (see `ChatSession`), or None.
+        decoder: the model's CUDA-graph decoder (see `ChatSession`), or None.
 
     Returns:
         The gradio app (call `.launch()`, or use `launch`).
@@ -188,7 +188,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, system
 
 def launch(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_window_size: int = 6144,
-           decoder: StaticGreedyDecoder | None = None, **launch_kwargs: Any) -> None:
+           decoder: GraphDecoder | None = None, **launch_kwargs: Any) -> None:
     """Serves the web UI until interrupted (binds 127.0.0.1 unless `host` says otherwise).
 
     Args:
@@ -199,7 +199,7 @@ def launch(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, host: str
         share: also publish it through a temporary public gradio.live link.
         system_prompt: the system message of every conversation.
         max_window_size: prompt budget in tokens.
-        decoder: the model's CUDA-graph greedy decoder, or None.
+        decoder: the model's CUDA-graph decoder, or None.
         **launch_kwargs: further `gr.Blocks.launch` arguments (e.g. `auth`).
     """
     launch_kwargs.setdefault("max_file_size", "20mb")

@@ -1,4 +1,4 @@
-"""Fast greedy decoding of one conversation: a static KV cache, with image encoder, prefill and decode step each
+"""Fast decoding of one conversation: a static KV cache, with image encoder, prefill and decode step each
 replayed from a CUDA graph.
 
 transformers' `generate` spends more time in Python per token than a batch-1 decode step takes on a GPU, and an
@@ -7,11 +7,12 @@ eager forward of a 7B model at batch 1 is bound by kernel launches, not by the G
 - the prompt is right-padded to a length bucket (`prefill_bucket`) and prefilled by one graph per bucket; the
   cache length is then rewound to the real prompt length, so the padding's keys and values are masked out and
   overwritten by the tokens that follow;
-- each decode step is one graph that feeds its own argmax back, advances the position and records the token, so
-  the host only replays graphs and looks at the tokens every `check_every` steps.
+- each decode step is one graph that chooses the next token (`TokenChooser`: greedy, or sampled with
+  temperature / top-k / top-p, and a repetition penalty), feeds it back, advances the position and records it,
+  so the host only replays graphs and looks at the tokens every `check_every` steps.
 Without CUDA graphs (on the CPU, or `cuda_graphs=False`) the very same step functions run eagerly: the tests
 check that path against `MiniGPT4Qwen.generate`, and that the step functions never synchronise with the host.
-Greedy only; sampling and beam search go through `MiniGPT4Qwen.generate`.
+One prompt at a time; beam search and batches go through `MiniGPT4Qwen.generate`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from minigpt4qwen.inference.cuda_graphs import maybe_captured
+from minigpt4qwen.inference.token_choice import TokenChooser
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 SMALL_BUCKET = 64  # prompts up to SMALL_BUCKETS_UP_TO tokens pad to a multiple of this
@@ -44,9 +46,9 @@ def prefill_bucket(length: int, limit: int) -> int:
     return min(bucket, limit)
 
 
-class StaticGreedyDecoder:
-    """Greedy decoding of single prompts with a reusable static cache and CUDA graphs. Thread-safe (one call at
-    a time); share one per model between chat sessions.
+class GraphDecoder:
+    """Greedy or sampled decoding of single prompts with a reusable static cache and CUDA graphs. Thread-safe
+    (one call at a time); share one per model between chat sessions.
 
     Args:
         model: the model; its LLM must use transformers' full-attention `StaticLayer` caches (every native
@@ -54,7 +56,7 @@ class StaticGreedyDecoder:
         max_cache_len: prompt + new tokens the cache holds at first.
         grow: reallocate a larger cache (and re-capture the graphs) when a request needs more; else refuse it.
         cuda_graphs: replay the steps from CUDA graphs (default: when the LLM is on a GPU).
-        compile_mode: `torch.compile` the decode step in this inductor mode first ("default", or
+        compile_mode: `torch.compile` the decode step's forward in this inductor mode first ("default", or
             "max-autotune-no-cudagraphs" to also tune the matmuls), for fused kernels; None runs eager kernels.
             Compiling takes one to a few minutes on first use.
         check_every: decode steps between looks at the tokens (stop tokens, streaming, cancellation).
@@ -72,20 +74,22 @@ class StaticGreedyDecoder:
         self.grow, self.check_every = grow, check_every
         # transformers renamed `past_key_values` to `cache` (5.2x); pass the cache under the name this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
-        self._decode_body = self._decode_step if compile_mode is None else \
-            torch.compile(self._decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+        self._decode_forward = self._decode_logits if compile_mode is None else \
+            torch.compile(self._decode_logits, mode=compile_mode, fullgraph=True, dynamic=False)
+        self.chooser = TokenChooser(self.llm.get_output_embeddings().weight.shape[0], self.device)
         self._encoders: dict[tuple[int, ...], tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
         self.lock = threading.Lock()
         self._allocate(max_cache_len)
 
     # ----------------------------------------------------------------------------------------- buffers
     def _allocate(self, capacity: int) -> None:
-        """(Re)allocates the cache and every static buffer for `capacity` tokens and captures the decode step."""
-        self._prefills: dict[int, Callable[[], None]] = {}
-        self._decode = None
+        """(Re)allocates the cache and every static buffer for `capacity` tokens and captures the greedy decode
+        step (the sampling one when first used)."""
+        self._prefills: dict[tuple[int, bool], Callable[[], None]] = {}
+        self._decodes: dict[bool, Callable[[], None]] = {}
         self.cache = StaticCache(config=self.llm.config, max_cache_len=capacity)
         if not all(type(layer) is StaticLayer for layer in self.cache.layers):
-            raise ValueError("StaticGreedyDecoder needs full-attention static cache layers; this LLM has "
+            raise ValueError("GraphDecoder needs full-attention static cache layers; this LLM has "
                              f"{sorted({type(layer).__name__ for layer in self.cache.layers})}")
         self.max_cache_len = capacity
         dev, hidden = self.device, self.llm.get_input_embeddings().weight
@@ -97,9 +101,24 @@ class StaticGreedyDecoder:
         self.position = torch.zeros(1, 1, dtype=torch.long, device=dev)  # its position
         self.generated = torch.zeros(1, capacity + 2, dtype=torch.long, device=dev)  # token at each position
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self._rewind(self.prompt_length)
-        # Captured now, from position 0: the warm-up steps write only where the next prefill overwrites.
-        self._decode = maybe_captured(self._decode_body, self.cuda_graphs, self._pool)
+        self._decode_call(sample=False)
+
+    def _decode_call(self, sample: bool) -> Callable[[], None]:
+        """The decode step (captured on first use)."""
+        if sample not in self._decodes:
+            # Warm-up steps run from position 0, where the next prefill overwrites whatever they write.
+            self._rewind(torch.zeros_like(self.prompt_length))
+            self.position.zero_()
+            step = functools.partial(self._decode_step, sample)
+            self._decodes[sample] = maybe_captured(step, self.cuda_graphs, self._pool)
+        return self._decodes[sample]
+
+    def _prefill_call(self, bucket: int, sample: bool) -> Callable[[], None]:
+        """The prefill of a `bucket`-token padded prompt (captured on first use)."""
+        if (bucket, sample) not in self._prefills:
+            step = functools.partial(self._prefill_step, bucket, sample)
+            self._prefills[bucket, sample] = maybe_captured(step, self.cuda_graphs, self._pool)
+        return self._prefills[bucket, sample]
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.max_cache_len:
@@ -120,19 +139,23 @@ class StaticGreedyDecoder:
         self.position.copy_(position)
         self.generated.index_copy_(1, position[0], token)
 
-    def _prefill_step(self, bucket: int) -> None:
+    def _prefill_step(self, bucket: int, sample: bool) -> None:
         """Prefills `embeds[:, :bucket]` from an empty cache; emits the first new token."""
         self._rewind(torch.zeros_like(self.prompt_length))
+        self.chooser.reset()
         logits = self.llm(inputs_embeds=self.embeds[:, :bucket], position_ids=self.positions[:, :bucket],
                           use_cache=True, logits_to_keep=self.last_index, **{self._cache_kw: self.cache}).logits
         self._rewind(self.prompt_length)  # the padding's keys/values sit beyond: masked, then overwritten
-        self._record(logits[:, -1].argmax(-1, keepdim=True), self.prompt_length.view(1, 1))
+        self._record(self.chooser(logits[:, -1], sample), self.prompt_length.view(1, 1))
 
-    def _decode_step(self) -> None:
-        """One token: reads `token` at `position`, emits the argmax at `position + 1`."""
-        logits = self.llm(input_ids=self.token, position_ids=self.position, use_cache=True,
-                          **{self._cache_kw: self.cache}).logits
-        self._record(logits[:, -1].argmax(-1, keepdim=True), self.position + 1)
+    def _decode_logits(self) -> torch.Tensor:
+        """The next-token logits [1, V] after `token` at `position` (its keys and values join the cache)."""
+        return self.llm(input_ids=self.token, position_ids=self.position, use_cache=True,
+                        **{self._cache_kw: self.cache}).logits[:, -1]
+
+    def _decode_step(self, sample: bool) -> None:
+        """One token: reads `token` at `position`, emits the chosen one at `position + 1`."""
+        self._record(self.chooser(self._decode_forward(), sample), self.position + 1)
 
     # --------------------------------------------------------------------------------------------- API
     @torch.no_grad()
@@ -154,8 +177,10 @@ class StaticGreedyDecoder:
     def generate(self, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
                  image_features: torch.Tensor | None = None, max_new_tokens: int = 512,
                  stop_token_ids: Sequence[int] = (), on_tokens: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Greedy continuation of one unpadded prompt [1, T]; returns the new tokens [1, n] (stop token included).
+                 should_stop: Callable[[], bool] | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> torch.Tensor:
+        """Continuation of one unpadded prompt [1, T]; returns the new tokens [1, n] (stop token included).
 
         Args:
             input_ids: the prompt with its image placeholders.
@@ -165,13 +190,17 @@ class StaticGreedyDecoder:
             on_tokens: receives the new tokens as they are read back: the first one alone, then in chunks of
                 up to `check_every`.
             should_stop: polled between chunks; True ends the generation there (e.g. a user's cancel).
+            do_sample, temperature, top_p, top_k, repetition_penalty: as in transformers' `generate` (see
+                `TokenChooser`); greedy by default.
+            seed: seeds torch right before the first token (after any graph capture), so a seed gives the same
+                reply every time.
 
         Raises:
             ValueError: a batch of several prompts, `max_new_tokens` < 1, or (with `grow=False`) a request
                 beyond `max_cache_len`.
         """
         if input_ids.shape[0] != 1:
-            raise ValueError("StaticGreedyDecoder takes one prompt at a time; use MiniGPT4Qwen.generate for batches")
+            raise ValueError("GraphDecoder takes one prompt at a time; use MiniGPT4Qwen.generate for batches")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
@@ -179,18 +208,20 @@ class StaticGreedyDecoder:
         length = input_ids.shape[1]
         with self.lock:
             self._ensure_capacity(length + max_new_tokens)
+            prefill = self._prefill_call(prefill_bucket(length, self.max_cache_len), do_sample)
+            decode = self._decode_call(do_sample)
             self.embeds[:, :length].copy_(self.model.embed(input_ids.to(self.device), image_features))
             self.prompt_length.fill_(length)
             self.last_index.fill_(length - 1)
-            bucket = prefill_bucket(length, self.max_cache_len)
-            if bucket not in self._prefills:
-                step = functools.partial(self._prefill_step, bucket)
-                self._prefills[bucket] = maybe_captured(step, self.cuda_graphs, self._pool)
-            self._prefills[bucket]()
-            tokens = self._read_back(length, max_new_tokens, set(stop_token_ids), on_tokens, should_stop)
+            self.chooser.configure(temperature=temperature, top_p=top_p, top_k=top_k,
+                                   repetition_penalty=repetition_penalty)
+            if seed is not None:
+                torch.manual_seed(seed)
+            prefill()
+            tokens = self._read_back(decode, length, max_new_tokens, set(stop_token_ids), on_tokens, should_stop)
         return torch.tensor([tokens], dtype=torch.long, device=input_ids.device)
 
-    def _read_back(self, length: int, max_new_tokens: int, stops: set[int],
+    def _read_back(self, decode: Callable[[], None], length: int, max_new_tokens: int, stops: set[int],
                    on_tokens: Callable[[list[int]], None] | None, should_stop: Callable[[], bool] | None) -> list[int]:
         """Runs decode steps in chunks after the prefill, reading each chunk back; returns the new tokens."""
         tokens: list[int] = []
@@ -206,5 +237,5 @@ class StaticGreedyDecoder:
             if stop_at is not None or produced == max_new_tokens or (should_stop is not None and should_stop()):
                 return tokens
             for _ in range(min(self.check_every, max_new_tokens - produced)):
-                self._decode()
+                decode()
                 produced += 1
