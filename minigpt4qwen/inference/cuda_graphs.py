@@ -41,9 +41,18 @@ class CapturedCall:
         return self.output
 
 
-def maybe_captured(fn: Callable[[], Any], enabled: bool, pool: Any = None) -> Callable[[], Any]:
-    """A `CapturedCall` of `fn` when `enabled`, else `fn` itself (the CPU and debugging path: same code, eager)."""
-    return CapturedCall(fn, pool) if enabled else fn
+def maybe_captured(fn: Callable[[], Any], enabled: bool, pool: Any = None, rehearse: bool = False) -> Callable[[], Any]:
+    """A `CapturedCall` of `fn` when `enabled`, else `fn` itself (the CPU and debugging path: same code, eager).
+
+    Args:
+        rehearse: without capture, still run `fn` now as the capture's warm-up would (so CPU tests meet the
+            state a capture meets).
+    """
+    if enabled:
+        return CapturedCall(fn, pool)
+    if rehearse:
+        fn()
+    return fn
 
 
 class _SyncRecorder(TorchDispatchMode):

@@ -60,18 +60,20 @@ class GraphDecoder:
             "max-autotune-no-cudagraphs" to also tune the matmuls), for fused kernels; None runs eager kernels.
             Compiling takes one to a few minutes on first use.
         check_every: decode steps between looks at the tokens (stop tokens, streaming, cancellation).
+        rehearse_captures: without CUDA graphs, still run each step once where it would be captured (tests).
 
     Raises:
         ValueError: the LLM's cache has sliding-window layers (right-padded prefill would evict real tokens).
     """
 
     def __init__(self, model: MiniGPT4Qwen, *, max_cache_len: int = 1024, grow: bool = True,
-                 cuda_graphs: bool | None = None, compile_mode: str | None = None, check_every: int = 8):
+                 cuda_graphs: bool | None = None, compile_mode: str | None = None, check_every: int = 8,
+                 rehearse_captures: bool = False):
         self.model = model
         self.llm = model.language_model
         self.device = self.llm.get_input_embeddings().weight.device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.grow, self.check_every = grow, check_every
+        self.grow, self.check_every, self.rehearse = grow, check_every, rehearse_captures
         # transformers renamed `past_key_values` to `cache` (5.2x); pass the cache under the name this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
         self._decode_forward = self._decode_logits if compile_mode is None else \
@@ -110,14 +112,14 @@ class GraphDecoder:
             self._rewind(torch.zeros_like(self.prompt_length))
             self.position.zero_()
             step = functools.partial(self._decode_step, sample)
-            self._decodes[sample] = maybe_captured(step, self.cuda_graphs, self._pool)
+            self._decodes[sample] = maybe_captured(step, self.cuda_graphs, self._pool, self.rehearse)
         return self._decodes[sample]
 
     def _prefill_call(self, bucket: int, sample: bool) -> Callable[[], None]:
         """The prefill of a `bucket`-token padded prompt (captured on first use)."""
         if (bucket, sample) not in self._prefills:
             step = functools.partial(self._prefill_step, bucket, sample)
-            self._prefills[bucket, sample] = maybe_captured(step, self.cuda_graphs, self._pool)
+            self._prefills[bucket, sample] = maybe_captured(step, self.cuda_graphs, self._pool, self.rehearse)
         return self._prefills[bucket, sample]
 
     def _ensure_capacity(self, needed: int) -> None:
@@ -208,11 +210,13 @@ class GraphDecoder:
         length = input_ids.shape[1]
         with self.lock:
             self._ensure_capacity(length + max_new_tokens)
-            prefill = self._prefill_call(prefill_bucket(length, self.max_cache_len), do_sample)
-            decode = self._decode_call(do_sample)
+            # The prompt first: a graph captured now warms up on it (an index from a longer prompt would be
+            # out of this bucket's range).
             self.embeds[:, :length].copy_(self.model.embed(input_ids.to(self.device), image_features))
             self.prompt_length.fill_(length)
             self.last_index.fill_(length - 1)
+            prefill = self._prefill_call(prefill_bucket(length, self.max_cache_len), do_sample)
+            decode = self._decode_call(do_sample)
             self.chooser.configure(temperature=temperature, top_p=top_p, top_k=top_k,
                                    repetition_penalty=repetition_penalty)
             if seed is not None:
