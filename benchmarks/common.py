@@ -17,7 +17,13 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from minigpt4qwen.checkpoint.qwen1 import qwen2_config_from_qwen1
-from minigpt4qwen.model.configs import eva_vit_g_config, minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
+from minigpt4qwen.model.configs import (
+    eva_vit_g_config,
+    minigpt4qwen_config,
+    tiny_qformer_config,
+    tiny_qwen2_config,
+    tiny_vision_config,
+)
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.parts import PartDtypes
 

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.openai_protocol import ChatRequest, ImageLimits, RequestError, build_conversation
 from minigpt4qwen.inference.graph_decoder import GraphDecoder
+from minigpt4qwen.inference.openai_protocol import ChatRequest, ImageLimits, RequestError, build_conversation
 from minigpt4qwen.inference.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
