@@ -171,6 +171,42 @@ def test_a_dropped_stream_stops_its_generation(base_url, model_and_tokenizer, mo
     while httpx.get(f"{base_url}/health").json()["busy"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not httpx.get(f"{base_url}/health").json()["busy"] and steps[0] < 100  # 600+ without the hang-up
+    assert httpx.get(f"{base_url}/health").json()["admitted"] == 0  # the dropped stream left the queue
+
+
+def test_api_key_is_required_when_set(model_and_tokenizer):
+    with _serving(build_app(*model_and_tokenizer, "tiny", api_key="s3cret")) as url:
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            wrong.models.list()
+        assert httpx.post(f"{url}/v1/chat/completions", json={}).status_code == 401  # no header; body unread
+        right = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        reply = right.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=4)
+        assert reply.choices[0].message.content is not None
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"  # health needs no key
+
+
+def test_a_full_queue_gets_429_and_frees_up(model_and_tokenizer, monkeypatch):
+    model, _ = model_and_tokenizer
+    forward, started, go = model.language_model.forward, threading.Event(), threading.Event()
+
+    def held_forward(*args, **kwargs):  # the first generation waits until the test lets it go
+        started.set()
+        go.wait(30)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.language_model, "forward", held_forward)
+    with _serving(build_app(model, model_and_tokenizer[1], "tiny", max_queue=1)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        first = threading.Thread(target=lambda: client.chat.completions.create(
+            model="tiny", messages=[_user("what")], max_tokens=2))
+        first.start()
+        assert started.wait(30)
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=2)
+        go.set()
+        first.join(30)
+        assert client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=2).choices
 
 
 def test_stop_strings_seed_and_length(client, model_and_tokenizer):

@@ -6,6 +6,7 @@ Heavy imports happen inside the functions so `minigpt4qwen --help` stays instant
 from __future__ import annotations
 
 import argparse
+import os
 
 OVERRIDES_HELP = "dotted key=value overrides of the config, e.g. train.max_steps=100 model.trainable.language_model=true"
 
@@ -186,7 +187,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_decoder_options(p)
     p.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind; 0.0.0.0 exposes it to the network (there is no authentication)")
+                   help="interface to bind; 0.0.0.0 exposes it to the network (set --api-key then)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default="minigpt4qwen", help="the model id reported to clients")
     p.add_argument("--allow-local-files", action="store_true",
@@ -195,6 +196,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=20, help="larger requests get 413")
     p.add_argument("--max-images", type=int, default=8, help="more images in one request get 400")
     p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
+    p.add_argument("--api-key", default=os.environ.get("MINIGPT4QWEN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIGPT4QWEN_API_KEY; none: open)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests generating or waiting at once; more get 429 (Retry-After: 1)")
     p.set_defaults(func=run_serve)
 
 
@@ -205,7 +210,8 @@ def run_serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args)
     serve(model, tokenizer, args.model_name, host=args.host, port=args.port, allow_local_files=args.allow_local_files,
           max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-          max_window_size=args.max_window_size, decoder=fast_decoder(model, args))
+          max_window_size=args.max_window_size, decoder=fast_decoder(model, args), api_key=args.api_key,
+          max_queue=args.max_queue)
     return 0
 
 

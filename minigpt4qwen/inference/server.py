@@ -3,23 +3,26 @@
     serve(model, tokenizer, "minigpt4qwen", port=8000)   # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
 
 Each request gets a fresh conversation built from its own messages; generations run one at a time on the model
-(the others wait in line), so concurrent clients never see each other's images or history.
+(the others wait in line, up to `max_queue`; more get 429), so concurrent clients never see each other's images or
+history. With an `api_key`, `/v1/*` requests need `Authorization: Bearer <key>` (what OpenAI clients send).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
@@ -33,8 +36,10 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -48,6 +53,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise RequestError(f"request body is above the limit of {limit} bytes", status=413)
     return bytes(body)
+
+
+class Admission:
+    """Counts the chat requests admitted (generating or waiting for the model); refuses more than `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.admitted = limit, 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> Callable[[], None] | None:
+        """A release function for an admitted request (idempotent), or None when `limit` are in already."""
+        with self._lock:
+            if self.admitted >= self.limit:
+                return None
+            self.admitted += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self.admitted -= 1
+
+        return release
 
 
 def _location(loc: tuple) -> str:
@@ -71,7 +100,8 @@ def _parse(body: bytes) -> ChatRequest:
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
               allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
               max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-              max_window_size: int = 6144, decoder: GraphDecoder | None = None) -> FastAPI:
+              max_window_size: int = 6144, decoder: GraphDecoder | None = None, api_key: str | None = None,
+              max_queue: int = 16) -> FastAPI:
     """Builds the FastAPI app serving `model`.
 
     Args:
@@ -87,12 +117,15 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         max_tokens_limit: larger max_tokens get 400.
         max_window_size: prompt budget in tokens; older turns are dropped beyond it.
         decoder: the model's CUDA-graph decoder (see `ChatSession`), or None.
+        api_key: required as `Authorization: Bearer <key>` on `/v1/*` (None: no authentication).
+        max_queue: chat requests admitted at once (one generating, the rest waiting); more get 429.
 
     Returns:
         The app (run it with uvicorn, or `serve`).
     """
     app = FastAPI(title="MiniGPT4Qwen", version="1")
     lock = threading.Lock()
+    admission = Admission(max_queue)
     limits = ImageLimits(max_images=max_images, max_pixels=max_image_pixels, allow_local_files=allow_local_files)
     created = int(time.time())
 
@@ -100,9 +133,18 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
     async def request_error(_: Request, err: RequestError) -> JSONResponse:
         return _error(err.status, err.message, err.param)
 
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable) -> Any:
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the "
+                              "openai client's api_key)", code="invalid_api_key")
+        return await call_next(request)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "busy": lock.locked()}
+        return {"status": "ok", "model": model_name, "busy": lock.locked(), "admitted": admission.admitted}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -114,6 +156,19 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         body = await _read_body(request, max_body_bytes)
         chat = _parse(body)
         settings = chat.settings(default_max_tokens, max_tokens_limit)
+        release = admission.enter()
+        if release is None:
+            return _error(429, f"the server is busy: {max_queue} requests are generating or waiting; retry later",
+                          kind="server_busy", code="queue_full", headers={"Retry-After": "1"})
+        try:
+            return await _complete(chat, settings, release)
+        except BaseException:
+            release()
+            raise
+
+    async def _complete(chat: ChatRequest, settings: GenerationSettings,
+                        release: Callable[[], None]) -> JSONResponse | StreamingResponse:
+        """Answers an admitted request; `release` ends its admission once the reply is complete or abandoned."""
         conversation = await run_in_threadpool(build_conversation, chat, limits)  # image decoding is CPU work
         usage = {"prompt_tokens": 0}
 
@@ -136,6 +191,8 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
             except Exception as err:  # a bug or an out-of-memory: the client gets a 500, the server goes on
                 log.exception("generation failed")
                 return _error(500, f"generation failed: {err}", kind="server_error")
+            finally:
+                release()
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -164,9 +221,13 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
                 yield delta({}, reply.finish_reason)
                 if (chat.stream_options or {}).get("include_usage"):
                     yield event([], usage=usage_dict())
+            finally:
+                release()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # The background task also releases a stream whose client left before it started.
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(release))
 
     return app
 
@@ -179,10 +240,11 @@ def serve(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: s
         model: the model.
         tokenizer: its tokenizer.
         model_name: the id reported to clients.
-        host: interface to bind ("0.0.0.0" exposes it to the network: there is no authentication).
+        host: interface to bind ("0.0.0.0" exposes it to the network: set `api_key` in `limits` then).
         port: TCP port.
         allow_local_files: accept local image paths (see `build_app`).
-        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ..., decoder).
+        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ..., decoder, api_key,
+            max_queue).
     """
     app = build_app(model, tokenizer, model_name, allow_local_files, **limits)
     uvicorn.run(app, host=host, port=port, log_level="info")
