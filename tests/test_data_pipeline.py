@@ -121,7 +121,7 @@ def test_original_mode_matches_original_preprocess(tmp_path, qwen, record):
     questions, answers = record["instruction"], record["output"]
     if isinstance(questions, str):
         questions, answers = [questions], [answers]
-    turns = [t for q, a in zip(questions, answers) for t in (("user", q), ("assistant", a))]
+    turns = [t for q, a in zip(questions, answers, strict=True) for t in (("user", q), ("assistant", a))]
     ids, labels = original_preprocess(qwen, turns)
     assert sample["input_ids"].tolist() == ids
     assert sample["labels"].tolist() == labels
@@ -140,7 +140,7 @@ def test_assistant_mode_learns_replies_only_and_differs_where_documented(tmp_pat
     assert learned == "".join(f"{a}<|im_end|>" for a in answers)
     # The only difference: "original" also learns every turn's <|im_start|>, the system/user <|im_end|> and
     # the "\n" after each <|im_end|>; placeholders are never learned.
-    for i, (a, o) in enumerate(zip(labels, orig_labels)):
+    for i, (a, o) in enumerate(zip(labels, orig_labels, strict=True)):
         if a != o:
             assert a == IGNORE and (ids[i] == IM_START or ids[i] == IM_END or (ids[i] == NL and ids[i - 1] == IM_END))
     assert all(labels[i] == IGNORE for i, t in enumerate(ids) if t == PLACEHOLDER)

@@ -76,7 +76,7 @@ class DataCheckReport:
         for f in self.files:
             lines.append(f"{f.annotation:<{width}}  {f.format:<12} {f.records:>8} {f.usable:>8} {f.images:>8}")
         if self.total_tokens:
-            text = [t - i for t, i in zip(self.total_tokens, self.image_tokens)]
+            text = [t - i for t, i in zip(self.total_tokens, self.image_tokens, strict=True)]
             lines += ["", f"tokens per sample (before fitting to max_txt_len={self.max_txt_len}):"]
             lines.append(f"{'':<16}" + "".join(f"{'max' if p == 100 else f'p{p}':>8}" for p in PERCENTILES))
             rows = [("total", self.total_tokens), ("text", text), ("image", self.image_tokens)]
@@ -195,7 +195,8 @@ def check_dataset(
     if open_images:
         # Decoding releases the GIL, so threads overlap; each distinct file is decoded once.
         with ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool:
-            failures = [(path, err) for path, err in zip(users, pool.map(_image_problem, users)) if err is not None]
+            problems = zip(users, pool.map(_image_problem, users), strict=True)
+            failures = [(path, err) for path, err in problems if err is not None]
         failed: dict[int, FileSummary] = {}
         for path, err in failures:
             for summary, conv in users[path]:

@@ -180,7 +180,7 @@ def _parse_minigpt4qwen(record: Any, index: int) -> tuple[list[tuple[str, str]],
     questions, answers = _str_list(instruction, "instruction"), _str_list(output, "output")
     if len(questions) != len(answers) or not questions:
         raise _Malformed(f"'instruction' has {len(questions)} turns but 'output' has {len(answers)}")
-    messages = [m for q, a in zip(questions, answers) for m in (("user", q), ("assistant", a))]
+    messages = [m for q, a in zip(questions, answers, strict=True) for m in (("user", q), ("assistant", a))]
     return messages, _images(record)
 
 

@@ -92,7 +92,7 @@ def evaluate(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, dataset: C
         convs = [dataset.conversation(i) for i in rows]
         pixels = torch.cat([dataset[i]["pixel_values"] for i in rows])
         predictions = answer_questions(model, tokenizer, [c.messages[0][1] for c in convs], pixels)
-        for i, conv, prediction in zip(rows, convs, predictions):
+        for i, conv, prediction in zip(rows, convs, predictions, strict=True):
             for key in (kinds[i], "all"):
                 scores[key][0] += prediction == conv.messages[1][1]
                 scores[key][1] += 1

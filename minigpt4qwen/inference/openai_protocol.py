@@ -144,7 +144,7 @@ class Conversation:
         """
         session = ChatSession(model, tokenizer, system_prompt=self.system_prompt, max_window_size=max_window_size,
                               decoder=decoder)
-        for (query, reply), images in zip(self.turns, self.turn_images):
+        for (query, reply), images in zip(self.turns, self.turn_images, strict=True):
             session.add_turn(query, reply, images)
         for image in self.query_images:
             session.add_image(image)
@@ -260,7 +260,7 @@ def build_conversation(request: ChatRequest, limits: ImageLimits) -> Conversatio
         raise RequestError("messages: the last message must be from the user", param="messages")
     conversation = Conversation(system_prompt="\n".join(system) if system else DEFAULT_SYSTEM_PROMPT,
                                 query=merged[-1][1], query_images=merged[-1][2])
-    for (_, user, images), (_, reply, _) in zip(merged[:-1:2], merged[1:-1:2]):
+    for (_, user, images), (_, reply, _) in zip(merged[:-1:2], merged[1:-1:2], strict=True):
         conversation.turns.append((user, reply))
         conversation.turn_images.append(images)
     return conversation

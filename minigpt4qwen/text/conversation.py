@@ -204,7 +204,7 @@ def render_with_template(
     regions = [(begin, next((e for e in ends if e > end), pos)) for begin, end in replies]
     runs = [text for kind, text, _ in chunks if kind == "text"]
     encoded = _encode_plain(tokenizer, runs, controls.values(), offsets=True)
-    runs_iter = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    runs_iter = iter(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
     input_ids: list[int] = []
     labels: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -214,7 +214,7 @@ def render_with_template(
             input_ids += [image_token_id] * num_query_tokens
             labels += [IGNORE_INDEX] * num_query_tokens
             continue
-        tokens = zip(*next(runs_iter)) if kind == "text" else [(controls[text], (0, len(text)))]
+        tokens = zip(*next(runs_iter), strict=True) if kind == "text" else [(controls[text], (0, len(text)))]
         for token_id, (lo, hi) in tokens:
             lo, hi = start + lo, start + max(hi, lo + 1)  # a zero-width token still gets a position
             target = any(lo < r_end and hi > r_begin for r_begin, r_end in regions)
@@ -252,7 +252,7 @@ def _check_request(
 def _control_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Special token string -> id: added tokens flagged special, plus the named/extra special tokens."""
     controls = {tok.content: i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    controls.update(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    controls.update(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True))
     return controls
 
 
@@ -268,7 +268,7 @@ def _encode_plain(
         return {"input_ids": [], "offset_mapping": []}
     encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=offsets)
     forbidden = set(control_ids) - {tokenizer.unk_token_id}  # unknown text may map to unk: that is plain text
-    for text, ids in zip(texts, encoded["input_ids"]):
+    for text, ids in zip(texts, encoded["input_ids"], strict=True):
         if leaked := forbidden.intersection(ids):
             raise ValueError(f"text {text[:50]!r} gave special ids {sorted(leaked)} despite split_special_tokens=True")
     return encoded
