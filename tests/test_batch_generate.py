@@ -111,6 +111,11 @@ def test_bad_records_are_reported_and_skipped_or_fatal(model_and_tokenizer, data
     source.write_text("{not json")
     with pytest.raises(DataError, match="unreadable_file"):
         generate_file(model, tokenizer, source, tmp_path / "out.jsonl", GREEDY, progress=False)
+    lines = tmp_path / "lines.jsonl"  # in JSONL one bad line is one bad record
+    lines.write_text(json.dumps(records[0]) + "\n{not json\n" + json.dumps(records[0]) + "\n")
+    report = generate_file(model, tokenizer, lines, tmp_path / "out.jsonl", GREEDY, image_root=data_dir,
+                           progress=False)
+    assert report.written == 2 and [(e.index, e.kind) for e in report.skipped] == [(1, "malformed_record")]
 
 
 def test_stop_strings_and_sampling_seed(model_and_tokenizer, data_dir, tmp_path):

@@ -102,12 +102,12 @@ def read_annotations(spec: DatasetSpec) -> Iterator[Conversation | DataError]:
         try:
             messages, images = _PARSERS[spec.format](raw, index)
             yield _validated(messages, images, spec, index)
-        except _Malformed as err:
+        except MalformedRecord as err:
             yield DataError(file, index, err.kind, str(err))
 
 
-class _Malformed(Exception):
-    """A record-level problem found by a parser, located by the caller."""
+class MalformedRecord(Exception):
+    """A record-level problem found by a parser, located (file, index) by the caller as a `DataError`."""
 
     def __init__(self, detail: str, kind: str = "malformed_record") -> None:
         super().__init__(detail)
@@ -116,7 +116,20 @@ class _Malformed(Exception):
 
 def _raw_records(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
     """(index, decoded JSON record or the DataError of an undecodable .jsonl line) for each record."""
-    file = spec.annotation
+    return read_json_records(spec.annotation, "annotations" if spec.format == "cc_sbu_align" else None)
+
+
+def read_json_records(file: str, list_key: str | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, decoded record) for each record of a JSON list or (by the .jsonl suffix) a JSONL file; an
+    undecodable JSONL line comes as (index, DataError) so that the caller can skip or stop.
+
+    Args:
+        file: the path.
+        list_key: also accept {list_key: [...]} (e.g. cc_sbu_align's "annotations").
+
+    Raises:
+        DataError: (kind "unreadable_file") a missing or undecodable file, or JSON that is not a list.
+    """
     try:
         with open(file, encoding="utf-8") as f:
             if file.endswith(".jsonl"):
@@ -130,11 +143,11 @@ def _raw_records(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
                 return
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(file, None, "unreadable_file", f"cannot read the annotation file ({err})") from None
-    if spec.format == "cc_sbu_align" and isinstance(data, dict):
-        data = data.get("annotations")
+        raise DataError(file, None, "unreadable_file", f"cannot read the file ({err})") from None
+    if list_key is not None and isinstance(data, dict):
+        data = data.get(list_key)
     if not isinstance(data, list):
-        expected = '{"annotations": [...]} or a list' if spec.format == "cc_sbu_align" else "a JSON list of records"
+        expected = f'{{"{list_key}": [...]}} or a list' if list_key else "a JSON list of records"
         raise DataError(file, None, "unreadable_file", f"expected {expected}, got {type(data).__name__}")
     yield from enumerate(data)
 
@@ -142,15 +155,15 @@ def _raw_records(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
 def _field(record: Any, key: str, types: tuple[type, ...], required: bool = True) -> Any:
     """record[key], checked to be a dict field of one of `types` (None when optional and absent)."""
     if not isinstance(record, dict):
-        raise _Malformed(f"a record must be a JSON object, got {type(record).__name__}")
+        raise MalformedRecord(f"a record must be a JSON object, got {type(record).__name__}")
     if key not in record:
         if required:
-            raise _Malformed(f"missing field {key!r} (fields: {sorted(record)})")
+            raise MalformedRecord(f"missing field {key!r} (fields: {sorted(record)})")
         return None
     value = record[key]
     if not isinstance(value, types):
         names = " or ".join("list" if t is list else t.__name__ for t in types)
-        raise _Malformed(f"field {key!r} must be {names}, got {type(value).__name__}")
+        raise MalformedRecord(f"field {key!r} must be {names}, got {type(value).__name__}")
     return value
 
 
@@ -159,14 +172,14 @@ def _str_list(value: str | list, key: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     for i, item in enumerate(items):
         if not isinstance(item, str):
-            raise _Malformed(f"{key}[{i}] must be str, got {type(item).__name__}")
+            raise MalformedRecord(f"{key}[{i}] must be str, got {type(item).__name__}")
     return items
 
 
 def _images(record: dict) -> list[str]:
     """The record's optional "image" field (one path or a list)."""
     if isinstance(record, dict) and "video" in record and "image" not in record:
-        raise _Malformed("video records are not supported (field 'video'); give image paths in 'image'")
+        raise MalformedRecord("video records are not supported (field 'video'); give image paths in 'image'")
     value = _field(record, "image", (str, list), required=False)
     return [] if value is None else _str_list(value, "image")
 
@@ -176,10 +189,10 @@ def _parse_minigpt4qwen(record: Any, index: int) -> tuple[list[tuple[str, str]],
     instruction = _field(record, "instruction", (str, list))
     output = _field(record, "output", (str, list))
     if isinstance(instruction, str) != isinstance(output, str):
-        raise _Malformed("'instruction' and 'output' must both be str (one turn) or both lists (multi-turn)")
+        raise MalformedRecord("'instruction' and 'output' must both be str (one turn) or both lists (multi-turn)")
     questions, answers = _str_list(instruction, "instruction"), _str_list(output, "output")
     if len(questions) != len(answers) or not questions:
-        raise _Malformed(f"'instruction' has {len(questions)} turns but 'output' has {len(answers)}")
+        raise MalformedRecord(f"'instruction' has {len(questions)} turns but 'output' has {len(answers)}")
     messages = [m for q, a in zip(questions, answers, strict=True) for m in (("user", q), ("assistant", a))]
     return messages, _images(record)
 
@@ -193,7 +206,7 @@ def _parse_llava(record: Any, index: int) -> tuple[list[tuple[str, str]], list[s
         value = _field(turn, "value", (str,))
         if source not in LLAVA_ROLES:
             detail = f"conversations[{i}]: unknown role {source!r} (expected one of {sorted(LLAVA_ROLES)})"
-            raise _Malformed(detail, "unknown_role")
+            raise MalformedRecord(detail, "unknown_role")
         messages.append((LLAVA_ROLES[source], value.replace(LLAVA_IMAGE_TOKEN, IMAGE_WRAP)))
     # LLaVA's and the original's preprocessing both skip replies that open a conversation.
     while len(messages) > 1 and messages[0][0] == "assistant":
@@ -216,7 +229,7 @@ def _parse_text(record: Any, index: int) -> tuple[list[tuple[str, str]], list[st
     for i, turn in enumerate(turns):
         role = _field(turn, "role", (str,))
         if role not in ("system", "user", "assistant"):
-            raise _Malformed(f"messages[{i}]: unknown role {role!r} (expected system, user, assistant)", "unknown_role")
+            raise MalformedRecord(f"messages[{i}]: unknown role {role!r} (expected system, user, assistant)", "unknown_role")
         messages.append((role, _field(turn, "content", (str,))))
     return messages, []
 
@@ -233,22 +246,22 @@ def _validated(messages: list[tuple[str, str]], images: list[str], spec: Dataset
     """Check the turn structure, answers and markers, and resolve image paths."""
     body = messages[1:] if messages and messages[0][0] == "system" else messages
     if not body:
-        raise _Malformed("the conversation has no user/assistant turns")
+        raise MalformedRecord("the conversation has no user/assistant turns")
     for i, (role, content) in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise _Malformed(f"turn {i} is {role!r} where {expected!r} was expected (user/assistant must alternate)")
+            raise MalformedRecord(f"turn {i} is {role!r} where {expected!r} was expected (user/assistant must alternate)")
         if role == "assistant" and not content.strip():
-            raise _Malformed(f"turn {i}: the answer is empty", "empty_answer")
+            raise MalformedRecord(f"turn {i}: the answer is empty", "empty_answer")
     if body[-1][0] != "assistant":
-        raise _Malformed("the conversation ends with a user turn: there is no answer to learn", "empty_answer")
+        raise MalformedRecord("the conversation ends with a user turn: there is no answer to learn", "empty_answer")
     for role, content in messages:
         if role != "user" and IMAGE_MARKER in content:
-            raise _Malformed(f"an image marker in a {role} turn (only user turns may hold images)", "marker_mismatch")
+            raise MalformedRecord(f"an image marker in a {role} turn (only user turns may hold images)", "marker_mismatch")
     markers = sum(content.count(IMAGE_MARKER) for _, content in messages)
     if markers != len(images):
-        raise _Malformed(f"{markers} image markers in the text but {len(images)} images", "marker_mismatch")
+        raise MalformedRecord(f"{markers} image markers in the text but {len(images)} images", "marker_mismatch")
     if any(not path for path in images):
-        raise _Malformed("an image path is empty")
+        raise MalformedRecord("an image path is empty")
     resolved = tuple(os.path.join(spec.image_root, path) for path in images)
     return Conversation(tuple(messages), resolved, spec.annotation, index)

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4qwen.data.formats import DataError
+from minigpt4qwen.data.formats import DataError, MalformedRecord, read_json_records
 from minigpt4qwen.data.images import ImageLoadError, ImageTransform, load_image
 from minigpt4qwen.inference.engine import IMAGE_PROMPT
 from minigpt4qwen.inference.generation import GenerationSettings, chat_generate_kwargs, decode_reply
@@ -85,52 +85,42 @@ def read_prompts(input_path: str | Path, image_root: str | Path | None = None) -
     """
     file = str(input_path)
     root = Path(image_root) if image_root is not None else Path(file).parent
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-        lines = [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-        records = ([(i, json.loads(line)) for i, line in lines] if file.endswith(".jsonl")
-                   else list(enumerate(json.loads(text))))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
-        raise DataError(file, None, "unreadable_file", f"cannot read a JSON list / JSONL of prompts ({err})") from None
-    for index, record in records:
+    for index, record in read_json_records(file):
+        if isinstance(record, DataError):  # an undecodable JSONL line
+            yield record
+            continue
         try:
             yield _prompt(record, index, root)
-        except _BadRecord as err:
+        except MalformedRecord as err:
             yield DataError(file, index, err.kind, str(err))
-
-
-class _BadRecord(Exception):
-    def __init__(self, detail: str, kind: str = "malformed_record") -> None:
-        super().__init__(detail)
-        self.kind = kind
 
 
 def _strings(record: dict, key: str) -> list[str] | None:
     value = record.get(key)
     items = [value] if isinstance(value, str) else value
     if value is not None and not (isinstance(items, list) and items and all(isinstance(v, str) for v in items)):
-        raise _BadRecord(f"field {key!r} must be a string or a non-empty list of strings, got {value!r:.80}")
+        raise MalformedRecord(f"field {key!r} must be a string or a non-empty list of strings, got {value!r:.80}")
     return items
 
 
 def _prompt(record: Any, index: int, root: Path) -> Prompt:
     if not isinstance(record, dict):
-        raise _BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+        raise MalformedRecord(f"a record must be a JSON object, got {type(record).__name__}")
     questions = _strings(record, "query") if "query" in record else _strings(record, "instruction")
     if not questions:
-        raise _BadRecord(f"no 'query' (or 'instruction') field; fields: {sorted(record)}")
+        raise MalformedRecord(f"no 'query' (or 'instruction') field; fields: {sorted(record)}")
     if "query" in record and len(questions) > 1:
-        raise _BadRecord("'query' must be one string")
+        raise MalformedRecord("'query' must be one string")
     answers = (_strings(record, "output") or []) if len(questions) > 1 else []  # one turn: "output" is unused
     if len(answers) < len(questions) - 1:
-        raise _BadRecord(f"{len(questions)} instructions need {len(questions) - 1} or more outputs, got {len(answers)}")
+        raise MalformedRecord(f"{len(questions)} instructions need {len(questions) - 1} or more outputs, got {len(answers)}")
     images = tuple(str(root / p) for p in _strings(record, "image") or [])
     markers = sum(q.count(IMAGE_MARKER) for q in questions)
     if markers not in (0, len(images)):
-        raise _BadRecord(f"{markers} {IMAGE_MARKER} markers but {len(images)} images", "marker_mismatch")
+        raise MalformedRecord(f"{markers} {IMAGE_MARKER} markers but {len(images)} images", "marker_mismatch")
     for path in images:
         if not Path(path).is_file():
-            raise _BadRecord(f"image {path}: no such file", "missing_image")
+            raise MalformedRecord(f"image {path}: no such file", "missing_image")
     return Prompt(index=index, id=record.get("id", index), query=questions[-1], images=images,
                   history=tuple(zip(questions[:-1], answers, strict=False)))
 
