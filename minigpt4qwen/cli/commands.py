@@ -114,8 +114,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     add_generation_options(p, seed=42)  # the original demo's seed
     p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     p.add_argument("--query", help="answer this once and exit")
-    p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
-    p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
+    _add_conversation_options(p)
     p.set_defaults(func=run_chat)
 
 
@@ -138,7 +137,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="a bad record (malformed, missing or corrupt image): report and skip it, or stop")
-    p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
+    _add_conversation_options(p, window=False)
     add_model_options(p)
     add_generation_options(p)
     p.set_defaults(func=run_generate)
@@ -157,12 +156,9 @@ def add_webui(sub: argparse._SubParsersAction) -> None:
                        description="Serves the web UI at http://HOST:PORT; 127.0.0.1 by default (this machine only).")
     add_model_options(p)
     add_decoder_options(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind; 0.0.0.0 exposes it to the network (there is no authentication)")
-    p.add_argument("--port", type=int, default=7860)
+    _add_bind_options(p, port=7860, note="there is no authentication")
     p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
-    p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
+    _add_conversation_options(p)
     p.set_defaults(func=run_webui)
 
 
@@ -186,16 +182,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "data: URIs. 127.0.0.1 by default (this machine only); one generation at a time.")
     add_model_options(p)
     add_decoder_options(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind; 0.0.0.0 exposes it to the network (set --api-key then)")
-    p.add_argument("--port", type=int, default=8000)
+    _add_bind_options(p, port=8000, note="set --api-key then")
     p.add_argument("--model-name", default="minigpt4qwen", help="the model id reported to clients")
     p.add_argument("--allow-local-files", action="store_true",
                    help="also accept image_url local paths and file:// URLs (trusted clients only: they can read "
                         "any image this process can)")
     p.add_argument("--max-body-mb", type=float, default=20, help="larger requests get 413")
     p.add_argument("--max-images", type=int, default=8, help="more images in one request get 400")
-    p.add_argument("--max-window-size", type=int, default=6144, help="prompt budget in tokens; older turns drop out")
+    _add_conversation_options(p, system_prompt=False)
     p.add_argument("--api-key", default=os.environ.get("MINIGPT4QWEN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIGPT4QWEN_API_KEY; none: open)")
     p.add_argument("--max-queue", type=int, default=16,
@@ -236,3 +230,18 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 REGISTER = [add_demo, add_train, add_export, add_convert, add_data, add_chat, add_generate, add_webui, add_serve]
+
+
+def _add_conversation_options(p: argparse.ArgumentParser, system_prompt: bool = True, window: bool = True) -> None:
+    """--system-prompt and --max-window-size, as the chat front ends share them."""
+    if system_prompt:
+        p.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
+    if window:
+        p.add_argument("--max-window-size", type=int, default=6144,
+                       help="prompt budget in tokens; older turns drop out")
+
+
+def _add_bind_options(p: argparse.ArgumentParser, port: int, note: str) -> None:
+    """--host (127.0.0.1 by default) and --port of a network front end."""
+    p.add_argument("--host", default="127.0.0.1", help=f"interface to bind; 0.0.0.0 exposes it to the network ({note})")
+    p.add_argument("--port", type=int, default=port)
