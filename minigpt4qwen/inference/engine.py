@@ -217,13 +217,13 @@ class ChatSession:
         try:
             settings.check()
             ids, features = self.build_prompt(query)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
             self._cancel.clear()
             beams = settings.num_beams > 1  # transformers cannot stream beam search
-            if self.decoder is not None and fast_path_applies(settings):
+            if self.decoder is not None and fast_path_applies(settings):  # seeds after its graph captures
                 new = generate_fast(self.decoder, self.tokenizer, ids, features, settings, self._cancel, streamer)
             else:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
                 new = self.model.generate(ids, image_features=features, streamer=None if beams else streamer,
                                           **chat_generate_kwargs(self.tokenizer, settings, (self._cancel,)))
         except BaseException:
