@@ -1,6 +1,4 @@
-"""Shared fixtures: tiny models built in the test process, and the path of the read-only reference data."""
-
-from pathlib import Path
+"""Shared fixtures: tiny models built in the test process (reference files: tests/reference.py)."""
 
 import pytest
 import torch
@@ -9,16 +7,8 @@ from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config,
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMAGE_TOKEN_ID = 5
 NUM_QUERIES = 4
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"reference data not found at {SHARED} (expected ../shared beside the repository)")
-    return SHARED
 
 
 def make_tiny_model(seed: int = 0, vocab_size: int = 64, num_queries: int = NUM_QUERIES) -> MiniGPT4Qwen:

@@ -3,7 +3,6 @@
 special tokens that must stay plain text."""
 
 import copy
-from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer
@@ -13,8 +12,9 @@ from transformers import PreTrainedTokenizerFast
 
 from minigpt4qwen.text.conversation import IGNORE_INDEX, render_chatml, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
+from tests.reference import QWEN7B_DIR
 
-QWEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "qwen7b"
+QWEN_DIR = QWEN7B_DIR
 ENDOFTEXT, IM_START, IM_END, EXTRA_0 = 151643, 151644, 151645, 151646
 NL, SYSTEM, USER, ASSISTANT = 198, 8948, 872, 77091  # "\n", "system", "user", "assistant" (parity.md (iv))
 Q = 4  # query tokens per image; small so that hand-built sequences stay readable
@@ -40,8 +40,6 @@ CONVERSATIONS = {"one_image": ONE_IMAGE, "multi_turn": MULTI_TURN, "two_images":
 
 @pytest.fixture(scope="module")
 def tok():
-    if not (QWEN_DIR / "qwen.tiktoken").is_file():
-        pytest.fail(f"reference vocabulary not found at {QWEN_DIR} (expected ../shared/qwen7b beside the repository)")
     return load_tokenizer(QWEN_DIR)
 
 

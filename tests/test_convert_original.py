@@ -1,6 +1,6 @@
 """The original project's DeepSpeed checkpoint directories convert to native checkpoints that load into our model.
 
-Layouts from ../shared/reference/manifests/minigpt4qwen_checkpoints.json, with tiny shapes: the ZeRO runner's
+Layouts from tests/data/manifests/minigpt4qwen_checkpoints.json, with tiny shapes: the ZeRO runner's
 `deepspeed_ckpt/epoch_N/` (complete module in `mp_rank_00_model_states.pt`, frozen parts included) and the
 pipeline's `global_stepN/` (`layer_XX-model_states.pt`, dummy identity layers, frozen-LLM `occupy` layer). Each
 converts through `minigpt4qwen convert` and must equal what the original's flat `model.pth` reads as.

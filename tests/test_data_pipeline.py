@@ -18,8 +18,8 @@ from minigpt4qwen.data.formats import IMAGE_WRAP, DataError
 from minigpt4qwen.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, ImageTransform, load_image
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
 from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
+from tests.reference import QWEN7B_DIR
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 IM_START, IM_END, NL, PLACEHOLDER = 151644, 151645, 198, 151646  # Qwen's <|im_start|>, <|im_end|>, "\n", <|extra_0|>
 IGNORE = -100
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -27,10 +27,7 @@ COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white"
 
 @pytest.fixture(scope="module")
 def qwen():
-    path = SHARED / "qwen7b"
-    if not path.is_dir():
-        pytest.fail(f"reference data not found at {path} (expected ../shared beside the repository)")
-    return load_tokenizer(path)
+    return load_tokenizer(QWEN7B_DIR)
 
 
 @pytest.fixture(scope="module")

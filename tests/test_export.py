@@ -11,13 +11,14 @@ from minigpt4qwen.checkpoint.keymap import CheckpointError
 from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
+from tests.reference import QWEN7B_DIR
 
 EXTRA_0 = 151646
 
 
 @pytest.fixture(scope="module")
-def qwen_tokenizer(shared_dir):
-    return build_qwen1_tokenizer(shared_dir / "qwen7b" / "qwen.tiktoken")
+def qwen_tokenizer():
+    return build_qwen1_tokenizer(QWEN7B_DIR / "qwen.tiktoken")
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ from minigpt4qwen.model.configs import (
     tiny_qformer_config,
     tiny_vision_config,
 )
+from tests.reference import MANIFESTS
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "manifests"
 W, DEPTH, HEADS, IMAGE, PATCH, MLP = 32, 2, 4, 28, 7, 64  # tiny_vision_config
 QW, QLAYERS, QHEADS, QFFN, QUERIES = 32, 2, 4, 64, 8  # tiny_qformer_config
 

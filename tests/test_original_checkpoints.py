@@ -17,9 +17,9 @@ from minigpt4qwen.checkpoint.original import detect_original_layout, original_ke
 from minigpt4qwen.checkpoint.qwen1 import qwen2_config_from_qwen1
 from minigpt4qwen.model.configs import blip2_qformer_config, eva_vit_g_config, tiny_qformer_config, tiny_vision_config
 from minigpt4qwen.model.parts import PART_NAMES
+from tests.reference import MANIFESTS
 from tests.test_lavis_checkpoints import QUERIES, QW, holder, meta_tensors, tiny_blip2_model, tiny_eva_state_dict
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "manifests"
 H, LAYERS, VOCAB, FFN = 32, 3, 64, 48
 QWEN1_TINY = {"hidden_size": H, "num_attention_heads": 4, "num_hidden_layers": LAYERS, "intermediate_size": 2 * FFN,
               "vocab_size": VOCAB}

@@ -21,21 +21,21 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from minigpt4qwen.checkpoint.keymap import CheckpointError, check_state_dict
 from minigpt4qwen.checkpoint.llm import llm_config_from_dir, load_llm, placeholder_token_id
 from minigpt4qwen.checkpoint.qwen1 import is_qwen1_dir, load_qwen1_dir, qwen1_keymap, qwen2_config_from_qwen1
+from tests.reference import MANIFESTS, QWEN7B_DIR
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REAL_CONFIG = json.loads((SHARED / "qwen7b" / "config.json").read_text())
+REAL_CONFIG = json.loads((QWEN7B_DIR / "config.json").read_text())
 TRAP = "open(__file__ + '.executed', 'w').close()\nraise RuntimeError('Qwen1 remote code must never run')\n"
 REMOTE_CODE = ("modeling_qwen.py", "configuration_qwen.py", "tokenization_qwen.py", "qwen_generation_utils.py")
 QWEN14B = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40, "kv_channels": 128,
-           "intermediate_size": 27392, "vocab_size": 152064, "seq_length": 2048}  # 14B-Chat per shared/README.md
+           "intermediate_size": 27392, "vocab_size": 152064, "seq_length": 2048}  # 14B-Chat: the published config.json
 QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # all the specials of the original Qwen2
 
 
 @pytest.mark.parametrize("name", ["qwen7b_chat", "qwen14b_chat"])
 def test_real_checkpoint_keys_cover_qwen2_exactly(name: str) -> None:
-    manifest = json.loads((SHARED / "reference" / "manifests" / f"{name}.json").read_text())
+    manifest = json.loads((MANIFESTS / f"{name}.json").read_text())
     shapes = {k: v["shape"] for k, v in manifest["state_dict"].items()}
-    real_7b_keys = set(json.loads((SHARED / "qwen7b" / "model.safetensors.index.json").read_text())["weight_map"])
+    real_7b_keys = set(json.loads((QWEN7B_DIR / "model.safetensors.index.json").read_text())["weight_map"])
     assert real_7b_keys == set(shapes) if "7b" in name else QWEN14B.items() <= manifest["config"].items()
     with torch.device("meta"):
         model = Qwen2ForCausalLM(qwen2_config_from_qwen1(REAL_CONFIG | (QWEN14B if "14b" in name else {})))
@@ -85,7 +85,7 @@ def write_qwen1_dir(directory: Path, config: dict, sd: dict[str, torch.Tensor], 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer_config.json", "qwen.tiktoken"):
-        (directory / name).symlink_to(SHARED / "qwen7b" / name)
+        (directory / name).symlink_to(QWEN7B_DIR / name)
     for name in REMOTE_CODE:
         (directory / name).write_text(TRAP)
     parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]

@@ -18,8 +18,9 @@ from minigpt4qwen.text.qwen_tokenizer import (
     load_tokenizer,
     read_tiktoken_ranks,
 )
+from tests.reference import QWEN7B_DIR
 
-QWEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "qwen7b"
+QWEN_DIR = QWEN7B_DIR
 CHATML = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<Img>" + "<|extra_0|>" * 32 + "</Img> 这张图片里有什么？<|im_end|>\n<|im_start|>assistant\n"
@@ -68,8 +69,6 @@ TEXTS = {
 
 @pytest.fixture(scope="module")
 def qwen_dir() -> Path:
-    if not (QWEN_DIR / "qwen.tiktoken").is_file():
-        pytest.fail(f"reference vocabulary not found at {QWEN_DIR} (expected ../shared/qwen7b beside the repository)")
     return QWEN_DIR
 
 

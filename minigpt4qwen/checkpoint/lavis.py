@@ -1,8 +1,9 @@
 """Readers for the LAVIS files MiniGPT4Qwen starts from: `eva_vit_g.pth` and `blip2_pretrained_flant5xxl.pth`.
 
-Both are returned in the composite model's names (`vision_model.*`, `qformer.*`, `query_tokens`), following
-shared/reference/mappings.md (i) and (ii). The key maps take prefixes, so the same rules also read the original
-project's full checkpoints, where the ViT sits under `visual_encoder.`.
+Both are returned in the composite model's names (`vision_model.*`, `qformer.*`, `query_tokens`) by the key
+maps below (the real files' keys: tests/data/manifests/eva_vit_g.json, lavis_source_checkpoints.json). The key
+maps take prefixes, so the same rules also read the original project's full checkpoints, where the ViT sits
+under `visual_encoder.`.
 """
 
 from __future__ import annotations

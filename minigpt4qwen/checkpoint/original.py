@@ -1,6 +1,6 @@
 """Reader for the checkpoints the original MiniGPT4Qwen project wrote, returned in the composite model's names.
 
-Layouts (shared/reference/manifests/minigpt4qwen_checkpoints.json): a flat `model.pth` (projection only, or
+Layouts (tests/data/manifests/minigpt4qwen_checkpoints.json): a flat `model.pth` (projection only, or
 the whole model from deepspeed2pth.py), `unfreeze_llm_model.pth` (projection + Qwen1 LLM), a LAVIS runner
 `checkpoint_N.pth` (`{'model': trainable parameters + buffers, 'optimizer': ...}`), and a DeepSpeed pipeline
 directory `global_stepN/` of `layer_XX-model_states.pt` files. The layout is detected from the content.
