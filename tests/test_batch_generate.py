@@ -64,7 +64,9 @@ def test_batched_greedy_equals_one_by_one(model_and_tokenizer, data_dir, tmp_pat
     lines = _lines(tmp_path / "out.jsonl")
     assert [line["answer"] for line in lines] == expected
     assert [line["id"] for line in lines] == ["r", 1, 7, 3, 4]
-    assert [line["query"] for line in lines] == [r["query"] for r in RECORDS]
+    # The query as a reader sees it: image markers removed, the words kept.
+    assert [line["query"] for line in lines] == [r["query"] for r in RECORDS[:4]] + ["is the shape red"]
+    assert not (tmp_path / "out.jsonl.errors.jsonl").exists()
 
 
 def test_original_format_json_list_with_image_root(model_and_tokenizer, data_dir, tmp_path):
@@ -105,6 +107,9 @@ def test_bad_records_are_reported_and_skipped_or_fatal(model_and_tokenizer, data
                      5: "marker_mismatch", 6: "malformed_record"}
     err = capsys.readouterr().err
     assert f"{source}: record 4: corrupt_image" in err and f"{source}: record 3: missing_image" in err
+    errors = _lines(tmp_path / "out.jsonl.errors.jsonl")  # every skipped record, also in a file beside the output
+    assert {e["index"]: e["kind"] for e in errors} == kinds and {e["file"] for e in errors} == {str(source)}
+    assert all(e["detail"] for e in errors)
     with pytest.raises(DataError, match=r"bad\.json: record 1: malformed_record"):
         generate_file(model, tokenizer, source, tmp_path / "out.jsonl", GREEDY, image_root=data_dir,
                       on_error="fail", progress=False)
@@ -116,6 +121,7 @@ def test_bad_records_are_reported_and_skipped_or_fatal(model_and_tokenizer, data
     report = generate_file(model, tokenizer, lines, tmp_path / "out.jsonl", GREEDY, image_root=data_dir,
                            progress=False)
     assert report.written == 2 and [(e.index, e.kind) for e in report.skipped] == [(1, "malformed_record")]
+    assert [e["index"] for e in _lines(tmp_path / "out.jsonl.errors.jsonl")] == [1]  # this run's errors only
 
 
 def test_stop_strings_and_sampling_seed(model_and_tokenizer, data_dir, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER, render_chatml
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
+# An image marker, wrapped in <Img></Img> or bare, with the whitespace after it.
+IMAGE_MARKERS = re.compile(r"(?:<Img>\s*" + re.escape(IMAGE_MARKER) + r"\s*</Img>|" + re.escape(IMAGE_MARKER) + r")\s*")
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -47,6 +51,11 @@ class Prompt:
     query: str
     images: tuple[str, ...] = ()
     history: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def question(self) -> str:
+        """The question as a reader sees it: the query without its image markers (`<Img><ImageHere></Img>`)."""
+        return IMAGE_MARKERS.sub("", self.query).strip()
 
     def messages(self, system_prompt: str) -> list[dict[str, str]]:
         """The ChatML messages, with one `<Img><ImageHere></Img>` per image before the first question unless
@@ -164,7 +173,9 @@ def generate_file(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, input
                   output_path: str | Path, settings: GenerationSettings | None = None, batch_size: int = 8, *,
                   image_root: str | Path | None = None, on_error: str = "skip",
                   system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = True) -> BatchReport:
-    """Answers every record of `input_path` and writes `{"id", "query", "answer"}` JSONL lines in input order.
+    """Answers every record of `input_path` and writes `{"id", "query", "answer"}` JSONL lines in input order
+    (`query`: the question without its image markers); every skipped record also goes to `<output>.errors.jsonl`
+    as `{"file", "index", "kind", "detail"}` (the file is removed when nothing was skipped).
 
     Args:
         model: the model.
@@ -189,15 +200,17 @@ def generate_file(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, input
     if batch_size < 1 or on_error not in ("skip", "fail"):
         raise ValueError(f"batch_size must be >= 1 and on_error skip or fail (got {batch_size}, {on_error!r})")
     report = BatchReport()
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    errors_path = Path(f"{output_path}.errors.jsonl")
+    errors_path.unlink(missing_ok=True)  # a previous run's errors do not describe this one
     prompts = []
     for item in read_prompts(input_path, image_root):  # every record is checked before any generation
         if isinstance(item, DataError):
-            _bad(item, on_error, report)
+            _bad(item, on_error, report, errors_path)
         else:
             prompts.append(item)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "w", encoding="utf-8") as out, tqdm(total=len(prompts), disable=not progress,
                                                                  desc="generate", unit="prompt") as bar:
         for start in range(0, len(prompts), batch_size):
@@ -208,10 +221,10 @@ def generate_file(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, input
                     batch.append(prompt)
                 except ImageLoadError as err:
                     _bad(DataError(str(input_path), prompt.index, err.kind, f"image {err.path}: {err.detail}"),
-                         on_error, report)
+                         on_error, report, errors_path)
             replies = generate_batch(model, tokenizer, batch, images, settings, system_prompt) if batch else []
             for prompt, reply in zip(batch, replies, strict=True):
-                line = {"id": prompt.id, "query": prompt.query, "answer": reply}
+                line = {"id": prompt.id, "query": prompt.question, "answer": reply}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
             out.flush()
             report.written += len(batch)
@@ -219,11 +232,14 @@ def generate_file(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, input
     return report
 
 
-def _bad(error: DataError, on_error: str, report: BatchReport) -> None:
+def _bad(error: DataError, on_error: str, report: BatchReport, errors_path: Path) -> None:
     if on_error == "fail":
         raise error
     report.skipped.append(error)
     tqdm.write(f"[skipped] {error}", file=sys.stderr)
+    with open(errors_path, "a", encoding="utf-8") as errors:  # appended as found: a crash later keeps them
+        record = {"file": error.file, "index": error.index, "kind": error.kind, "detail": error.detail}
+        errors.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -245,5 +261,7 @@ def generate_main(args: argparse.Namespace) -> int:
     report = generate_file(model, tokenizer, args.input, args.output, settings, args.batch_size,
                            image_root=args.image_root, on_error=args.on_error,
                            system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
-    print(f"wrote {report.written} answer(s) to {args.output}; skipped {len(report.skipped)} bad record(s)")
+    skipped = len(report.skipped)
+    listed = f", listed in {args.output}.errors.jsonl" if skipped else ""
+    print(f"wrote {report.written} answer(s) to {args.output}; skipped {skipped} bad record(s){listed}")
     return 1 if report.skipped and not report.written else 0
