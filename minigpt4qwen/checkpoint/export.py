@@ -14,7 +14,9 @@ import torch
 from accelerate import init_empty_weights
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
-from transformers import Blip2Config, BlipImageProcessor, GenerationConfig, PreTrainedTokenizerBase
+import transformers
+from transformers import Blip2Config, GenerationConfig, PreTrainedTokenizerBase
+from transformers.utils import is_torchvision_available
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.native import atomic_directory
@@ -53,11 +55,24 @@ def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: 
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        BlipImageProcessor(size={"height": size, "width": size}, resample=3, image_mean=list(CLIP_MEAN),
-                           image_std=list(CLIP_STD), do_convert_rgb=True).save_pretrained(tmp)
+        _blip_image_processor_class()(size={"height": size, "width": size}, resample=3, image_mean=list(CLIP_MEAN),
+                                      image_std=list(CLIP_STD), do_convert_rgb=True).save_pretrained(tmp)
         GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, do_sample=False,
                          max_new_tokens=512).save_pretrained(tmp)
     return Path(out_dir)
+
+
+def _blip_image_processor_class() -> type:
+    """The BLIP image processor that needs no torchvision where there is none.
+
+    Newer transformers make `BlipImageProcessor` the torchvision-backed class and warn ("Install torchvision")
+    before falling back to `BlipImageProcessorPil`; installing torchvision breaks the CPU builds of torch that
+    many users have. Both classes write the same preprocessor_config.json (type "BlipImageProcessor").
+    """
+    pil_class = getattr(transformers, "BlipImageProcessorPil", None)
+    if pil_class is not None and not is_torchvision_available():
+        return pil_class
+    return transformers.BlipImageProcessor
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
