@@ -15,12 +15,15 @@ import torch
 from PIL import Image
 
 from minigpt4qwen.checkpoint.export import export_hf, load_exported
+from minigpt4qwen.cli.chat import ChatCLI
 from minigpt4qwen.cli.main import main
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.prompt_budget import question_tokens
 from tests.conftest import make_tiny_chat_model
 
 QUESTION = "what colour is the shape"
 USER = "User> "
+LEFT, UP = "\x1b[D", "\x1b[A"  # what a terminal sends for the arrow keys
 CHAT = [sys.executable, "-m", "minigpt4qwen.cli.main", "chat", "--max-new-tokens", "8"]
 
 
@@ -48,7 +51,8 @@ def files(tmp_path_factory):
 def scripted(files):
     """A `--query` run, started at once so it loads while the interactive session runs."""
     process = subprocess.Popen([*CHAT, "--model-dir", str(files / "model"), "--query", QUESTION, "--image",
-                                str(files / "red image.png")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                str(files / "red image.png")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield process
     process.kill()
 
@@ -186,6 +190,43 @@ def test_clear_commands(cli, files):
     assert "images (图片): 0" in run(cli, ":img")
     assert "unknown command :foo" in run(cli, ":foo")
     assert "empty question" in run(cli, "")
+
+
+def test_arrow_keys_edit_the_line_and_recall_earlier_ones(cli):
+    run(cli, ":cl")
+    cli.send(f"helo{LEFT}l\r")  # "helo", Left, "l", Enter
+    cli.expect_exact(USER)
+    assert "User[0]: hello\r\n" in run(cli, ":his")
+    cli.send(f"{UP}{UP}\r")  # Up twice: back past ":his" to "hello"
+    cli.expect_exact(USER)
+    assert "User[1]: hello\r\n" in run(cli, ":his")
+
+
+def test_a_line_longer_than_the_terminal_line_buffer_arrives_whole(cli):
+    run(cli, ":cl")
+    question = "red green " * 500  # 5000 characters: a terminal in line mode keeps 4095 of them
+    for start in range(0, len(question), 500):  # in pieces, reading the echo, so neither side's buffer fills
+        cli.send(question[start:start + 500])
+        cli.expect_exact(question[start + 490:start + 500])
+    cli.send("\r")
+    cli.expect_exact(USER)
+    assert f"User[0]: {question.strip()}\r\n" in run(cli, ":his")
+
+
+def test_a_question_over_the_prompt_budget_is_refused_with_the_limit(files, capsys):
+    model, tokenizer = load_exported(files / "model")
+    session = ChatSession(model, tokenizer, max_window_size=60)
+    session.add_image(files / "green.png")
+    question = "red " * 30
+    ids, _ = session.build_prompt(session.with_image_markers(question))
+    assert question_tokens(session, question) == ids.shape[1] > 60  # the engine's count, no history
+    cli = ChatCLI(session, GenerationSettings(max_new_tokens=2))
+    assert not cli.answer(question)
+    out = capsys.readouterr().out
+    assert f"{ids.shape[1]} tokens" in out and "prompt budget of 60 tokens (--max-window-size)" in out
+    assert "120 characters" in out and "1 image(s)" in out
+    assert session.turns == [] and len(session.pending_images) == 1  # nothing sent, the image still waits
+    assert cli.answer("red " * 5) and len(session.turns) == 1
 
 
 def test_query_mode_answers_once(scripted, expected):

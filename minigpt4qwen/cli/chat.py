@@ -1,7 +1,8 @@
 """The terminal chat over `ChatSession`: enter image paths (`:f` to finish), then chat with streamed replies.
 
 The original `cli_demo.py`'s flow and commands (`:h` lists them), with settings parsed safely instead of eval'd,
-images addable at any turn, Ctrl-C stopping only the reply being generated, and `--query` for scripts.
+images addable at any turn, Ctrl-C stopping only the reply being generated, line editing and input history
+(readline) in a terminal, questions over the prompt budget refused with a note, and `--query` for scripts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import TextIteratorStreamer
 from minigpt4qwen.data.images import ImageLoadError, load_image
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
 from minigpt4qwen.inference.loading import fast_decoder, load_for_inference, settings_from_args
+from minigpt4qwen.inference.prompt_budget import over_budget
 
 WELCOME = """\
 Welcome to MiniGPT4Qwen: type a question to chat, :h for the commands.
@@ -37,7 +39,8 @@ Commands 命令:
     :reset-conf                restore the starting settings          重置生成配置
     :img                       list the images                        显示图片列表
     :img <PATH>                add an image for the next question     为下一个问题添加图片
-Ctrl-C stops a reply being generated; Ctrl-D leaves.  Ctrl-C 中断生成；Ctrl-D 退出。"""
+Up/Down recall earlier lines (上下键调出输入历史); Ctrl-C stops a reply being generated; Ctrl-D leaves.
+Ctrl-C 中断生成；Ctrl-D 退出。"""
 IMAGE_INPUT = "Image path, one per line; :f to finish (图片路径，每行一个，可多张；输入 :f 结束并开始对话)> "
 USER = "User> "
 ASSISTANT = "Assistant: "
@@ -124,8 +127,12 @@ class ChatCLI:
             label: printed before the reply.
 
         Returns:
-            Whether a reply was completed (False: interrupted or failed, with a note printed).
+            Whether a reply was completed (False: refused as over the prompt budget, interrupted or failed,
+            with a note printed).
         """
+        if problem := over_budget(self.session, query):
+            print(f"[ERROR] {problem} (问题过长，未发送)", file=self.notes)
+            return False
         streamer = TextIteratorStreamer(self.session.tokenizer, skip_prompt=True, skip_special_tokens=True)
         outcome: dict = {}
 
@@ -289,6 +296,10 @@ def chat_main(args: argparse.Namespace) -> int:
         cli.add_image(path)
     if args.query is not None:
         return 0 if cli.answer(args.query, label="") else 1
+    if sys.stdin.isatty():
+        # input() then edits lines (arrow keys, history) and reads them whole: without it the terminal's own
+        # line editing is in charge, which cuts a line at 4095 characters without a word.
+        import readline  # noqa: F401
     if not args.image and not cli.collect_images():
         return 0
     cli.run()
