@@ -32,11 +32,11 @@ class ActivationCheckpointing:
 class ModelConfig:
     """Where the weights come from and how each part is stored and trained.
 
-    A `preset` (qwen7b_chat, qwen14b_chat) fills the paths of the original project's `cache/ckpt` layout
+    A `preset` (see `minigpt4qwen.presets.PRESETS`) fills the paths of the original project's `cache/ckpt` layout
     for every path left empty; explicit paths always win.
     """
 
-    preset: Optional[str] = None  # qwen7b_chat | qwen14b_chat
+    preset: Optional[str] = None  # qwen7b_chat, qwen14b_chat, qwen25_7b_instruct, qwen3_8b, llama31_8b_instruct, ...
     cache_root: str = "cache"  # the original project's weight folder (holds ckpt/eva, ckpt/blip2, ckpt/Qwen7B-chat)
     llm: Optional[str] = None  # LLM directory: Qwen1 (model_type qwen) or any transformers causal LM
     vision_weights: Optional[str] = None  # LAVIS eva_vit_g.pth, or a Hugging Face BLIP-2 directory

@@ -197,11 +197,11 @@ def test_template_path_images(tok):
 @pytest.mark.parametrize(
     ("template", "match"),
     [
-        ("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}", "rewrites message content"),
+        ("{% for m in messages %}{{ m['content'] | lower }}{% endfor %}", "rewrites message 0's content"),
         ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}", "once"),
         ("{% for m in messages %}<|extra_0|>{{ m['content'] }}{% endfor %}", "placeholder"),
     ],
-    ids=["trims", "drops_system", "writes_placeholder"],
+    ids=["lowercases", "drops_system", "writes_placeholder"],
 )
 def test_template_path_rejects_unsound_templates(tok, template, match):
     messages = [{"role": "system", "content": " S "}, {"role": "user", "content": "U"}]

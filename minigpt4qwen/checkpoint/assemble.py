@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
-from minigpt4qwen.checkpoint.llm import load_llm, placeholder_token_id
+from minigpt4qwen.checkpoint.llm import load_llm, prepare_placeholder
 from minigpt4qwen.checkpoint.native import is_native_checkpoint, read_native_meta
 from minigpt4qwen.checkpoint.sources import read_model_checkpoint, read_qformer_weights, read_vision_weights
 from minigpt4qwen.config import ModelConfig
@@ -62,8 +62,7 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
         cfg.llm, dtype=dtypes["language_model"], device="cpu", attn_implementation=cfg.attn_implementation
     )
     vision_config, qformer_config = vision_architecture(cfg.vision_arch, cfg.image_size)
-    image_token_id = (tokenizer.convert_tokens_to_ids(cfg.placeholder_token) if cfg.placeholder_token
-                      else placeholder_token_id(tokenizer))
+    image_token_id = prepare_placeholder(language_model, tokenizer, cfg.placeholder_token)
     config = minigpt4qwen_config(
         language_model.config,
         image_token_id=image_token_id,

@@ -2,11 +2,13 @@
 
 A Qwen1 directory (Qwen-7B/14B-Chat, `model_type: qwen`) is converted on the fly to `Qwen2ForCausalLM`
 (`qwen1.py`); any other directory must be a `transformers`-native causal LM (Qwen2, Qwen2.5, Qwen3, ...).
-Usage: `model, tokenizer = load_llm("/models/Qwen-7B-Chat"); image_id = placeholder_token_id(tokenizer)`.
+Usage: `model, tokenizer = load_llm("/models/Qwen-7B-Chat"); image_id = prepare_placeholder(model, tokenizer)`.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -22,11 +24,16 @@ from minigpt4qwen.checkpoint.qwen1 import (
 )
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
 
-# Existing tokens reserved for image features, by family: Qwen1 `<|extra_0|>` (what MiniGPT4Qwen used), then
-# Qwen2.5 / Qwen3 / Qwen2-VL `<|image_pad|>` (id 151655, an embedding row these text models never trained).
+# Existing special tokens reserved for image features, by family: Qwen1 `<|extra_0|>` (what MiniGPT4Qwen used),
+# then Qwen2.5 / Qwen3 / Qwen2-VL `<|image_pad|>` (an embedding row these text models never trained).
 PLACEHOLDER_CANDIDATES = ("<|extra_0|>", "<|image_pad|>")
-# Added when no candidate exists (e.g. the original Qwen2, whose only specials are endoftext/im_start/im_end).
+# Llama 3.x: the lowest-numbered of its unused `<|reserved_special_token_N|>` tokens.
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>")
+# Added when the tokenizer has none of the above (e.g. the original Qwen2, whose only specials are
+# endoftext/im_start/im_end); `prepare_placeholder` then grows the embeddings if the new id needs a row.
 NEW_PLACEHOLDER = "<image>"
+
+logger = logging.getLogger(__name__)
 
 
 def llm_config_from_dir(path: str | Path) -> PretrainedConfig:
@@ -87,24 +94,65 @@ def load_llm(
     return model.eval(), load_tokenizer(path)
 
 
-def placeholder_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def placeholder_token_id(tokenizer: PreTrainedTokenizerBase, token: str | None = None) -> int:
     """The id of the token whose embedding rows are replaced by image features.
 
-    Uses a token the family already reserves (`<|extra_0|>` for Qwen1, `<|image_pad|>` for Qwen2.5 / Qwen3).
-    Otherwise `<image>` is added to this tokenizer as a special token: if its id is not below the model's
-    embedding rows, call `model.resize_token_embeddings(len(tokenizer))` (not needed for Qwen2, whose new id
-    151646 is below its 151936 rows).
+    It is always a special token, so text never produces it (text is encoded with special tokens split). Unless
+    `token` names one, the first that exists of: `<|extra_0|>` (Qwen1), `<|image_pad|>` (Qwen2.5 / Qwen3), the
+    lowest `<|reserved_special_token_N|>` (Llama 3.x), `<image>`. With none of them, `<image>` is added to this
+    tokenizer as a special token; `prepare_placeholder` then checks that the model has a row for it.
 
     Args:
-        tokenizer: the LLM's tokenizer; it may be modified (see above).
+        tokenizer: the LLM's tokenizer; it may gain `<image>` (see above).
+        token: a special token to use instead (`model.placeholder_token`).
 
     Returns:
         The placeholder token id.
+
+    Raises:
+        ValueError: `token` is not a special token of the tokenizer.
     """
-    vocab = tokenizer.get_vocab()
-    for token in (*PLACEHOLDER_CANDIDATES, NEW_PLACEHOLDER):
-        if token in vocab:
-            return vocab[token]
-    # special + not normalized: always one atomic token, never split or changed by the normalizer.
-    tokenizer.add_tokens([AddedToken(NEW_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if token is not None:
+        if token not in specials:
+            raise ValueError(
+                f"model.placeholder_token {token!r} is not a special token of this tokenizer, so text could produce "
+                f"it; choose one of its special tokens the chat template never writes, e.g. {sorted(specials)[:5]}"
+            )
+        return specials[token]
+    for candidate in PLACEHOLDER_CANDIDATES:
+        if candidate in specials:
+            return specials[candidate]
+    reserved = sorted((int(m.group(1)), t) for t in specials if (m := RESERVED_TOKEN.fullmatch(t)))
+    if reserved:
+        return specials[reserved[0][1]]
+    if NEW_PLACEHOLDER not in specials:
+        # special + not normalized: always one atomic token, never split or changed by the normalizer.
+        tokenizer.add_tokens([AddedToken(NEW_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(NEW_PLACEHOLDER)
+
+
+def prepare_placeholder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token: str | None = None) -> int:
+    """`placeholder_token_id`, plus an embedding row for it if the model has none.
+
+    Only a tokenizer with no reserved token gets a new one (`<image>`), and its id usually still falls inside
+    the embedding matrix (vocabularies are padded: Qwen2's 151646 < 151936 rows). When it does not, the input
+    and output embeddings are resized to `len(tokenizer)` (transformers initialises new rows at the mean of the
+    old ones). The input row is never read (image features replace it) and the id is never a target, so its
+    values do not matter; the resized LLM is what checkpoints of a trained LLM and exports hold.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer (may gain `<image>`).
+        token: as in `placeholder_token_id`.
+
+    Returns:
+        The placeholder token id, a row of the model's embeddings.
+    """
+    image_token_id = placeholder_token_id(tokenizer, token)
+    rows = model.get_input_embeddings().num_embeddings
+    if image_token_id >= rows:
+        model.resize_token_embeddings(len(tokenizer))
+        logger.warning("%s (id %d) had no embedding row: the LLM's embeddings grew from %d to %d rows",
+                       tokenizer.convert_ids_to_tokens(image_token_id), image_token_id, rows, len(tokenizer))
+    return image_token_id

@@ -27,7 +27,7 @@ from minigpt4qwen.data.images import ImageLoadError, ImageTransform, load_image
 from minigpt4qwen.inference.engine import IMAGE_PROMPT
 from minigpt4qwen.inference.generation import GenerationSettings, chat_generate_kwargs, decode_reply
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.conversation import IMAGE_MARKER, render_chatml
+from minigpt4qwen.text.conversation import IMAGE_MARKER, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
 # An image marker, wrapped in <Img></Img> or bare, with the whitespace after it.
@@ -152,8 +152,8 @@ def generate_batch(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, prom
         One reply per prompt.
     """
     device = model.language_projection.weight.device
-    rows = [render_chatml(tokenizer, p.messages(system_prompt), image_token_id=model.image_token_id,
-                          num_query_tokens=model.num_query_tokens, add_generation_prompt=True).input_ids
+    rows = [render_with_template(tokenizer, p.messages(system_prompt), image_token_id=model.image_token_id,
+                                 num_query_tokens=model.num_query_tokens, add_generation_prompt=True).input_ids
             for p in prompts]
     kwargs = chat_generate_kwargs(tokenizer, settings)
     width = max(len(row) for row in rows)

@@ -24,7 +24,7 @@ from minigpt4qwen.inference.fast_path import fast_path_applies, generate_fast
 from minigpt4qwen.inference.generation import CancelFlag, GenerationSettings, chat_generate_kwargs, decode_reply
 from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.conversation import IMAGE_MARKER, render_chatml
+from minigpt4qwen.text.conversation import IMAGE_MARKER, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["IMAGE_PROMPT", "ChatSession", "GenerationCancelled", "GenerationSettings", "chat"]
@@ -50,7 +50,7 @@ class ChatSession:
 
     Args:
         model: the model (eval mode is set here).
-        tokenizer: its tokenizer (ChatML special tokens required).
+        tokenizer: its tokenizer; prompts are rendered with its chat template (`render_with_template`).
         system_prompt: the system message.
         max_window_size: prompt budget in tokens; older turns are dropped beyond it (the original's 6144).
         decoder: the model's `GraphDecoder` (shared by sessions): encodes the images and answers every question
@@ -148,7 +148,7 @@ class ChatSession:
         """
         all_images = self.turn_images + [self.pending_images]
         for first in range(len(self.turns) + 1):
-            rendered = render_chatml(
+            rendered = render_with_template(
                 self.tokenizer, self._messages(query, first), image_token_id=self.model.image_token_id,
                 num_query_tokens=self.model.num_query_tokens, add_generation_prompt=True,
             )

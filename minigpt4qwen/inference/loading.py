@@ -30,7 +30,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """
     g = parser.add_argument_group("model")
     g.add_argument("--model-dir", help="a directory written by `minigpt4qwen export` (replaces the options below)")
-    g.add_argument("--model-type", choices=["qwen7b_chat", "qwen14b_chat"], default="qwen7b_chat",
+    g.add_argument("--model-type", default="qwen7b_chat",
+                   choices=["qwen7b_chat", "qwen14b_chat", "qwen25_7b_instruct", "qwen25_14b_instruct", "qwen3_8b",
+                            "llama31_8b_instruct"],
                    help="preset that finds the weights in the original cache/ckpt layout")
     g.add_argument("-c", "--checkpoint", help="trained checkpoint: ours, or the original project's model.pth")
     g.add_argument("--config", help="YAML whose model section replaces the preset")

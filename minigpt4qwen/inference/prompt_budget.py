@@ -8,7 +8,7 @@ says how long it is and what the limit is, rather than run past the budget the u
 from __future__ import annotations
 
 from minigpt4qwen.inference.engine import ChatSession
-from minigpt4qwen.text.conversation import render_chatml
+from minigpt4qwen.text.conversation import render_with_template
 
 
 def question_tokens(session: ChatSession, query: str) -> int:
@@ -24,8 +24,8 @@ def question_tokens(session: ChatSession, query: str) -> int:
     """
     messages = [{"role": "system", "content": session.system_prompt},
                 {"role": "user", "content": session.with_image_markers(query)}]
-    rendered = render_chatml(session.tokenizer, messages, image_token_id=session.model.image_token_id,
-                             num_query_tokens=session.model.num_query_tokens, add_generation_prompt=True)
+    rendered = render_with_template(session.tokenizer, messages, image_token_id=session.model.image_token_id,
+                                    num_query_tokens=session.model.num_query_tokens, add_generation_prompt=True)
     return len(rendered.input_ids)
 
 

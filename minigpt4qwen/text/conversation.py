@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from minigpt4qwen.text.chat_template import template_layout
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
 IGNORE_INDEX = -100
@@ -96,7 +96,8 @@ def render_chatml(
         raise ValueError(f"unknown label_mode {label_mode!r} (expected one of {LABEL_MODES})")
     controls = _control_tokens(tokenizer)
     if "<|im_start|>" not in controls or "<|im_end|>" not in controls:
-        raise ValueError("render_chatml needs a ChatML tokenizer: <|im_start|> and <|im_end|> special tokens")
+        raise ValueError("render_chatml needs a ChatML tokenizer (<|im_start|> and <|im_end|> special tokens); for "
+                         "other LLMs render with their own chat template: data.chat_format=template")
     im_start, im_end = controls["<|im_start|>"], controls["<|im_end|>"]
     # "original" keeps MiniGPT4Qwen's targets. Its role strings ("<|im_start|>assistant") are 2 ids, so its
     # reply target [im_start] + [IGNORE] * 2 + content + [im_end] + nl also ignores the "\n" after the role.
@@ -138,14 +139,14 @@ def render_with_template(
     label_mode: str = "assistant",
     add_generation_prompt: bool = False,
 ) -> RenderedConversation:
-    """Render a conversation with the tokenizer's own chat template (Qwen2/2.5/3, Llama 3, ...).
+    """Render a conversation with the tokenizer's own chat template (Qwen2.5, Qwen3, Llama 3, ChatML, ...).
 
-    Rendering with each content swapped for a unique stand-in splits the template's output into frames and
-    content slots by message, with no text search; the real contents fill the slots (the result must equal the
-    template's own rendering). The string is cut only where the tokenizer cuts anyway, at the frames' special
-    tokens (inserted as ids) and at image markers; the text between is encoded with special tokens off, so ids
-    equal a whole-string encoding while typed special tokens stay text. Targets, by character span: each reply's
-    content through the first special token after it (its end of turn, e.g. `<|im_end|>`, `<|eot_id|>`).
+    `template_layout` (chat_template.py) renders the messages with the template and locates every content and
+    every supervised span in its output. The string is cut only where the tokenizer cuts anyway, at the
+    template's special tokens (inserted as ids) and at image markers; the text between is encoded with special
+    tokens off, so ids equal a whole-string encoding while typed special tokens stay text. A token is a target
+    when its characters overlap a supervised span: each reply's content through its end-of-turn token, or what
+    the template's `{% generation %}` blocks mark.
 
     Args:
         tokenizer: a tokenizer with a `chat_template`.
@@ -153,7 +154,8 @@ def render_with_template(
         image_token_id: the placeholder id; it must be a special token so text cannot produce it.
         num_query_tokens: placeholder ids per image.
         label_mode: only "assistant" ("original" is ChatML-specific: use `render_chatml`).
-        add_generation_prompt: passed to the template.
+        add_generation_prompt: end with the template's own header of an assistant reply (the text it writes
+            before a reply's content), unsupervised.
 
     Returns:
         The rendered conversation.
@@ -164,44 +166,33 @@ def render_with_template(
             or rewrites contents, or placeholder ids that text or the template produced.
         TypeError: a message that is not a mapping, or content that is not a str.
     """
-    gen = add_generation_prompt
-    _check_request(tokenizer, messages, image_token_id, num_query_tokens, gen)
+    _check_request(tokenizer, messages, image_token_id, num_query_tokens, add_generation_prompt)
     if label_mode != "assistant":
         raise ValueError(f"render_with_template supports label_mode='assistant' only, got {label_mode!r}")
     if not tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat_template; use render_chatml for ChatML models")
-    frames = _template_frames(tokenizer, messages, gen)
+        raise ValueError("the tokenizer has no chat_template: use an instruct/chat model's directory, or "
+                         "render_chatml (data.chat_format=chatml) for Qwen-7B/14B-Chat")
     controls = _control_tokens(tokenizer)
+    layout = template_layout(tokenizer, messages, list(controls), add_generation_prompt=add_generation_prompt)
     # Longest first, as the tokenizer matches added tokens; "(?!)" never matches (a tokenizer without specials).
     alternation = "|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True)) or "(?!)"
     control_split = re.compile(f"({alternation})")
-    # The rendered string as chunks (kind, text, start): kind "text" (merged), "control" (a special token) or
-    # "image" (a marker); plus the char span of each assistant reply's content.
+    # The text as chunks (kind, text, start): "text" (merged), "control" (a special token written by the
+    # template, outside the contents) or "image" (a marker in a user content).
     chunks: list[tuple[str, str, int]] = []
-    replies: list[tuple[int, int]] = []
     pos = 0
-    for i, frame in enumerate(frames):
+    for i, (begin, end) in enumerate([*layout.contents, (len(layout.text), len(layout.text))]):
+        frame = layout.text[pos:begin]
         pieces = [("control" if k % 2 else "text", p) for k, p in enumerate(control_split.split(frame))]
-        if i < len(messages):
-            content = messages[i]["content"]
+        if i < len(layout.contents):
+            content = layout.text[begin:end]
             pieces += [("image" if k % 2 else "text", p) for k, p in enumerate(_IMAGE_SPLIT.split(content))]
-            if messages[i]["role"] == "assistant":
-                replies.append((pos + len(frame), pos + len(frame) + len(content)))
         for kind, text in pieces:
             if kind == "text" and chunks and chunks[-1][0] == "text":
                 chunks[-1] = ("text", chunks[-1][1] + text, chunks[-1][2])
             elif text:
                 chunks.append((kind, text, pos))
             pos += len(text)
-    rendered = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=gen)
-    if "".join(text for _, text, _ in chunks) != rendered:
-        raise ValueError(
-            "the chat template rewrites message content (e.g. trims whitespace), so content tokens cannot be "
-            "located exactly; pass each message's content in the form the template emits it"
-        )
-    # A reply's target region runs through the first special token after it (its end-of-turn token).
-    ends = [start + len(text) for kind, text, start in chunks if kind == "control"]
-    regions = [(begin, next((e for e in ends if e > end), pos)) for begin, end in replies]
     runs = [text for kind, text, _ in chunks if kind == "text"]
     encoded = _encode_plain(tokenizer, runs, controls.values(), offsets=True)
     runs_iter = iter(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
@@ -217,7 +208,7 @@ def render_with_template(
         tokens = zip(*next(runs_iter), strict=True) if kind == "text" else [(controls[text], (0, len(text)))]
         for token_id, (lo, hi) in tokens:
             lo, hi = start + lo, start + max(hi, lo + 1)  # a zero-width token still gets a position
-            target = any(lo < r_end and hi > r_begin for r_begin, r_end in regions)
+            target = any(lo < t_end and hi > t_begin for t_begin, t_end in layout.targets)
             input_ids.append(token_id)
             labels.append(token_id if target else IGNORE_INDEX)
     return _finish(input_ids, labels, spans, image_token_id, num_query_tokens)
@@ -272,18 +263,6 @@ def _encode_plain(
         if leaked := forbidden.intersection(ids):
             raise ValueError(f"text {text[:50]!r} gave special ids {sorted(leaked)} despite split_special_tokens=True")
     return encoded
-
-
-def _template_frames(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], gen: bool) -> list[str]:
-    """The template's output around the message contents: len(messages) + 1 strings."""
-    nonce = uuid.uuid4().hex  # private-use delimiters + a nonce: no message text can contain the stand-in
-    stand_ins = [dict(m, content=f"\ue000{nonce}.{i}\ue001") for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(stand_ins, tokenize=False, add_generation_prompt=gen)
-    parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", rendered)
-    order = [int(i) for i in parts[1::2]]
-    if order != list(range(len(messages))):
-        raise ValueError(f"the chat template must render each of the {len(messages)} contents once, in order: {order}")
-    return parts[0::2]
 
 
 def _finish(

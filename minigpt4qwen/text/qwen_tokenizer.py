@@ -165,7 +165,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
     A directory holding `qwen.tiktoken` (Qwen-7B/14B(-Chat) v1) gets `build_qwen1_tokenizer`; its
     `tokenization_qwen.py` is never imported. A `.tiktoken` file path is accepted too. Anything else goes to
-    `AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)`.
+    `AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)`; one without a pad
+    token (Llama 3) pads with its eos token.
 
     The Qwen build is memoised per file within the process; each call returns a shallow copy, so plain attributes
     (`padding_side`, `model_max_length`, ...) are per copy while the vocabulary backend is shared (do not add
@@ -192,9 +193,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         stat = resolved.stat()
         return copy.copy(_cached_qwen1_tokenizer(resolved, stat.st_mtime_ns, stat.st_size))
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"no tokenizer in {path} loads without remote code: expected `{QWEN_VOCAB_FILE}` (Qwen v1) or the "
             f"files of a `transformers` tokenizer such as tokenizer.json ({err})"
         ) from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Llama 3 ships no pad token; batches need one. Padding is masked out and never learned.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
