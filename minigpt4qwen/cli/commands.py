@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from minigpt4qwen.cli.eval_command import add_eval
+
 OVERRIDES_HELP = "dotted key=value overrides of the config, e.g. train.max_steps=100 model.trainable.language_model=true"
 
 
@@ -229,7 +231,8 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [add_demo, add_train, add_export, add_convert, add_data, add_chat, add_generate, add_webui, add_serve]
+REGISTER = [add_demo, add_train, add_export, add_convert, add_data, add_chat, add_generate, add_webui, add_serve,
+            add_eval]
 
 
 def _add_conversation_options(p: argparse.ArgumentParser, system_prompt: bool = True, window: bool = True) -> None:
