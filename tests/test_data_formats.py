@@ -80,6 +80,14 @@ BAD_RECORDS = [
     ("minigpt4qwen", {"image": "a.jpg", "instruction": "no marker", "output": "x"}, "marker_mismatch", "0 image"),
     ("minigpt4qwen", {"instruction": Q, "output": "x"}, "marker_mismatch", "1 image markers in the text but 0"),
     ("minigpt4qwen", {"instruction": "q", "output": "  "}, "empty_answer", "the answer is empty"),
+    ("minigpt4qwen", {"instruction": " ", "output": "x"}, "empty_instruction", "turn 0: the instruction is empty"),
+    ("minigpt4qwen", {"instruction": ["q", ""], "output": ["x", "y"]}, "empty_instruction", "turn 2: the instruc"),
+    (
+        "text",
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
+        "empty_instruction",
+        "the instruction is empty",
+    ),
     ("minigpt4qwen", {"video": "v.mp4", "instruction": "q", "output": "x"}, "malformed_record", "video"),
     (
         "llava",
@@ -177,6 +185,27 @@ def test_check_dataset_reports_every_problem_with_file_and_index(tmp_path):
         num_query_tokens=4,
     )
     assert clean.ok and clean.format().endswith("OK")
+
+
+def test_check_counts_over_long_samples_as_its_too_long_lines_and_reports_empty_instructions(tmp_path):
+    long = " ".join(["word"] * 80)
+    records = [
+        {"instruction": "Tell a long story.", "output": long},  # the answer is cut
+        {"instruction": f"Again: {long}", "output": "No."},  # the question alone is too long: dropped
+        {"instruction": ["Hi.", long], "output": ["Hi.", "x"]},  # dropped: the last question must stay
+        {"instruction": "\n", "output": "An answer to nothing."},
+    ]
+    annotation = write_json(tmp_path / "text.json", records)
+    tok = build_tiny_chat_tokenizer([*map(json.dumps, records)])
+    config = DataConfig(datasets=[DatasetSpec("minigpt4qwen", annotation)], max_txt_len=64)
+    report = check_dataset(config, tok, image_token_id=3, num_query_tokens=4)
+    found = {(p.index, p.kind) for p in report.problems}
+    assert found == {(1, "too_long"), (2, "too_long"), (3, "empty_instruction")}
+    text = report.format()
+    too_long_lines = [line for line in text.splitlines() if ": too_long: " in line]
+    assert len(too_long_lines) == 2 and "too_long 2" in text
+    assert "over max_txt_len: 3 (1 truncated, 2 too_long, dropped)" in text
+    assert f"{annotation}: record 3: empty_instruction: turn 0: the instruction is empty" in text
 
 
 def test_data_config_loads_through_omegaconf_and_validates():

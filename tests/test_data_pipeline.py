@@ -7,6 +7,7 @@ code here) and compare our data layer's output with them token for token.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -15,7 +16,7 @@ from minigpt4qwen.data.collate import DataCollator
 from minigpt4qwen.data.config import DataConfig, DatasetSpec
 from minigpt4qwen.data.dataset import ConversationDataset
 from minigpt4qwen.data.formats import IMAGE_WRAP, DataError
-from minigpt4qwen.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, ImageTransform, load_image
+from minigpt4qwen.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, ImageTransform, load_image, to_rgb
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
 from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
 from tests.reference import QWEN7B_DIR
@@ -201,6 +202,7 @@ def test_truncation_drops_history_then_cuts_the_answer_never_an_image_run(tmp_pa
     assert first.events == ("truncated_history",) and len(first.input_ids) <= 70
     assert tiny.decode(first.input_ids).count("story") == 0 and first.input_ids.count(3) == 4
     assert second.events == ("truncated_answer",) and len(second.input_ids) == 70
+    assert ds[1]["events"] == ["truncated_answer"] and "record 1: truncated_answer: " in ds[1]["problems"][0]
     for enc in (first, second):
         ((start, end),) = enc.image_spans
         assert enc.input_ids[start:end] == [3] * 4 and end <= len(enc.input_ids)
@@ -228,6 +230,24 @@ def test_bad_image_raises_naming_file_and_record_or_is_skipped_and_counted(tmp_p
     assert skipping[1]["events"] == ["skipped_corrupt_image"] and skipping.counts["skipped_corrupt_image"] == 1
     with pytest.raises(ImageLoadError, match="missing_image: .*nope.png"):
         load_image(str(tmp_path / "nope.png"))
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 100, 40000, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    rgb = np.asarray(load_image(str(tmp_path / "grey16.png")))
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 100, 156, 255] and (rgb == rgb[..., :1]).all()
+    wide = Image.fromarray(values.astype(np.int32))  # mode "I": how older Pillow opens 16-bit PNGs
+    assert wide.mode == "I" and np.asarray(to_rgb(wide))[0, :, 1].tolist() == [0, 100, 156, 255]
+
+
+def test_empty_instruction_stops_construction_or_is_skipped_and_counted(tmp_path, tiny):
+    records = [{"instruction": "What color is it?", "output": "red"}, {"instruction": "  ", "output": "blue"}]
+    with pytest.raises(DataError, match=r"minigpt4qwen\.json: record 1: empty_instruction: turn 0"):
+        dataset(tmp_path, records, tiny)
+    ds = dataset(tmp_path, records, tiny, bad_sample_policy="skip")
+    assert len(ds) == 1 and ds.counts == {"skipped_empty_instruction": 1} and ds.load_problems[0].index == 1
 
 
 def test_malformed_annotation_stops_construction_or_is_counted(tmp_path, tiny):

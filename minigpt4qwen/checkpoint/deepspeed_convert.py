@@ -5,11 +5,14 @@
 ZeRO-1/2/3 weights come from the fp32 master copies through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`;
 ZeRO-0 weights from `mp_rank_00_model_states.pt`; our pipeline's `layer_XX-model_states.pt` files are renamed
 with the `pipeline_keys.json` the pipeline trainer writes beside them; anything else goes to `original.py`.
+A torn checkpoint (a rank's file missing, a file cut short by a killed save) is an error naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +29,50 @@ PIPELINE_KEYS = "pipeline_keys.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 # Activation-checkpoint wrappers appear in parameter names (DeepSpeed records named_parameters), not in state_dict.
 _WRAPPER = "_checkpoint_wrapped_module."
+# Per-rank files of ZeRO checkpoints: [bf16_]zero_pp_rank_R_mp_rank_00_{optim,model}_states.pt.
+_RANK_FILE = re.compile(
+    r"(?P<prefix>(?:bf16_)?zero_pp_rank_)(?P<rank>\d+)(?P<rest>_mp_rank_\d+_(?P<kind>optim|model)_states\.pt)"
+)
+
+
+def _load(file: Path, *, weights_only: bool = False, mmap: bool = False) -> object:
+    """`torch.load` to the CPU that names the file when it cannot be read."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as err:  # a truncated or damaged file raises many different types
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {err}); was its save interrupted? "
+                              "Convert an earlier checkpoint") from None
+
+
+def check_complete(tag_dir: Path) -> None:
+    """Checks that a DeepSpeed checkpoint directory is whole before DeepSpeed's readers (whose errors name no
+    file) see it: every `*_states.pt` a complete torch archive, and, for ZeRO, the per-rank files of every
+    data-parallel rank that its model states record.
+
+    Raises:
+        CheckpointError: naming the truncated or missing file.
+    """
+    files = sorted(tag_dir.glob("*_states.pt"))
+    for file in files:
+        # torch writes zip archives, whose directory is at the end: a file cut short has none.
+        if not zipfile.is_zipfile(file):
+            raise CheckpointError(f"{file}: truncated or not a torch checkpoint file (was its save interrupted?); "
+                                  "convert an earlier checkpoint")
+    ranked = [(m, file) for file in files if (m := _RANK_FILE.fullmatch(file.name))]
+    model_states = [f for f in files if f.name == MODEL_STATES] + [f for m, f in ranked if m["kind"] == "model"]
+    if not ranked or not model_states:
+        return  # not ZeRO-partitioned (ZeRO-0, pipeline), or no model states at all (reported by the readers)
+    world = _load(model_states[0], mmap=True).get("dp_world_size")
+    for kind in ("optim", "model"):
+        present = {int(m["rank"]): m for m, _ in ranked if m["kind"] == kind}
+        if not present:
+            continue  # ZeRO-1/2 keep one model states file, not one per rank
+        example = next(iter(present.values()))
+        for rank in range(world or 0):
+            if rank not in present:
+                name = f"{example['prefix']}{rank}{example['rest']}"
+                raise CheckpointError(f"{tag_dir / name} is missing: the checkpoint was written by {world} ranks "
+                                      f"and has the {kind} states of only {len(present)}; convert an earlier one")
 
 
 def _tag_dir(path: Path) -> Path:
@@ -52,13 +99,14 @@ def read_deepspeed_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return _read_pipeline(tag_dir)
     if not any(tag_dir.glob(f"*{MODEL_STATES}")):
         raise CheckpointError(f"{tag_dir}: no {MODEL_STATES} or {PIPELINE_KEYS}: not one of our DeepSpeed checkpoints")
+    check_complete(tag_dir)
     if any(tag_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3 (and bf16 ZeRO-0): partitioned fp32 masters
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         tensors = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                            exclude_frozen_parameters=True)
     else:
-        tensors = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        tensors = _load(tag_dir / MODEL_STATES)["module"]
     return {key.replace(_WRAPPER, ""): value for key, value in tensors.items()}
 
 
@@ -69,7 +117,7 @@ def _read_pipeline(tag_dir: Path) -> dict[str, torch.Tensor]:
         file = tag_dir / f"layer_{int(index):02d}-model_states.pt"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (an incomplete pipeline checkpoint)")
-        for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
+        for key, value in _load(file, weights_only=True).items():
             if key not in mapping:
                 raise CheckpointError(f"{file}: key {key!r} is not in {PIPELINE_KEYS}")
             tensors[mapping[key]] = value
@@ -85,7 +133,8 @@ def _original_zero_module(tag_dir: Path) -> dict[str, torch.Tensor] | None:
     """
     if not (tag_dir / MODEL_STATES).is_file():  # ZeRO-3 names its files per rank: ours, the original had none
         return None
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
+    check_complete(tag_dir)
+    states = _load(tag_dir / MODEL_STATES, mmap=True)
     module = states.get("module") or {}
     if not module or all(k.split(".", 1)[0] in PART_NAMES for k in module):
         return None

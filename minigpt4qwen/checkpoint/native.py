@@ -7,7 +7,9 @@ model is ~17 MB. Directories are written atomically: a crash mid-write never rep
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,9 +23,14 @@ from torch import nn
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
 
+logger = logging.getLogger(__name__)
+
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "minigpt4qwen.json"
 FORMAT_VERSION = 1
+# `atomic_directory` writes into `.{final name}.tmp-XXXXXXXX` (tempfile.mkdtemp's 8 random characters).
+TMP_INFIX = ".tmp-"
+_MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"
 
 
 @contextmanager
@@ -31,11 +38,11 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yields a temporary sibling directory; on success it replaces `final` in one rename.
 
     If the block raises (or the process dies), `final` is untouched and the partial directory is removed (or,
-    after a hard kill, left with a `.tmp-` name that loaders ignore).
+    after a hard kill, left with a `.tmp-` name that loaders ignore and `remove_interrupted_writes` deletes).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_INFIX}", dir=final.parent))
     try:
         yield tmp
         for file in tmp.iterdir():
@@ -52,6 +59,32 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_interrupted_writes(parent: str | Path, name_pattern: str) -> list[Path]:
+    """Deletes what `atomic_directory` left in `parent` when its process was killed mid-write (logged).
+
+    Call it only when nothing writes into `parent`, e.g. when a run starts.
+
+    Args:
+        parent: the directory the writes went to.
+        name_pattern: a regular expression the final directory's name must match in full (e.g.
+            `checkpoint-\\d+`), so that only these temporary directories are touched.
+
+    Returns:
+        The directories removed.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    ours = re.compile(rf"\.(?:{name_pattern}){re.escape(TMP_INFIX)}{_MKDTEMP_SUFFIX}")
+    removed = []
+    for child in sorted(parent.iterdir()):
+        if ours.fullmatch(child.name) and child.is_dir() and not child.is_symlink():
+            logger.warning("removing %s: an unfinished checkpoint write (its process was stopped mid-save)", child)
+            shutil.rmtree(child)
+            removed.append(child)
+    return removed
 
 
 def select_state_dict(model: nn.Module, which: str = "trainable") -> dict[str, torch.Tensor]:

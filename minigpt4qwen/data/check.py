@@ -84,9 +84,12 @@ class DataCheckReport:
             for name, values in rows:
                 stats = np.percentile(np.asarray(values), PERCENTILES, method="nearest")
                 lines.append(f"{name:<16}" + "".join(f"{int(v):>8}" for v in stats))
-            over = sum(t > self.max_txt_len for t in self.total_tokens)
+            # Samples that cannot be fitted are problems (too_long), absent from total_tokens: both kinds count.
+            truncated = sum(t > self.max_txt_len for t in self.total_tokens)
+            dropped = sum(p.kind == "too_long" for p in self.problems)
             lines.append(
-                f"over max_txt_len: {over}; truncated history: {self.events['truncated_history']}; "
+                f"over max_txt_len: {truncated + dropped} ({truncated} truncated, {dropped} too_long, dropped); "
+                f"truncated history: {self.events['truncated_history']}; "
                 f"truncated answer: {self.events['truncated_answer']}"
             )
         kinds = Counter(p.kind for p in self.problems)

@@ -24,7 +24,7 @@ class DataCollator:
     [N, 3, S, S], every image of the batch, sample by sample in placeholder order; N may be 0),
     `num_images` (LongTensor [B]), `num_label_tokens` (LongTensor scalar: the targets the loss counts, i.e.
     labels[:, 1:] != IGNORE_INDEX), `events` (dict name -> count over the batch's items) and `problems`
-    (messages of the samples dropped or skipped while building it).
+    (one message per event, naming file and record: samples truncated, dropped or skipped while building it).
 
     Args:
         pad_token_id: the id written into padding (never attended to nor learned).

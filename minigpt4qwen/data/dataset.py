@@ -144,9 +144,9 @@ class ConversationDataset(Dataset):
     """Map-style dataset over the config's annotation files, mixed by weight.
 
     Item i is a dict: `input_ids` and `labels` (LongTensor [T]), `pixel_values` (float [n, 3, S, S], n >= 0, in
-    placeholder order), `events` (list of event names: truncations of this sample, and one entry per sample that
-    was dropped or skipped in its place) and `problems` (messages of those dropped or skipped samples). A failing
-    item is replaced by the next index, so batches keep their size.
+    placeholder order), `events` (list of event names: one entry per sample that was dropped or skipped in its
+    place, then this sample's truncations) and `problems` (one message per event, in the same order, naming the
+    file and record). A failing item is replaced by the next index, so batches keep their size.
 
     Args:
         config: the data config (validated here).
@@ -261,15 +261,18 @@ class ConversationDataset(Dataset):
                 self.counts[event] += 1
                 continue
             self.counts.update(sample["events"])
-            sample["events"] += events
-            sample["problems"] = problems
+            sample["events"] = events + sample["events"]
+            sample["problems"] = problems + sample["problems"]
             return sample
         raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive samples from item {i} failed; last: {problems[-1]}")
 
     def _load(self, j: int) -> dict:
-        """Item j without substitution: encoded text and transformed images."""
+        """Item j without substitution: encoded text, transformed images, and a message per truncation."""
         encoded = self.encode(j)
         conv = self.conversation(j)
+        over = f"{encoded.full_length} tokens > max_txt_len {self.config.max_txt_len}"
+        cut = {"truncated_history": "oldest history turns left out", "truncated_answer": "the answer's tail cut"}
+        notes = [f"{conv.file}: record {conv.index}: {event}: {over}, {cut[event]}" for event in encoded.events]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(1, dtype=np.uint64)[0] >> 1)
         generator = torch.Generator().manual_seed(seed)
         pixels = []
@@ -285,6 +288,7 @@ class ConversationDataset(Dataset):
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size),
             "events": list(encoded.events),
+            "problems": notes,
         }
 
 

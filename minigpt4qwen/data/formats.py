@@ -32,6 +32,7 @@ PROBLEM_KINDS = (
     "malformed_record",
     "unknown_role",
     "marker_mismatch",
+    "empty_instruction",
     "empty_answer",
     "missing_image",
     "corrupt_image",
@@ -229,7 +230,8 @@ def _parse_text(record: Any, index: int) -> tuple[list[tuple[str, str]], list[st
     for i, turn in enumerate(turns):
         role = _field(turn, "role", (str,))
         if role not in ("system", "user", "assistant"):
-            raise MalformedRecord(f"messages[{i}]: unknown role {role!r} (expected system, user, assistant)", "unknown_role")
+            detail = f"messages[{i}]: unknown role {role!r} (expected system, user, assistant)"
+            raise MalformedRecord(detail, "unknown_role")
         messages.append((role, _field(turn, "content", (str,))))
     return messages, []
 
@@ -243,21 +245,25 @@ _PARSERS = {
 
 
 def _validated(messages: list[tuple[str, str]], images: list[str], spec: DatasetSpec, index: int) -> Conversation:
-    """Check the turn structure, answers and markers, and resolve image paths."""
+    """Check the turn structure, questions, answers and markers, and resolve image paths."""
     body = messages[1:] if messages and messages[0][0] == "system" else messages
     if not body:
         raise MalformedRecord("the conversation has no user/assistant turns")
     for i, (role, content) in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise MalformedRecord(f"turn {i} is {role!r} where {expected!r} was expected (user/assistant must alternate)")
+            raise MalformedRecord(f"turn {i} is {role!r} where {expected!r} was expected (turns must alternate)")
         if role == "assistant" and not content.strip():
             raise MalformedRecord(f"turn {i}: the answer is empty", "empty_answer")
+        # A question of only an image holds its marker, so it is not empty; a blank one has nothing to answer.
+        if role == "user" and not content.strip():
+            raise MalformedRecord(f"turn {i}: the instruction is empty (no text, no image)", "empty_instruction")
     if body[-1][0] != "assistant":
         raise MalformedRecord("the conversation ends with a user turn: there is no answer to learn", "empty_answer")
     for role, content in messages:
         if role != "user" and IMAGE_MARKER in content:
-            raise MalformedRecord(f"an image marker in a {role} turn (only user turns may hold images)", "marker_mismatch")
+            detail = f"an image marker in a {role} turn (only user turns may hold images)"
+            raise MalformedRecord(detail, "marker_mismatch")
     markers = sum(content.count(IMAGE_MARKER) for _, content in messages)
     if markers != len(images):
         raise MalformedRecord(f"{markers} image markers in the text but {len(images)} images", "marker_mismatch")

@@ -15,6 +15,9 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Greyscale modes wider than 8 bits (16-bit PNGs open as "I;16", or "I" in older Pillow): PIL's convert("RGB")
+# clips their values at 255, so 40000 of 65535 would turn white.
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageLoadError(OSError):
@@ -49,11 +52,28 @@ def load_image(path: str) -> Image.Image:
     try:
         # PIL decodes lazily: convert() forces the full decode here, so a truncated file fails now.
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise ImageLoadError(path, "missing_image", "no such file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageLoadError(path, "corrupt_image", f"cannot decode it ({type(err).__name__}: {err})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB; wide greyscale maps its 16-bit range (0-65535) linearly onto 0-255.
+
+    Args:
+        image: any PIL image.
+
+    Returns:
+        The RGB image.
+    """
+    if image.mode not in WIDE_GREY_MODES:
+        return image.convert("RGB")
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    # 65535 / 255 = 257 exactly: rounded division maps 0 -> 0 and 65535 -> 255.
+    grey = ((values + 128) // 257).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:

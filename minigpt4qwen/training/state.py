@@ -2,7 +2,8 @@
 
 `output_dir/checkpoint-00001200/` holds `model.safetensors` + `minigpt4qwen.json` (loadable like any native
 checkpoint) and `training_state.pt` (optimizer, scheduler, scaler, per-rank RNG states, data position). The
-directory is written atomically, so a killed save leaves only a `.tmp-` directory that `find_latest` ignores.
+directory is written atomically, so a killed save leaves only a `.tmp-` directory that `find_latest` ignores and
+`remove_interrupted_saves` deletes when the next run starts.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ import torch
 from torch import nn
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
-from minigpt4qwen.checkpoint.native import WEIGHTS_NAME, read_native_checkpoint, save_checkpoint
+from minigpt4qwen.checkpoint.native import (
+    WEIGHTS_NAME,
+    read_native_checkpoint,
+    remove_interrupted_writes,
+    save_checkpoint,
+)
+from minigpt4qwen.model.parts import PART_NAMES
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "training_state.pt"
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CKPT_PATTERN = r"checkpoint-(\d+)"
+_CKPT_RE = re.compile(rf"^{_CKPT_PATTERN}$")
+# DeepSpeed checkpoints (ZeRO and pipeline) hold files named like this; ours hold WEIGHTS_NAME.
+_DEEPSPEED_FILES = "*model_states.pt"
 
 
 @dataclass
@@ -50,18 +60,50 @@ def check_resumable(source: str | Path, saved: Position, global_batch: int) -> N
         raise CheckpointError(
             f"{source}: written by a run with {saved.global_batch} samples per optimizer step, this run has "
             f"{global_batch} (micro_batch_size x grad_accum x processes); its data position (epoch {saved.epoch}, "
-            f"step {saved.step_in_epoch}) would point at other samples. Resume with the same global batch, or start "
-            f"a new run from its weights: model.checkpoint={source} train.resume=none")
+            f"step {saved.step_in_epoch}) would point at other samples. Resume with the same global batch, or "
+            f"{restart_hint(source)}")
 
 
-def check_trained_keys(source: str | Path, keys: Iterable[str], model: nn.Module) -> None:
+def restart_hint(source: str | Path) -> str:
+    """How to start a new run from a checkpoint's weights (a DeepSpeed one is converted first), as advice text."""
+    source = Path(source)
+    if source.is_dir() and any(source.glob(_DEEPSPEED_FILES)):
+        native = source.with_name(f"{source.name}-native")
+        return (f"convert it and start a new run from its weights: minigpt4qwen convert {source} {native}, then "
+                f"train with model.checkpoint={native} train.resume=none")
+    return f"start a new run from its weights: model.checkpoint={source} train.resume=none"
+
+
+def _parts(names: Iterable[str]) -> list[str]:
+    """The model parts of weight names or of optimizer group names ("language_model/decay"), in model order."""
+    present = {name.split("/", 1)[0].split(".", 1)[0] for name in names}
+    return [part for part in PART_NAMES if part in present]
+
+
+def _weights_file(source: Path) -> Path:
+    """The file of a checkpoint directory that holds its weights, to name in errors."""
+    if source.is_dir():
+        return next(iter(sorted(source.glob(_DEEPSPEED_FILES))), source / WEIGHTS_NAME)
+    return source
+
+
+def check_trained_keys(source: str | Path, keys: Iterable[str], model: nn.Module, *, trained_only: bool = True) -> None:
     """Checks that a checkpoint's weight names are exactly what a resumed run trains (plus other model tensors).
 
+    Args:
+        source: the checkpoint (named in errors).
+        keys: its weight names.
+        model: the model of the resumed run, trainable flags set.
+        trained_only: the checkpoint holds the weights its run trained and nothing else (DeepSpeed's
+            `exclude_frozen_parameters`), so a weight that is frozen here means that this run trains fewer parts.
+
     Raises:
-        CheckpointError: trainable weights missing from it, or names the model does not have.
+        CheckpointError: trainable weights missing from it, weights the model does not have, or (trained_only)
+            trained weights that this run freezes.
     """
     keys, state = set(keys), model.state_dict(keep_vars=True)
-    trainable = {k for k, v in state.items() if isinstance(v, nn.Parameter) and v.requires_grad}
+    params = {k for k, v in state.items() if isinstance(v, nn.Parameter)}
+    trainable = {k for k in params if state[k].requires_grad}
     missing, unexpected = sorted(trainable - keys), sorted(keys - set(state))
     if missing:
         raise CheckpointError(f"{source}: lacks {len(missing)} trainable weights, e.g. {missing[:3]} (were other "
@@ -69,6 +111,39 @@ def check_trained_keys(source: str | Path, keys: Iterable[str], model: nn.Module
     if unexpected:
         raise CheckpointError(f"{source}: holds {len(unexpected)} weights the model does not have, e.g. "
                               f"{unexpected[:3]}")
+    frozen = sorted((keys & params) - trainable)
+    if trained_only and frozen:
+        source = Path(source)
+        raise CheckpointError(
+            f"{_weights_file(source)}: written by a run that trained the parts {_parts(keys & params)}, this run "
+            f"trains {_parts(trainable)} ({len(frozen)} of its weights are frozen here, e.g. {frozen[:2]}), so its "
+            f"optimizer state does not fit. Resume with the same model.trainable, or {restart_hint(source)}")
+
+
+def check_param_groups(file: str | Path, saved: list[dict], optimizer: torch.optim.Optimizer, hint: str) -> None:
+    """Checks that a saved optimizer state has this run's parameter groups (names and sizes) before it is loaded.
+
+    Args:
+        file: the file the state comes from (named in the error).
+        saved: the saved `optimizer.state_dict()["param_groups"]`.
+        optimizer: this run's optimizer (groups named "part/decay" by `optim.param_groups`).
+        hint: what else the user can do (see `restart_hint`).
+
+    Raises:
+        CheckpointError: other groups, e.g. a checkpoint of a run that trained other parts.
+    """
+    names = [[g.get("name", "") for g in groups] for groups in (saved, optimizer.param_groups)]
+    sizes = [[len(g["params"]) for g in groups] for groups in (saved, optimizer.param_groups)]
+    if names[0] == names[1] and sizes[0] == sizes[1]:
+        return
+    if names[0] == names[1]:
+        detail = f"the groups {names[0]} with {sizes[0]} tensors, this run's have {sizes[1]} (train.lora changed?)"
+    elif all(names[0]) and all(names[1]):
+        detail = f"the parts {_parts(names[0])}, this run trains {_parts(names[1])} (model.trainable changed?)"
+    else:  # groups of an optimizer built elsewhere carry no names
+        detail = f"{len(saved)} parameter groups, this run has {len(optimizer.param_groups)}"
+    raise CheckpointError(f"{file}: its optimizer state is for {detail}. Resume with the trainable parts it was "
+                          f"written with, or {hint}")
 
 
 def rng_state() -> dict:
@@ -127,6 +202,15 @@ def save_training_checkpoint(
     }
     return save_checkpoint(model, directory, which=contents, extra={**asdict(position), **(extra or {})},
                            write_more=lambda tmp: torch.save(state, tmp / STATE_NAME))
+
+
+def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """Deletes the `.checkpoint-N.tmp-` directories of saves that were killed midway (call before a run starts).
+
+    Returns:
+        The directories removed (each is logged).
+    """
+    return remove_interrupted_writes(output_dir, _CKPT_PATTERN)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -188,8 +272,8 @@ def load_training_checkpoint(
             is loaded (None: not checked).
 
     Raises:
-        CheckpointError: unreadable files, saved weights that do not match the model's trainable parameters, or
-            another global batch size.
+        CheckpointError: unreadable files, saved weights or optimizer groups that do not match the model's
+            trainable parameters (e.g. fewer trainable parts now), or another global batch size.
     """
     directory = Path(directory)
     tensors = read_native_checkpoint(directory)
@@ -200,7 +284,9 @@ def load_training_checkpoint(
     position = Position(**state["position"])
     if global_batch is not None:
         check_resumable(directory, position, global_batch)
-    check_trained_keys(directory, tensors, model)
+    # Native checkpoints may hold all weights (train.save_contents=all): the optimizer's groups tell what was trained.
+    check_trained_keys(directory, tensors, model, trained_only=False)
+    check_param_groups(directory / STATE_NAME, state["optimizer"]["param_groups"], optimizer, restart_hint(directory))
     model.load_state_dict(tensors, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     configured = scheduler.state_dict().get("lr_lambdas")

@@ -26,7 +26,7 @@ from minigpt4qwen.model.loss import supervised_positions
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, unwrap
-from minigpt4qwen.training.metrics import MetricsLogger, write_run_files
+from minigpt4qwen.training.metrics import DataReport, MetricsLogger, write_run_files
 from minigpt4qwen.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -245,9 +245,13 @@ class Trainer:
         """
         cfg, pos = self.cfg, self.position
         if self.info.is_main:
+            ckpt.remove_interrupted_saves(cfg.output_dir)
             write_run_files(cfg.output_dir, self.config_yaml, {"world_size": self.info.world_size})
         metrics = MetricsLogger(cfg.output_dir, enabled=self.info.is_main, tensorboard=cfg.tensorboard,
                                 wandb=cfg.wandb, run_name=Path(cfg.output_dir).name)
+        if pos.global_step:  # resumed: the steps after the checkpoint run (and are logged) again
+            metrics.mark_resume(pos.global_step, epoch=pos.epoch, step_in_epoch=pos.step_in_epoch)
+        data = DataReport(metrics, getattr(self.dataset, "load_problems", ()), rank=self.info.rank)
         result = TrainResult(global_step=pos.global_step)
         bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not (self.info.is_main and cfg.progress_bar),
                    dynamic_ncols=True, desc="train")
@@ -265,6 +269,7 @@ class Trainer:
                     applied = self._apply(loss, grad_norm)
                     pos.global_step += 1
                     pos.step_in_epoch += 1
+                    data.observe(micro, pos.global_step)
                     elapsed = time.perf_counter() - started
                     result.losses.append(loss if applied else math.nan)
                     record = {"kind": "train", "epoch": pos.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -293,6 +298,7 @@ class Trainer:
                         result.checkpoint = self.save(metrics, {"loss": loss})
                     if epoch_end:
                         break  # the next epoch needs its own plan and loader
+            data.finish(pos.global_step)
         finally:
             bar.close()
             metrics.close()
