@@ -29,6 +29,36 @@ class ActivationCheckpointing:
 
 
 @dataclass
+class VisionSizes:
+    """Explicit ViT sizes; each one left null is read from the weights, else taken from `vision_arch`.
+
+    Only `heads` cannot be read from LAVIS files (a Hugging Face BLIP-2 directory's config.json has it).
+    The image size is `ModelConfig.image_size`.
+    """
+
+    width: Optional[int] = None  # hidden size (EVA ViT-g: 1408, ViT-L: 1024)
+    depth: Optional[int] = None  # number of blocks (EVA ViT-g as LAVIS builds it: 39)
+    heads: Optional[int] = None  # attention heads (EVA ViT-g: 16)
+    mlp_width: Optional[int] = None  # MLP hidden size (EVA ViT-g: 6144)
+    patch_size: Optional[int] = None  # patch side in pixels (14)
+
+
+@dataclass
+class QFormerSizes:
+    """Explicit Q-Former sizes; each one left null is read from the weights, else taken from `vision_arch`.
+
+    Only `heads` cannot be read from LAVIS files (LAVIS builds the Q-Former from bert-base-uncased's config: 12).
+    Its cross-attention width always equals the ViT width; the query count is `ModelConfig.num_query_tokens`.
+    """
+
+    width: Optional[int] = None  # hidden size (768)
+    depth: Optional[int] = None  # number of layers (12)
+    heads: Optional[int] = None  # attention heads (12)
+    mlp_width: Optional[int] = None  # query FFN hidden size (3072)
+    cross_attention_freq: Optional[int] = None  # cross-attention in every k-th layer from layer 0 (2)
+
+
+@dataclass
 class ModelConfig:
     """Where the weights come from and how each part is stored and trained.
 
@@ -42,9 +72,11 @@ class ModelConfig:
     vision_weights: Optional[str] = None  # LAVIS eva_vit_g.pth, or a Hugging Face BLIP-2 directory
     qformer_weights: Optional[str] = None  # LAVIS blip2_pretrained_flant5xxl.pth, or a Hugging Face BLIP-2 directory
     checkpoint: Optional[str] = None  # ours (incl. LoRA), the original project's model.pth / checkpoint_N.pth / pipeline dir
-    vision_arch: str = "eva_vit_g"  # eva_vit_g (the real tower) | tiny (tests and the CPU demo)
-    image_size: int = 224
-    num_query_tokens: int = 32
+    vision_arch: str = "eva_vit_g"  # sizes neither the config nor the weights give: eva_vit_g | tiny (tests, demo)
+    vision: VisionSizes = field(default_factory=VisionSizes)  # explicit ViT sizes (null: from the weights)
+    qformer: QFormerSizes = field(default_factory=QFormerSizes)  # explicit Q-Former sizes (null: from the weights)
+    image_size: Optional[int] = None  # null: from the weights' position embeddings, else vision_arch's (224)
+    num_query_tokens: Optional[int] = None  # null: from the weights' query_tokens, else vision_arch's (32)
     placeholder_token: Optional[str] = None  # image placeholder; None = <|extra_0|> for Qwen, else chosen per family
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trainable: TrainableParts = field(default_factory=TrainableParts)

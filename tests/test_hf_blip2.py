@@ -92,8 +92,11 @@ def test_pytorch_model_bin_and_legacy_separate_qv_bias(hf_model, tmp_path: Path)
 
 def test_size_mismatch_with_target_is_reported(hf_model, tmp_path: Path) -> None:
     hf_model.save_pretrained(tmp_path)
+    eva = tiny_config()
+    eva.vision_config.hidden_size = 1408
     with pytest.raises(CheckpointError, match=r"sizes differ.*vision_config\.hidden_size: 32 != 1408"):
-        read_hf_blip2_vision(tmp_path)  # default target: EVA ViT-g + the BLIP-2 Q-Former
+        read_hf_blip2_vision(tmp_path, target=eva)
+    assert read_hf_blip2_vision(tmp_path)[1].vision_config.hidden_size == 32  # no target: the directory's sizes
     other = tiny_config()
     other.num_query_tokens = 32
     with pytest.raises(CheckpointError, match=r"num_query_tokens: 8 != 32"):

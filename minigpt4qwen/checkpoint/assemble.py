@@ -1,32 +1,34 @@
 """Assembles a ready model from a `ModelConfig`: LLM directory + vision weights + Q-Former weights + checkpoint.
 
-The vision tower and Q-Former are built on the meta device and materialised straight from their files, so no
-part is ever held twice; every tensor is checked by name and shape, and a part left without weights is an error.
+The vision tower and Q-Former take the sizes of their files (or the config's; `vision_sizes.py`), are built on
+the meta device and materialised straight from the files, so no part is ever held twice; every tensor is checked
+by name and shape, and a part left without weights is an error.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.llm import load_llm, prepare_placeholder
 from minigpt4qwen.checkpoint.native import is_native_checkpoint, read_native_meta
-from minigpt4qwen.checkpoint.sources import read_model_checkpoint, read_qformer_weights, read_vision_weights
+from minigpt4qwen.checkpoint.sources import (
+    WeightSource,
+    read_model_checkpoint,
+    read_qformer_weights,
+    read_vision_weights,
+)
+from minigpt4qwen.checkpoint.vision_sizes import model_architecture
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.compilation import compile_blocks
-from minigpt4qwen.model.configs import (
-    blip2_qformer_config,
-    eva_vit_g_config,
-    minigpt4qwen_config,
-    tiny_qformer_config,
-    tiny_vision_config,
-)
+from minigpt4qwen.model.configs import minigpt4qwen_config
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen, part_of_key
 from minigpt4qwen.presets import resolve_preset
 
@@ -52,7 +54,8 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
         (model, tokenizer).
 
     Raises:
-        FileNotFoundError / CheckpointError: a missing, unreadable or mismatching source (file and key named).
+        FileNotFoundError / CheckpointError: a missing, unreadable or mismatching source (file and key named),
+            or sources whose sizes disagree with each other or with the config.
     """
     cfg = resolve_preset(cfg)
     if cfg.llm is None:
@@ -61,14 +64,17 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
     language_model, tokenizer = load_llm(
         cfg.llm, dtype=dtypes["language_model"], device="cpu", attn_implementation=cfg.attn_implementation
     )
-    vision_config, qformer_config = vision_architecture(cfg.vision_arch, cfg.image_size)
+    # The checkpoint is read first: it may hold any part, and its shapes count when the sizes are settled.
+    checkpoint = (WeightSource("model.checkpoint", Path(cfg.checkpoint), read_model_checkpoint(cfg.checkpoint))
+                  if cfg.checkpoint else None)
+    architecture = model_architecture(cfg, checkpoint)
     image_token_id = prepare_placeholder(language_model, tokenizer, cfg.placeholder_token)
     config = minigpt4qwen_config(
         language_model.config,
         image_token_id=image_token_id,
-        vision_config=vision_config,
-        qformer_config=qformer_config,
-        num_query_tokens=cfg.num_query_tokens,
+        vision_config=architecture.vision,
+        qformer_config=architecture.qformer,
+        num_query_tokens=architecture.num_query_tokens,
     )
     with init_empty_weights(include_buffers=False):
         model = MiniGPT4Qwen(config, language_model=language_model)
@@ -82,14 +88,16 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
         apply_lora(model, LoraConfig(**lora))
     sources = []
     if cfg.vision_weights:
-        sources.append((cfg.vision_weights, read_vision_weights(cfg.vision_weights, config)))
+        sources.append(read_vision_weights(cfg.vision_weights))
     if cfg.qformer_weights:
-        sources.append((cfg.qformer_weights, read_qformer_weights(cfg.qformer_weights, config)))
-    if cfg.checkpoint:
-        sources.append((cfg.checkpoint, read_model_checkpoint(cfg.checkpoint)))
-    for source, tensors in sources:
-        load_checked(model, tensors, source=str(source), allow_missing=True)
-        logger.info("%s: loaded %d tensors into %s", source, len(tensors), sorted({part_of_key(k) for k in tensors}))
+        sources.append(read_qformer_weights(cfg.qformer_weights))
+    if checkpoint is not None:
+        sources.append(checkpoint)
+    for source in sources:
+        tensors = source.tensors
+        load_checked(model, tensors, source=str(source.path), allow_missing=True)
+        logger.info("%s: loaded %d tensors into %s", source.path, len(tensors),
+                    sorted({part_of_key(k) for k in tensors}))
     _initialise_or_fail(model, FRESHLY_INITIALISED if fresh_projection else ())
     if lora is not None:  # fold the adapters into the LLM weights: a plain model, exportable, no adapter overhead
         model.language_model = model.language_model.merge_and_unload()
@@ -116,17 +124,6 @@ def _checkpoint_lora(checkpoint: str | None) -> dict | None:
     if checkpoint is None or not is_native_checkpoint(checkpoint):
         return None
     return read_native_meta(checkpoint).get("lora")
-
-
-def vision_architecture(name: str, image_size: int) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:
-    """The vision tower + Q-Former configs for `ModelConfig.vision_arch`."""
-    if name == "eva_vit_g":
-        vision = eva_vit_g_config(image_size)
-        return vision, blip2_qformer_config(vision.hidden_size)
-    if name == "tiny":
-        vision = tiny_vision_config(image_size)
-        return vision, tiny_qformer_config(vision.hidden_size)
-    raise ValueError(f"unknown model.vision_arch {name!r}; use eva_vit_g or tiny")
 
 
 def _initialise_or_fail(model: MiniGPT4Qwen, fresh_parts: tuple[str, ...]) -> None:

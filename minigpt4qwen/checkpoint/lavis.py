@@ -3,7 +3,8 @@
 Both are returned in the composite model's names (`vision_model.*`, `qformer.*`, `query_tokens`) by the key
 maps below (the real files' keys: tests/data/manifests/eva_vit_g.json, lavis_source_checkpoints.json). The key
 maps take prefixes, so the same rules also read the original project's full checkpoints, where the ViT sits
-under `visual_encoder.`.
+under `visual_encoder.`. Any size works: the model is built to the files' shapes (`vision_sizes.py`), so other
+LAVIS BLIP-2 / InstructBLIP checkpoints load too, including fine-tuned ones that carry their ViT.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ _QFORMER_LAYER_MODULES = (
     ("output_query.LayerNorm", "output_query.LayerNorm"),
 )
 _WB = ("weight", "bias")
+# A LAVIS BLIP-2 checkpoint whose ViT was trained (e.g. the 364 px fine-tuned ones) keeps it under this prefix.
+_VISUAL_ENCODER = "visual_encoder."
+# LAVIS's CLIP ViT-L (`clip_L`) keys: a LayerNorm before the blocks and QuickGELU, which Blip2VisionModel lacks.
+_CLIP_VIT_KEYS = ("conv1.weight", "ln_pre.weight", "positional_embedding")
 
 
 def fuse_qkv_bias(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -135,13 +140,13 @@ def qformer_keymap(source_prefix: str = "", target_prefix: str = "") -> KeyMap:
 def blip2_pretrained_keymap() -> KeyMap:
     """Everything a LAVIS `blip2_pretrained*.pth` `['model']` may hold: Q-Former, queries, `ln_vision`, heads.
 
-    The heads of the other BLIP-2 variants (stage-1 contrastive/matching heads, the OPT and T5 projections) are
-    dropped: they feed a different LLM or objective.
+    The heads of the other BLIP-2 variants (stage-1 contrastive/matching heads, the OPT and T5 projections,
+    InstructBLIP's `llm_proj`) are dropped: they feed a different LLM or objective.
 
     Returns:
         The key map (composite targets `qformer.*`, `query_tokens`, `vision_model.post_layernorm.*`).
     """
-    heads = ("t5_proj", "opt_proj", "vision_proj", "text_proj", "itm_head")
+    heads = ("t5_proj", "opt_proj", "llm_proj", "vision_proj", "text_proj", "itm_head")
     return KeyMap(
         "BLIP-2 pretrained (LAVIS)",
         [*qformer_keymap().rules, *ln_vision_rules(), drop("temp", *(f"{h}.{p}" for h in heads for p in _WB))],
@@ -223,39 +228,62 @@ def _require_part(out: dict[str, torch.Tensor], prefix: str, path: str | PathLik
     return out
 
 
-def read_eva_vit_g(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
+def meta_like(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shape-and-dtype-only copies on the meta device (nothing of a memory-mapped file is read)."""
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+
+
+def read_eva_vit_g(path: str | PathLike[str], *, meta: bool = False) -> dict[str, torch.Tensor]:
     """Reads `eva_vit_g.pth` (flat, no prefix, fp16 on disk) into `vision_model.*` names.
+
+    A LAVIS BLIP-2 checkpoint (`{'model': ...}`) holding its own fine-tuned ViT under `visual_encoder.` works
+    too: only those keys are taken (the rest is the Q-Former's, read through `read_blip2_pretrained`).
 
     Args:
         path: the file.
+        meta: return meta tensors (names, shapes and dtypes only), e.g. to read the sizes.
 
     Returns:
         `vision_model.embeddings.*` and `vision_model.encoder.*` tensors in their stored dtype (no
         `post_layernorm`: that is `ln_vision`, which comes with the BLIP-2 file).
 
     Raises:
-        CheckpointError: missing/unreadable file, or keys that are not EVA ViT keys (e.g. a BLIP-2 file).
+        CheckpointError: missing/unreadable file, keys that are not EVA ViT keys (e.g. a BLIP-2 file without a
+            ViT), or a CLIP ViT (LAVIS `clip_L`), which transformers' BLIP-2 vision model cannot express.
     """
     raw = as_state_dict(load_torch_file(path, "the EVA ViT-g weights (eva_vit_g.pth)", EVA_VIT_G_HINT), path, "model")
-    return _require_part(eva_vit_keymap().convert(raw, source=str(path)), "vision_model.", path)
+    prefix = _VISUAL_ENCODER if any(k.startswith(_VISUAL_ENCODER) for k in raw) else ""
+    if prefix:
+        raw = {k: v for k, v in raw.items() if k.startswith(prefix)}
+    if any(f"{prefix}{k}" in raw for k in _CLIP_VIT_KEYS):
+        raise CheckpointError(
+            f"{path}: a CLIP ViT (LAVIS clip_L: conv1, ln_pre, transformer.resblocks), not an EVA ViT. Its LayerNorm "
+            "before the blocks has no counterpart in transformers' Blip2VisionModel, so it cannot be loaded; use "
+            "an EVA ViT (eva_vit_g.pth) or a Hugging Face BLIP-2 directory"
+        )
+    converted = eva_vit_keymap(source_prefix=prefix).convert(meta_like(raw) if meta else raw, source=str(path))
+    return _require_part(converted, "vision_model.", path)
 
 
-def read_blip2_pretrained(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
-    """Reads a LAVIS `blip2_pretrained*.pth` (`{'model': {...}}`) into composite names.
+def read_blip2_pretrained(path: str | PathLike[str], *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Reads a LAVIS `blip2_pretrained*.pth` or InstructBLIP checkpoint (`{'model': {...}}`) into composite names.
 
     Args:
         path: the file (MiniGPT4Qwen uses `blip2_pretrained_flant5xxl.pth`).
+        meta: return meta tensors (names, shapes and dtypes only), e.g. to read the sizes.
 
     Returns:
-        `qformer.*`, `query_tokens` and `vision_model.post_layernorm.*` (from `ln_vision`). The number of queries
-        is the file's; LAVIS silently kept the model's own queries when it differed, so a different count is
-        logged here and left to the caller (loading it reports a `query_tokens` shape mismatch).
+        `qformer.*`, `query_tokens` and `vision_model.post_layernorm.*` (from `ln_vision`), of the file's sizes.
+        A fine-tuned ViT the file may hold (`visual_encoder.*`) is skipped here: name the same file as
+        `model.vision_weights` to load it.
 
     Raises:
         CheckpointError: missing/unreadable file, or keys outside the BLIP-2 format (e.g. an EVA file).
     """
     raw = as_state_dict(load_torch_file(path, "the BLIP-2 Q-Former weights", BLIP2_HINT), path, "model")
-    out = _require_part(blip2_pretrained_keymap().convert(raw, source=str(path)), "qformer.", path)
-    if "query_tokens" in out:
-        logger.info("%s: %d query tokens", path, out["query_tokens"].shape[1])
-    return out
+    vit = [k for k in raw if k.startswith(_VISUAL_ENCODER)]
+    if vit:
+        logger.info("%s: %d ViT tensors (visual_encoder.*) left to model.vision_weights", path, len(vit))
+        raw = {k: v for k, v in raw.items() if not k.startswith(_VISUAL_ENCODER)}
+    converted = blip2_pretrained_keymap().convert(meta_like(raw) if meta else raw, source=str(path))
+    return _require_part(converted, "qformer.", path)

@@ -7,6 +7,7 @@ they have: LAVIS `.pth` files, a Hugging Face BLIP-2 directory, the original pro
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,23 +38,49 @@ def is_hf_blip2_dir(path: str | Path) -> bool:
         return False
 
 
-def read_vision_weights(path: str | Path, target: Blip2Config) -> dict[str, torch.Tensor]:
-    """`vision_model.*` (without ln_vision, which ships with the Q-Former file) from eva_vit_g.pth or a HF BLIP-2 dir."""
+@dataclass
+class WeightSource:
+    """One configured weight source, read into composite (Blip2ForConditionalGeneration) names.
+
+    setting: the config field it came from (`model.vision_weights`, `model.qformer_weights`, `model.checkpoint`).
+    hf_config: a Hugging Face BLIP-2 directory's own config.json (its sizes, heads included); None for files.
+    """
+
+    setting: str
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    hf_config: Blip2Config | None = None
+
+
+def read_vision_weights(path: str | Path, *, meta: bool = False) -> WeightSource:
+    """`vision_model.*` from eva_vit_g.pth (or a LAVIS BLIP-2 file with its ViT) or a HF BLIP-2 directory.
+
+    Args:
+        path: the file or directory.
+        meta: meta tensors only (shapes and dtypes; nothing is read beyond the headers).
+    """
     path = _require(path, "model.vision_weights")
     if path.is_dir():
-        tensors, _ = read_hf_blip2_vision(path, target)
-        return {k: v for k, v in tensors.items() if k.startswith("vision_model.")}
-    return read_eva_vit_g(path)
+        tensors, config = read_hf_blip2_vision(path, meta=meta)
+        return WeightSource("model.vision_weights", path,
+                            {k: v for k, v in tensors.items() if k.startswith("vision_model.")}, config)
+    return WeightSource("model.vision_weights", path, read_eva_vit_g(path, meta=meta))
 
 
-def read_qformer_weights(path: str | Path, target: Blip2Config) -> dict[str, torch.Tensor]:
-    """`qformer.*`, `query_tokens`, `vision_model.post_layernorm.*` from blip2_pretrained*.pth or a HF BLIP-2 dir."""
+def read_qformer_weights(path: str | Path, *, meta: bool = False) -> WeightSource:
+    """`qformer.*`, `query_tokens`, `vision_model.post_layernorm.*` from blip2_pretrained*.pth or a HF BLIP-2 dir.
+
+    Args:
+        path: the file or directory.
+        meta: meta tensors only (shapes and dtypes; nothing is read beyond the headers).
+    """
     path = _require(path, "model.qformer_weights")
     if path.is_dir():
-        tensors, _ = read_hf_blip2_vision(path, target)
-        return {k: v for k, v in tensors.items()
+        tensors, config = read_hf_blip2_vision(path, meta=meta)
+        kept = {k: v for k, v in tensors.items()
                 if not k.startswith("vision_model.") or k.startswith("vision_model.post_layernorm.")}
-    return read_blip2_pretrained(path)
+        return WeightSource("model.qformer_weights", path, kept, config)
+    return WeightSource("model.qformer_weights", path, read_blip2_pretrained(path, meta=meta))
 
 
 def read_model_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -86,6 +86,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 
 def run_data_check(args: argparse.Namespace) -> int:
     from minigpt4qwen.checkpoint.llm import placeholder_token_id
+    from minigpt4qwen.checkpoint.vision_sizes import model_architecture
     from minigpt4qwen.config import load_config
     from minigpt4qwen.data.check import check_dataset
     from minigpt4qwen.presets import resolve_preset
@@ -99,8 +100,9 @@ def run_data_check(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_cfg.llm)
     image_token_id = (tokenizer.convert_tokens_to_ids(model_cfg.placeholder_token) if model_cfg.placeholder_token
                       else placeholder_token_id(tokenizer))
+    queries = model_cfg.num_query_tokens or model_architecture(model_cfg).num_query_tokens  # unset: the weights'
     report = check_dataset(cfg.data, tokenizer, image_token_id=image_token_id,
-                           num_query_tokens=model_cfg.num_query_tokens, open_images=not args.no_images)
+                           num_query_tokens=queries, open_images=not args.no_images)
     print(report.format())
     return 0 if report.ok else 1
 

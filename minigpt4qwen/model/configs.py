@@ -74,9 +74,8 @@ def minigpt4qwen_config(
     vision_config = vision_config or eva_vit_g_config()
     qformer_config = qformer_config or blip2_qformer_config(vision_config.hidden_size)
     if qformer_config.encoder_hidden_size != vision_config.hidden_size:
-        raise ValueError(
-            f"Q-Former encoder_hidden_size {qformer_config.encoder_hidden_size} != ViT width {vision_config.hidden_size}"
-        )
+        raise ValueError(f"Q-Former encoder_hidden_size {qformer_config.encoder_hidden_size} != ViT width "
+                         f"{vision_config.hidden_size}")
     config = Blip2Config(
         vision_config=vision_config.to_dict(),
         qformer_config=qformer_config.to_dict(),
@@ -120,6 +119,28 @@ def tiny_qformer_config(encoder_hidden_size: int = 32) -> Blip2QFormerConfig:
         encoder_hidden_size=encoder_hidden_size,
         use_qformer_text_input=False,
     )
+
+
+def vision_preset(name: str) -> tuple[Blip2VisionConfig, Blip2QFormerConfig, int]:
+    """The named vision side `ModelConfig.vision_arch` selects: (ViT config, Q-Former config, query count).
+
+    A preset supplies what neither the config nor the weights give (attention heads, norm eps, activation) and
+    every size when there are no weights to read (see `checkpoint/vision_sizes.py`).
+
+    Args:
+        name: `eva_vit_g` (LAVIS's EVA ViT-g at 224 px and the Q-Former LAVIS builds from bert-base-uncased's
+            config) or `tiny` (the tests' and the CPU demo's tower).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name == "eva_vit_g":
+        vision = eva_vit_g_config()
+        return vision, blip2_qformer_config(vision.hidden_size), NUM_QUERY_TOKENS
+    if name == "tiny":
+        vision = tiny_vision_config()
+        return vision, tiny_qformer_config(vision.hidden_size), NUM_QUERY_TOKENS
+    raise ValueError(f"unknown model.vision_arch {name!r}; use eva_vit_g or tiny")
 
 
 def tiny_qwen2_config(vocab_size: int = 512, hidden_size: int = 32, num_layers: int = 2) -> PretrainedConfig:

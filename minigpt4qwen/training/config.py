@@ -114,7 +114,7 @@ class RunConfig:
         self.train.validate()
         self.data.validate()
         self.parallel.validate()
-        if self.model.image_size != self.data.image_size:
+        if self.model.image_size is not None and self.model.image_size != self.data.image_size:
             raise ValueError(f"model.image_size ({self.model.image_size}) and data.image_size ({self.data.image_size}) "
                              "differ: the vision tower takes one size")
         if self.train.lora.enabled and self.model.trainable.language_model:

@@ -51,6 +51,9 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         # The pipeline engine moves only its own stage's layers to the device: the whole model would not fit.
         model, tokenizer = build_model(cfg.model, device=torch.device("cpu") if pipeline else info.device,
                                        runtime=False)
+        if model.config.vision_config.image_size != cfg.data.image_size:  # a size read from the vision weights
+            raise ValueError(f"the vision tower takes {model.config.vision_config.image_size} px images but "
+                             f"data.image_size is {cfg.data.image_size}: set both to the tower's size")
         if cfg.train.lora.enabled:
             from minigpt4qwen.training.lora import apply_lora
 
