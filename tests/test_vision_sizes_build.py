@@ -159,9 +159,12 @@ def test_data_check_and_train_take_the_sizes_from_the_weights(qwen: Path, tmp_pa
     config = {"model": {"llm": str(qwen), "vision_weights": str(eva), "qformer_weights": str(blip2)},
               "data": {"datasets": [{"format": "minigpt4qwen", "annotation": str(tmp_path / "train.json"),
                                      "image_root": str(tmp_path)}], "num_workers": 0},
-              "train": {"max_steps": 1, "output_dir": str(tmp_path / "run"), "check_memory": False,
-                        "progress_bar": False, "tensorboard": False, "precision": "fp32"}}
+              "train": {"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "output_dir": str(tmp_path / "run"),
+                        "check_memory": False, "progress_bar": False, "tensorboard": False, "precision": "fp32"}}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     assert main(["data", "check", str(tmp_path / "train.yaml")]) == 0  # the query count: 6, from blip2's file
     assert main(["train", str(tmp_path / "train.yaml")]) == 2  # data.image_size is still the default 224
     assert "the vision tower takes 32 px images but data.image_size is 224" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "train.yaml"), "data.image_size=32"]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in record for record in metrics)
