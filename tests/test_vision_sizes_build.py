@@ -44,13 +44,13 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def save_hf_blip2(directory: Path, s: Shape, vision_heads: int, qformer_heads: int) -> Path:
+def save_hf_blip2(directory: Path, s: Shape, vision_heads: int, qformer_heads: int, text_input: bool = False) -> Path:
     """A transformers BLIP-2 directory (tiny OPT LLM) of shape `s`, every tensor random."""
     vision = Blip2VisionConfig(hidden_size=s.width, intermediate_size=s.mlp, num_hidden_layers=s.depth,
                                num_attention_heads=vision_heads, image_size=s.image, patch_size=s.patch)
     qformer = Blip2QFormerConfig(hidden_size=s.qwidth, num_hidden_layers=s.qdepth, num_attention_heads=qformer_heads,
                                  intermediate_size=s.qmlp, cross_attention_frequency=s.freq,
-                                 encoder_hidden_size=s.width)
+                                 encoder_hidden_size=s.width, use_qformer_text_input=text_input)
     opt = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                     word_embed_proj_dim=16, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -117,6 +117,13 @@ def test_hf_directories_build_with_their_own_sizes_and_heads(qwen: Path, tmp_pat
         if key.startswith(("vision_model.", "qformer.", "query_tokens")):
             assert torch.equal(ours[key], tensor), key
     assert_reloads_alike(model, tokenizer, tmp_path / "export", shape)
+
+
+def test_hf_qformer_text_branch_is_left_out(qwen: Path, tmp_path: Path) -> None:
+    directory = save_hf_blip2(tmp_path / "itm", A, 4, 4, text_input=True)  # as blip2-itm-vit-g ships
+    assert "qformer.encoder.layer.0.intermediate.dense.weight" in load_file(str(directory / "model.safetensors"))
+    model, _ = build_model(ModelConfig(llm=str(qwen), vision_weights=str(directory), qformer_weights=str(directory)))
+    assert not model.config.qformer_config.use_qformer_text_input and sizes_of(model.config) == expected(A)
 
 
 def test_chat_finds_another_tower_in_the_original_cache_layout(qwen: Path, tmp_path: Path, capsys) -> None:
