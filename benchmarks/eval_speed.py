@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--questions", type=int, default=2374, help="MME has 2,374")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=BENCHMARKS["mme"].max_new_tokens)
     args = parser.parse_args()
     dtype = "fp32" if args.device == "cpu" else "bf16"
