@@ -1,7 +1,10 @@
 """The OpenAI-compatible server, run for real by uvicorn and driven with the official `openai` client."""
 
+import asyncio
 import base64
+import gc
 import io
+import os
 import random
 import socket
 import threading
@@ -14,7 +17,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
+from minigpt4qwen.inference.generation_handle import GenerationHandle
+from minigpt4qwen.inference.openai_protocol import Conversation
 from minigpt4qwen.inference.server import build_app
 from tests.conftest import make_tiny_chat_model
 
@@ -48,9 +53,14 @@ def _serving(app):
 
 
 @pytest.fixture(scope="module")
-def base_url(model_and_tokenizer):
+def app(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    with _serving(build_app(model, tokenizer, "tiny", max_body_bytes=100_000, max_images=3)) as url:
+    return build_app(model, tokenizer, "tiny", max_body_bytes=100_000, max_images=3, slots=8, slot_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def base_url(app):
+    with _serving(app) as url:
         yield url
 
 
@@ -90,7 +100,10 @@ def _engine(model_and_tokenizer, turns, settings):
 
 def test_models_and_health(client, base_url):
     assert [m.id for m in client.models.list()] == ["tiny"]
-    assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
+    health = httpx.get(f"{base_url}/health").json()
+    assert health["status"] == "ok" and health["slots"] == 8 and health["active_slots"] == health["queued"] == 0
+    client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=N)
+    assert httpx.get(f"{base_url}/health").json()["tokens_per_s"] > 0
 
 
 def test_greedy_answers_match_the_engine_across_turns(client, model_and_tokenizer):
@@ -117,52 +130,46 @@ def test_streaming_sends_openai_chunks_with_the_same_answer(client, model_and_to
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
-def test_concurrent_clients_get_their_own_answers_one_generation_at_a_time(client, model_and_tokenizer, monkeypatch):
-    model, _ = model_and_tokenizer
+def test_concurrent_clients_get_their_own_answers_decoded_together(app, client, model_and_tokenizer, monkeypatch):
+    scheduler = app.state.scheduler
     images = {"red": _image("red"), "blue": _image((0, 0, 255)), "white": _image("white")}
     expected = {k: _engine(model_and_tokenizer, [("what colour", [im])], GenerationSettings(max_new_tokens=N))[0]
                 for k, im in images.items()}
     assert len(set(expected.values())) == len(images), "the tiny model must tell these images apart"
-    active, peak, forward = [0], [0], model.language_model.forward
-
-    def slow_forward(*args, **kwargs):  # a slower model, so the requests really overlap
-        active[0] += 1
-        peak[0] = max(peak[0], active[0])
-        time.sleep(0.004)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            active[0] -= 1
-
-    monkeypatch.setattr(model.language_model, "forward", slow_forward)
-    answers, start = {}, threading.Barrier(len(images))
+    rows, decode = [], scheduler.decoder.decode
+    monkeypatch.setattr(scheduler.decoder, "decode",
+                        lambda steps, n, *args, **kw: rows.append(n) or decode(steps, n, *args, **kw))
+    answers = {}
 
     def ask(key, stream):
-        start.wait()
         out = client.chat.completions.create(model="tiny", messages=[_user("what colour", images[key])], max_tokens=N,
                                              stream=stream)
         answers[key] = ("".join(c.choices[0].delta.content or "" for c in out) if stream
                         else out.choices[0].message.content)
 
-    threads = [threading.Thread(target=ask, args=(key, i % 2 == 0)) for i, key in enumerate(images)]
-    for t in threads:
-        t.start()
+    with scheduler.model_lock:  # held until all three are queued: they are then decoded in one batch
+        threads = [threading.Thread(target=ask, args=(key, i % 2 == 0)) for i, key in enumerate(images)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while scheduler.stats()["queued"] < len(images) and time.monotonic() < deadline:
+            time.sleep(0.01)
     for t in threads:
         t.join(60)
-    assert answers == expected and peak[0] == 1
+    assert answers == expected and max(rows) == len(images)
 
 
-def test_a_dropped_stream_stops_its_generation(base_url, model_and_tokenizer, monkeypatch):
-    model, _ = model_and_tokenizer
-    steps, forward = [0], model.language_model.forward
+def test_a_dropped_stream_stops_its_generation(app, base_url, monkeypatch):
+    scheduler = app.state.scheduler
+    steps, decode = [0], scheduler.decoder.decode
 
-    def slow_forward(*args, **kwargs):
-        steps[0] += 1
+    def slow_decode(n, *args, **kwargs):
+        steps[0] += n
         time.sleep(0.01)
-        return forward(*args, **kwargs)
+        return decode(n, *args, **kwargs)
 
-    monkeypatch.setattr(model.language_model, "forward", slow_forward)
-    request = {"messages": [_user("what", _image("red"))], "max_tokens": 1000, "stream": True}
+    monkeypatch.setattr(scheduler.decoder, "decode", slow_decode)
+    request = {"messages": [_user("what", _image("red"))], "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=request) as response:
         for line in response.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
@@ -170,8 +177,9 @@ def test_a_dropped_stream_stops_its_generation(base_url, model_and_tokenizer, mo
     deadline = time.monotonic() + 5
     while httpx.get(f"{base_url}/health").json()["busy"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not httpx.get(f"{base_url}/health").json()["busy"] and steps[0] < 100  # 600+ without the hang-up
-    assert httpx.get(f"{base_url}/health").json()["admitted"] == 0  # the dropped stream left the queue
+    health = httpx.get(f"{base_url}/health").json()
+    assert health["active_slots"] == 0 and steps[0] < 100  # 200 without the hang-up
+    assert health["admitted"] == 0  # the dropped stream left the queue
 
 
 def test_api_key_is_required_when_set(model_and_tokenizer):
@@ -186,30 +194,25 @@ def test_api_key_is_required_when_set(model_and_tokenizer):
         assert httpx.get(f"{url}/health").json()["status"] == "ok"  # health needs no key
 
 
-def test_a_full_queue_gets_429_and_frees_up(model_and_tokenizer, monkeypatch):
-    model, _ = model_and_tokenizer
-    forward, started, go = model.language_model.forward, threading.Event(), threading.Event()
-
-    def held_forward(*args, **kwargs):  # the first generation waits until the test lets it go
-        started.set()
-        go.wait(30)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model.language_model, "forward", held_forward)
-    with _serving(build_app(model, model_and_tokenizer[1], "tiny", max_queue=1)) as url:
+def test_a_full_queue_gets_429_and_frees_up(model_and_tokenizer):
+    app = build_app(*model_and_tokenizer, "tiny", max_queue=1, slots=2, slot_tokens=128)
+    with _serving(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        first = threading.Thread(target=lambda: client.chat.completions.create(
-            model="tiny", messages=[_user("what")], max_tokens=2))
-        first.start()
-        assert started.wait(30)
-        with pytest.raises(openai.RateLimitError, match="busy"):
-            client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=2)
-        go.set()
+        with app.state.scheduler.model_lock:  # the first request waits in the queue
+            first = threading.Thread(target=lambda: client.chat.completions.create(
+                model="tiny", messages=[_user("what")], max_tokens=2))
+            first.start()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health").json()["admitted"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError, match="busy") as refused:
+                client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=2)
+            assert refused.value.response.headers["retry-after"] == "1"
         first.join(30)
         assert client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=2).choices
 
 
-def test_stop_strings_seed_and_length(client, model_and_tokenizer):
+def test_stop_strings_seed_and_length(app, client, model_and_tokenizer):
     green = _image("green")
     [full] = _engine(model_and_tokenizer, [("what", [green])], GenerationSettings(max_new_tokens=N))
     stop = full.split()[2]
@@ -220,12 +223,15 @@ def test_stop_strings_seed_and_length(client, model_and_tokenizer):
                                               stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
 
+    # a seeded sample: the scheduler's answer for this prompt alone, every time, whatever runs beside it
     sampled = GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, top_p=0.9, seed=5)
-    [expected] = _engine(model_and_tokenizer, [("what", [green])], sampled)
-    for _ in range(2):
+    prompt = Conversation(query=IMAGE_PROMPT + "what", query_images=[green]).prompt(*model_and_tokenizer)
+    expected = app.state.scheduler.submit(*prompt[:1], pixel_values=prompt[1], settings=sampled).result(30)
+    for stream in (False, True):
         out = client.chat.completions.create(model="tiny", messages=[_user("what", green)], max_tokens=N,
-                                             temperature=1.5, top_p=0.9, seed=5)
-        assert out.choices[0].message.content == expected
+                                             temperature=1.5, top_p=0.9, seed=5, stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in out) if stream else out.choices[0].message.content
+        assert text == expected
     out = client.chat.completions.create(model="tiny", messages=[_user("what", green)], max_tokens=2)
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 2
 
@@ -277,3 +283,67 @@ def test_local_files_only_when_allowed(model_and_tokenizer, tmp_path):
             out = client.chat.completions.create(model="tiny", max_tokens=N,
                                                  messages=[{"role": "user", "content": content}])
             assert out.choices[0].message.content == expected
+
+
+def test_beam_search_runs_alone_between_steps(client, model_and_tokenizer):
+    red = _image("red")
+    [expected] = _engine(model_and_tokenizer, [("what colour", [red])], GenerationSettings(max_new_tokens=8,
+                                                                                         num_beams=2))
+    out = client.chat.completions.create(model="tiny", messages=[_user("what colour", red)], max_tokens=8,
+                                         extra_body={"num_beams": 2})
+    assert out.choices[0].message.content == expected and out.usage.prompt_tokens > 4
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
+def test_64_concurrent_clients_lose_no_request_and_memory_stays_flat(model_and_tokenizer):
+    prompts = [(text, _image(colour)) for text in ("what colour", "what is the shape")
+               for colour in ("red", "blue", "green", "white")]
+    app = build_app(*model_and_tokenizer, "tiny", max_queue=48, slots=16, slot_tokens=128)
+    scheduler = app.state.scheduler
+    with _serving(app) as url:
+        alone = [openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="tiny", messages=[_user(text, image)], max_tokens=12).choices[0].message.content
+            for text, image in prompts]
+        assert len(set(alone)) >= 4  # a mix-up would show
+
+        async def burst(held: bool) -> list[int]:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+
+            async def one(i: int) -> int:
+                text, image = prompts[i % len(prompts)]
+                try:
+                    out = await client.chat.completions.create(model="tiny", messages=[_user(text, image)],
+                                                               max_tokens=12, stream=i % 2 == 1)
+                    answer = ("".join([c.choices[0].delta.content or "" async for c in out]) if i % 2
+                              else out.choices[0].message.content)
+                except openai.RateLimitError:
+                    return 429
+                assert answer == alone[i % len(prompts)]  # its own answer: nobody else's text
+                return 200
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(64)]
+            if held:  # the model is held: 48 are admitted and wait, 16 are refused; then let go
+                while sum(t.done() for t in tasks) < 16 or scheduler.stats()["queued"] < 48:
+                    await asyncio.sleep(0.01)
+                scheduler.model_lock.__exit__(None, None, None)
+            statuses = await asyncio.gather(*tasks)
+            await client.close()
+            return statuses
+
+        scheduler.model_lock.__enter__()
+        assert sorted(asyncio.run(burst(held=True))) == [200] * 48 + [429] * 16
+        sizes = []
+        for _ in range(4):  # bounded: every request admitted or refused, none lost
+            statuses = asyncio.run(burst(held=False))
+            assert len(statuses) == 64 and set(statuses) <= {200, 429} and statuses.count(200) >= 48
+            gc.collect()
+            sizes.append(_rss())
+        health = httpx.get(f"{url}/health").json()
+        assert health["admitted"] == health["active_slots"] == health["queued"] == 0
+        assert sizes[-1] - sizes[1] < 8 * 2**20, sizes  # no growth after warming up (measured: < 1 MiB)
+        assert not [o for o in gc.get_objects() if type(o) is GenerationHandle]  # no request is kept

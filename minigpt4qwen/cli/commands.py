@@ -179,13 +179,18 @@ def run_webui(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_decoder_options, add_model_options
+    from minigpt4qwen.inference.loading import add_model_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models)",
                        description="Serves the model at http://HOST:PORT/v1 for any OpenAI client; images come as "
-                                   "data: URIs. 127.0.0.1 by default (this machine only); one generation at a time.")
+                                   "data: URIs. 127.0.0.1 by default (this machine only); every request in flight is "
+                                   "decoded together (continuous batching).")
     add_model_options(p)
-    add_decoder_options(p)
+    g = p.add_argument_group("batching (the KV cache holds slots x slot-tokens tokens: 0.5 MiB each at 7B bf16)")
+    g.add_argument("--slots", type=int, default=32, help="requests decoded together; more wait for a free slot")
+    g.add_argument("--slot-tokens", type=int, default=2048,
+                   help="tokens per slot (prompt + reply): longer prompts get 400, replies stop there")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
     _add_bind_options(p, port=8000, note="set --api-key then")
     p.add_argument("--model-name", default="minigpt4qwen", help="the model id reported to clients")
     p.add_argument("--allow-local-files", action="store_true",
@@ -196,20 +201,22 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     _add_conversation_options(p, system_prompt=False)
     p.add_argument("--api-key", default=os.environ.get("MINIGPT4QWEN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIGPT4QWEN_API_KEY; none: open)")
-    p.add_argument("--max-queue", type=int, default=16,
-                   help="requests generating or waiting at once; more get 429 (Retry-After: 1)")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="requests decoding or waiting at once; more get 429 (Retry-After: 1)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.loading import fast_decoder, load_for_inference
+    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.scheduler import GenerationScheduler
     from minigpt4qwen.inference.server import serve
 
     model, tokenizer = load_for_inference(args)
+    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens,
+                                    cuda_graphs=False if args.no_cuda_graphs else None)
     serve(model, tokenizer, args.model_name, host=args.host, port=args.port, allow_local_files=args.allow_local_files,
           max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-          max_window_size=args.max_window_size, decoder=fast_decoder(model, args), api_key=args.api_key,
-          max_queue=args.max_queue)
+          max_window_size=args.max_window_size, scheduler=scheduler, api_key=args.api_key, max_queue=args.max_queue)
     return 0
 
 

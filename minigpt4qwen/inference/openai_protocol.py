@@ -1,4 +1,5 @@
-"""The OpenAI chat-completions request, validated and turned into a fresh `ChatSession` for one request.
+"""The OpenAI chat-completions request, validated and turned into a prompt (for the scheduler) or a fresh
+`ChatSession` (for beam search) for one request.
 
 Messages keep their order: system text becomes the system prompt, each image part becomes an
 `<Img><ImageHere></Img>` marker where it appears in its user message, and earlier user/assistant pairs become the
@@ -16,14 +17,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
+from minigpt4qwen.data.images import ImageTransform
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
 from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.conversation import IMAGE_MARKER
+from minigpt4qwen.text.conversation import IMAGE_MARKER, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
 _DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
@@ -126,6 +129,28 @@ class Conversation:
     turn_images: list[list[Image.Image]] = field(default_factory=list)
     query: str = ""
     query_images: list[Image.Image] = field(default_factory=list)
+
+    def prompt(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ids [1, T] and pixel values [N, 3, S, S] (None without images) of the prompt a fresh
+        `session(...).ask(self.query)` sends, images not yet encoded (the scheduler encodes them in batches).
+
+        The oldest turns are dropped while the prompt exceeds `max_window_size` tokens, as `ChatSession` does.
+        """
+        images = [*self.turn_images, self.query_images]
+        for first in range(len(self.turns) + 1):
+            messages = [{"role": "system", "content": self.system_prompt}]
+            for user, reply in self.turns[first:]:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            rendered = render_with_template(tokenizer, [*messages, {"role": "user", "content": self.query}],
+                                            image_token_id=model.image_token_id,
+                                            num_query_tokens=model.num_query_tokens, add_generation_prompt=True)
+            if len(rendered.input_ids) <= max_window_size or first == len(self.turns):
+                break
+        kept = [image for turn in images[first:] for image in turn]
+        transform = ImageTransform(size=model.config.vision_config.image_size, train=False)
+        pixels = torch.stack([transform(image) for image in kept]) if kept else None
+        return torch.tensor([rendered.input_ids]), pixels
 
     def session(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144,
                 decoder: GraphDecoder | None = None) -> ChatSession:

@@ -2,9 +2,12 @@
 
     serve(model, tokenizer, "minigpt4qwen", port=8000)   # then: OpenAI(base_url="http://127.0.0.1:8000/v1")
 
-Each request gets a fresh conversation built from its own messages; generations run one at a time on the model
-(the others wait in line, up to `max_queue`; more get 429), so concurrent clients never see each other's images or
-history. With an `api_key`, `/v1/*` requests need `Authorization: Bearer <key>` (what OpenAI clients send).
+Each request's prompt is built from its own messages and handed to the `GenerationScheduler`, which decodes every
+request in flight together (continuous batching, each with its own settings, images and history); up to
+`max_queue` requests are admitted at once (decoding or waiting for a slot), more get 429 with Retry-After. Beam
+search is not batched: it runs alone on the model between decode steps. A client that disconnects from a stream
+frees its slot at the next step. With an `api_key`, `/v1/*` requests need `Authorization: Bearer <key>` (what
+OpenAI clients send). `/health` reports the slots in use, the queue and the tokens/s of the last 10 seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
@@ -27,8 +31,14 @@ from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
-from minigpt4qwen.inference.openai_protocol import ChatRequest, ImageLimits, RequestError, build_conversation
+from minigpt4qwen.inference.openai_protocol import (
+    ChatRequest,
+    Conversation,
+    ImageLimits,
+    RequestError,
+    build_conversation,
+)
+from minigpt4qwen.inference.scheduler import GenerationScheduler
 from minigpt4qwen.inference.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
@@ -100,12 +110,12 @@ def _parse(body: bytes) -> ChatRequest:
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
               allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
               max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-              max_window_size: int = 6144, decoder: GraphDecoder | None = None, api_key: str | None = None,
-              max_queue: int = 16) -> FastAPI:
+              max_window_size: int = 6144, api_key: str | None = None, max_queue: int = 128,
+              scheduler: GenerationScheduler | None = None, slots: int = 16, slot_tokens: int = 2048) -> FastAPI:
     """Builds the FastAPI app serving `model`.
 
     Args:
-        model: the model (one generation at a time runs on it).
+        model: the model.
         tokenizer: its tokenizer.
         model_name: the id reported by `/v1/models` and in responses (requests may name any model).
         allow_local_files: also accept `image_url` local paths and file:// URLs (only for trusted clients: they
@@ -115,16 +125,29 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         max_image_pixels: larger images (width x height) get 400.
         default_max_tokens: max_tokens when a request sets none.
         max_tokens_limit: larger max_tokens get 400.
-        max_window_size: prompt budget in tokens; older turns are dropped beyond it.
-        decoder: the model's CUDA-graph decoder (see `ChatSession`), or None.
+        max_window_size: prompt budget in tokens (at most a slot's capacity less one); older turns are dropped
+            beyond it.
         api_key: required as `Authorization: Bearer <key>` on `/v1/*` (None: no authentication).
-        max_queue: chat requests admitted at once (one generating, the rest waiting); more get 429.
+        max_queue: chat requests admitted at once (decoding or waiting for a slot); more get 429.
+        scheduler: the model's generation scheduler (owned by the caller); None builds one of `slots` slots of
+            `slot_tokens` tokens, closed with the app.
+        slots / slot_tokens: see `scheduler`.
 
     Returns:
         The app (run it with uvicorn, or `serve`).
     """
-    app = FastAPI(title="MiniGPT4Qwen", version="1")
-    lock = threading.Lock()
+    own = scheduler is None
+    scheduler = scheduler or GenerationScheduler(model, tokenizer, slots=slots, capacity=slot_tokens)
+    window = min(max_window_size, scheduler.capacity - 1)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if own:
+            scheduler.close()
+
+    app = FastAPI(title="MiniGPT4Qwen", version="1", lifespan=lifespan)
+    app.state.scheduler = scheduler
     admission = Admission(max_queue)
     limits = ImageLimits(max_images=max_images, max_pixels=max_image_pixels, allow_local_files=allow_local_files)
     created = int(time.time())
@@ -144,7 +167,9 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "busy": lock.locked(), "admitted": admission.admitted}
+        stats = scheduler.stats()
+        return {"status": "ok", "model": model_name, "busy": bool(stats["active_slots"] or stats["queued"]),
+                "admitted": admission.admitted, **stats}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -166,29 +191,42 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
             release()
             raise
 
+    async def _start(conversation: Conversation, settings: GenerationSettings) -> tuple[Any, Callable[[], int]]:
+        """The reply (async-iterable text pieces with `num_tokens` and `finish_reason`) and its prompt length."""
+        if settings.num_beams == 1:
+            ids, pixels = await run_in_threadpool(conversation.prompt, model, tokenizer, window)
+            try:
+                handle = scheduler.submit(ids, pixel_values=pixels, settings=settings)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
+            return handle, lambda: handle.prompt_tokens
+        prompt_tokens = [0]
+
+        def answer(session: ChatSession, job_settings: GenerationSettings, streamer: Any) -> str:
+            query = session.with_image_markers(conversation.query)
+            prompt_tokens[0] = int(session.build_prompt(query)[0].shape[1])
+            return session.ask(query, job_settings, streamer)
+
+        # Beam search runs alone on the model, between the scheduler's steps.
+        reply = ReplyStream(lambda: conversation.session(model, tokenizer, window), answer, settings,
+                            lock=scheduler.model_lock)
+        return reply, lambda: prompt_tokens[0]
+
     async def _complete(chat: ChatRequest, settings: GenerationSettings,
                         release: Callable[[], None]) -> JSONResponse | StreamingResponse:
         """Answers an admitted request; `release` ends its admission once the reply is complete or abandoned."""
         conversation = await run_in_threadpool(build_conversation, chat, limits)  # image decoding is CPU work
-        usage = {"prompt_tokens": 0}
-
-        def answer(session: ChatSession, job_settings: GenerationSettings, streamer: Any) -> str:
-            query = session.with_image_markers(conversation.query)
-            usage["prompt_tokens"] = int(session.build_prompt(query)[0].shape[1])
-            return session.ask(query, job_settings, streamer)
-
-        reply = ReplyStream(lambda: conversation.session(model, tokenizer, max_window_size, decoder), answer, settings,
-                            lock=lock)
+        reply, prompt_tokens = await _start(conversation, settings)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage_dict() -> dict[str, int]:
-            return {**usage, "completion_tokens": reply.num_tokens,
-                    "total_tokens": usage["prompt_tokens"] + reply.num_tokens}
+            return {"prompt_tokens": prompt_tokens(), "completion_tokens": reply.num_tokens,
+                    "total_tokens": prompt_tokens() + reply.num_tokens}
 
         if not chat.stream:
             try:
                 text = "".join([piece async for piece in reply])
-            except Exception as err:  # a bug or an out-of-memory: the client gets a 500, the server goes on
+            except Exception as err:  # a bug, an out-of-memory, a bad image: the client gets a 500, the rest go on
                 log.exception("generation failed")
                 return _error(500, f"generation failed: {err}", kind="server_error")
             finally:
@@ -225,9 +263,14 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
                 release()
             yield "data: [DONE]\n\n"
 
-        # The background task also releases a stream whose client left before it started.
+        # The background task also releases (and the handle's cancel frees the slot of) a stream whose client left
+        # before it started.
+        def abandon() -> None:
+            release()
+            reply.cancel()
+
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(release))
+                                 background=BackgroundTask(abandon))
 
     return app
 
@@ -243,8 +286,8 @@ def serve(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: s
         host: interface to bind ("0.0.0.0" exposes it to the network: set `api_key` in `limits` then).
         port: TCP port.
         allow_local_files: accept local image paths (see `build_app`).
-        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ..., decoder, api_key,
-            max_queue).
+        **limits: further `build_app` keyword arguments (max_body_bytes, max_images, ..., api_key, max_queue,
+            scheduler or slots and slot_tokens).
     """
     app = build_app(model, tokenizer, model_name, allow_local_files, **limits)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,290 @@
+"""The generation scheduler: every request gets the answer it gets alone (greedy, and sampled with a seed),
+whatever else is decoded with it, whenever others join, leave, are cancelled or fail.
+
+"Exactly": batched float32 matmuls on the CPU may differ from batch-1 ones in the last bit, so the greedy
+references also check that every chosen token beats the runner-up by far more than such rounding (teacher-forced
+through the plain model), and the answers are compared as token ids.
+"""
+
+import asyncio
+import functools
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import transformers.masking_utils
+from PIL import Image
+
+from minigpt4qwen.inference.cuda_graphs import host_syncs
+from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
+from minigpt4qwen.inference.generation import GenerationSettings
+from minigpt4qwen.inference.openai_protocol import Conversation
+from minigpt4qwen.inference.scheduler import GenerationScheduler
+from minigpt4qwen.inference.token_choice import RowChooser
+from tests.conftest import make_tiny_chat_model
+
+MARGIN = 1e-5  # batched vs batch-1 float32 rounding of these logits is ~1e-6
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+
+
+@pytest.fixture(scope="module")
+def scheduler(model_and_tokenizer):
+    # Small prefill budget: prompts share prefill forwards and the long one is prefilled in chunks.
+    scheduler = GenerationScheduler(*model_and_tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
+                                    rehearse_captures=True)
+    yield scheduler
+    scheduler.close()
+
+
+def _prompt(model_and_tokenizer, text, *colours, history=()):
+    model, tokenizer = model_and_tokenizer
+    images = [Image.new("RGB", (40, 40), colour) for colour in colours]
+    conversation = Conversation(query=IMAGE_PROMPT * len(images) + text, query_images=images, turns=list(history),
+                                turn_images=[[] for _ in history])
+    ids, pixels = conversation.prompt(model, tokenizer)
+    return {"input_ids": ids, "pixel_values": pixels}
+
+
+def _requests(mt):
+    """Different prompts, images and settings (one prompt longer than a prefill forward takes)."""
+    long_history = [("what colour is the shape " * 6, "red green blue circle square " * 5)]
+    return [
+        (_prompt(mt, "what colour is the shape", "red"), GenerationSettings(max_new_tokens=20)),
+        (_prompt(mt, "what is the shape", "blue", "green"),
+         GenerationSettings(max_new_tokens=16, repetition_penalty=1.3)),
+        (_prompt(mt, "red green blue"), GenerationSettings(max_new_tokens=20, do_sample=True, temperature=0.8,
+                                                          top_p=0.9, seed=1)),
+        (_prompt(mt, "图 中 的 形 状 是 什 么", "white"), GenerationSettings(max_new_tokens=12, do_sample=True,
+                                                                   temperature=1.3, top_k=5, seed=2)),
+        (_prompt(mt, "square circle", (9, 200, 30)), GenerationSettings(max_new_tokens=24, stop=("circle",))),
+        (_prompt(mt, "what colour", "black", history=long_history), GenerationSettings(max_new_tokens=10)),
+    ]
+
+
+def _alone(scheduler, requests):
+    out = []
+    for prompt, settings in requests:
+        handle = scheduler.submit(**prompt, settings=settings)
+        out.append((handle.result(30), handle.token_ids))
+    return out
+
+
+def _greedy_margin(model, prompt, tokens):
+    """The smallest lead of each chosen token over the runner-up, teacher-forced through the plain model; also
+    checks that each chosen token is the model's argmax."""
+    with torch.no_grad():  # the reply as embeddings: the tiny model may answer with the placeholder id
+        features = model.encode_images(prompt["pixel_values"]) if prompt["pixel_values"] is not None else None
+        embeds = torch.cat([model.embed(prompt["input_ids"], features),
+                            model.language_model.get_input_embeddings()(torch.tensor([tokens]))], dim=1)
+        logits = model.language_model(inputs_embeds=embeds).logits[0, prompt["input_ids"].shape[1] - 1 : -1]
+    top = logits.topk(2, dim=-1)
+    assert top.indices[:, 0].tolist() == tokens
+    return float((top.values[:, 0] - top.values[:, 1]).min())
+
+
+@pytest.fixture(scope="module")
+def alone(scheduler, model_and_tokenizer):
+    requests = _requests(model_and_tokenizer)
+    answers = _alone(scheduler, requests)
+    texts = [text for text, _ in answers]
+    assert len(set(texts)) == len(texts) and all(texts), texts  # distinct, checkable answers
+    assert any("circle" not in text for text in texts) and "circle" not in texts[4]
+    for i in (0, 4, 5):  # plain greedy: the model's own argmax, by a margin rounding cannot close
+        assert _greedy_margin(model_and_tokenizer[0], requests[i][0], answers[i][1]) > MARGIN
+    return requests, answers
+
+
+def test_concurrent_requests_get_their_alone_answers(scheduler, alone):
+    requests, expected = alone
+    with scheduler.model_lock:  # all admitted in one round: encoded, prefilled and decoded together
+        handles = [scheduler.submit(**prompt, settings=settings) for prompt, settings in requests]
+        time.sleep(0.05)
+        assert all(handle.num_tokens == 0 for handle in handles)  # the loop is held
+    for handle, (text, tokens) in zip(handles, expected, strict=True):
+        assert handle.result(30) == text and handle.token_ids == tokens
+    others = [text for text, _ in expected]
+    for handle in handles:  # no answer carries another request's text
+        assert [t for t in others if len(t) > 8 and t in handle.result() and t != handle.result()] == []
+    assert scheduler.stats()["active_slots"] == 0 and scheduler.stats()["completed"] >= 2 * len(requests)
+
+
+class _Gate:
+    """Holds the scheduler before each decode chunk until the test lets a number of them through."""
+
+    def __init__(self, decode):
+        self.decode, self.cond, self.permits, self.arrived = decode, threading.Condition(), 0, 0
+
+    def __call__(self, *args, **kwargs):
+        with self.cond:
+            self.arrived += 1
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.permits > 0, timeout=30)
+            self.permits -= 1
+        return self.decode(*args, **kwargs)
+
+    def run(self, chunks):
+        """Lets `chunks` decode chunks run; returns when the loop waits before the next one."""
+        with self.cond:
+            target = self.arrived + chunks
+            self.permits += chunks
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.arrived >= max(target, 1), timeout=30)
+
+    def open(self):
+        with self.cond:
+            self.permits += 10**6
+            self.cond.notify_all()
+
+
+def test_joins_leaves_cancels_and_failures_change_nothing_for_the_others(scheduler, alone, model_and_tokenizer,
+                                                                          monkeypatch):
+    requests, expected = alone
+    gate = _Gate(scheduler.decoder.decode)
+    monkeypatch.setattr(scheduler.decoder, "decode", gate)
+    submit = functools.partial(scheduler.submit)
+    first = [submit(**requests[i][0], settings=requests[i][1]) for i in (0, 2)]
+    gate.run(0)
+    gate.run(2)  # 8 tokens in
+    assert all(0 < h.num_tokens < h.settings.max_new_tokens for h in first)
+    joined = [submit(**requests[i][0], settings=requests[i][1]) for i in (1, 3, 5)]
+    doomed = submit(**requests[4][0], settings=requests[4][1])
+    broken = submit(requests[0][0]["input_ids"], settings=GenerationSettings(max_new_tokens=5))  # no images
+    for _ in range(4):  # one prefill forward per round: the long prompt takes two, then the doomed one starts
+        if doomed.num_tokens == 0:
+            gate.run(1)
+    assert 0 < doomed.num_tokens and not doomed.done and sum(not h.done for h in [*first, *joined]) >= 3
+    doomed.cancel()
+    gate.run(1)
+    assert doomed.done and scheduler.stats()["active_slots"] == sum(not h.done for h in [*first, *joined]) > 0
+    gate.open()
+    for handle, i in zip([*first, *joined], (0, 2, 1, 3, 5), strict=True):
+        assert handle.result(30) == expected[i][0] and handle.token_ids == expected[i][1]
+    with pytest.raises(GenerationCancelled) as cancelled:
+        doomed.result()
+    assert expected[4][1][: doomed.num_tokens] == doomed.token_ids and cancelled.value.partial is not None
+    with pytest.raises(ValueError, match="placeholder"):
+        broken.result(30)
+
+
+def test_a_bad_image_or_a_failing_prefill_fails_only_its_request(scheduler, alone, monkeypatch):
+    requests, expected = alone
+    prefill = scheduler.decoder.prefill
+    lengths = {n for prompt, _ in requests for n in (prompt["input_ids"].shape[1], prompt["input_ids"].shape[1] - 128)}
+    doomed_length = min(set(range(20, 60)) - lengths)  # no other prompt or chunk has its length
+
+    def flaky_prefill(chunks, sample):  # "out of memory" whenever the doomed prompt is in the forward
+        if any(len(chunk.embeds) == doomed_length for chunk in chunks):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return prefill(chunks, sample)
+
+    encode = scheduler.decoder.encode_images
+
+    def fussy_encode(pixels):  # an image the vision tower chokes on: all NaN
+        if pixels.isnan().all(dim=(1, 2, 3)).any():
+            raise RuntimeError("cannot encode a NaN image (simulated)")
+        return encode(pixels)
+
+    monkeypatch.setattr(scheduler.decoder, "prefill", flaky_prefill)
+    monkeypatch.setattr(scheduler.decoder, "encode_images", fussy_encode)
+    doomed_ids = requests[2][0]["input_ids"][:, :doomed_length]
+    with scheduler.model_lock:  # one round: the failures happen inside shared batches
+        bad_image = scheduler.submit(requests[0][0]["input_ids"], pixel_values=torch.full((1, 3, 28, 28), torch.nan))
+        doomed = scheduler.submit(doomed_ids)
+        good = [scheduler.submit(**prompt, settings=settings) for prompt, settings in requests]
+    for handle, (text, tokens) in zip(good, expected, strict=True):
+        assert handle.result(30) == text and handle.token_ids == tokens
+    with pytest.raises(RuntimeError, match="out of memory"):
+        doomed.result(30)
+    with pytest.raises(RuntimeError, match="NaN image"):
+        bad_image.result(30)
+    with pytest.raises(ValueError, match=r"\[N, 3, 28, 28\]"):
+        scheduler.submit(requests[0][0]["input_ids"], pixel_values=torch.zeros(1, 3, 20, 20))
+    assert scheduler.stats()["active_slots"] == 0
+
+
+def test_streams_lengths_and_capacity(scheduler, alone, model_and_tokenizer):
+    requests, expected = alone
+    prompt, settings = requests[0]
+    pieces = list(scheduler.submit(**prompt, settings=settings))
+    assert len(pieces) > 1 and "".join(pieces) == expected[0][0]
+
+    async def consume():
+        return [piece async for piece in scheduler.submit(**requests[4][0], settings=requests[4][1])]
+
+    assert "".join(asyncio.run(consume())) == expected[4][0]
+    short = scheduler.submit(**prompt, settings=GenerationSettings(max_new_tokens=3))
+    assert short.result(30) is not None and short.finish_reason == "length" and short.token_ids == expected[0][1][:3]
+    assert scheduler.submit(**requests[4][0], settings=requests[4][1]).wait(30)
+    # a reply runs until the slot is full: capacity - prompt tokens
+    long = scheduler.submit(**prompt, settings=GenerationSettings(max_new_tokens=1000))
+    long.result(30)
+    assert long.finish_reason == "length" and long.num_tokens == scheduler.capacity - long.prompt_tokens
+    with pytest.raises(ValueError, match="does not fit"):
+        scheduler.submit(torch.ones(1, scheduler.capacity, dtype=torch.long))
+    with pytest.raises(ValueError, match="beam"):
+        scheduler.submit(**prompt, settings=GenerationSettings(num_beams=2))
+
+
+def _warped_probs(logits, temperature, top_k, top_p):
+    """transformers' own warpers: the distribution `generate(do_sample=True)` draws from."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits[None].float()
+    for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+        scores = warper(None, scores)
+    return scores.softmax(-1)[0]
+
+
+def test_row_chooser_draws_from_transformers_distribution_per_row_and_independently():
+    vocab, draws = 40, 3000
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * 2
+    settings = [(0.7, 5, 1.0), (1.3, 0, 0.6), (1.0, 8, 0.8)]
+    chooser = RowChooser(4, vocab, torch.device("cpu"))
+    for row, (temperature, top_k, top_p) in enumerate(settings):
+        chooser.configure(row, sample=True, seed=row, temperature=temperature, top_p=top_p, top_k=top_k)
+    rows, commit = torch.arange(3), torch.ones(3, dtype=torch.bool)
+    drawn = torch.cat([chooser(logits, rows, True, commit) for _ in range(draws)], dim=1)  # [3, draws]
+    for row, (temperature, top_k, top_p) in enumerate(settings):
+        expected = _warped_probs(logits[row], temperature, top_k or vocab, top_p) * draws
+        counts = torch.bincount(drawn[row], minlength=vocab).float()
+        assert counts[expected == 0].sum() == 0  # nothing outside top-k / top-p
+        kept = expected >= 5
+        chi2, dof = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum()), int(kept.sum()) - 1
+        assert chi2 < dof + 6 * (2 * dof) ** 0.5, (row, chi2, dof)
+    # row 1 alone, in another slot, replays the same draws: they depend on (seed, count), not on the batch
+    chooser.configure(3, sample=True, seed=1, temperature=1.3, top_p=0.6)
+    alone = torch.cat([chooser(logits[1:2], torch.tensor([3]), True, commit[:1]) for _ in range(50)], dim=1)
+    assert torch.equal(alone[0], drawn[1, :50])
+
+
+def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
+    # Under a capture transformers sees a capturing stream and skips its eager-only shortcuts; mimic that here.
+    tracing_module = sys.modules[transformers.masking_utils.is_tracing.__module__]
+    monkeypatch.setattr(tracing_module, "is_cuda_stream_capturing", lambda: True)
+    decoder = scheduler.decoder
+    for sample in (False, True):
+        assert host_syncs(functools.partial(decoder._prefill_step, 2, 64, 64, sample)) == []
+        assert host_syncs(functools.partial(decoder._decode_step, 4, 128, sample)) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_give_the_eager_answers():
+    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+    model.cuda()
+    requests = _requests((model, tokenizer))
+    eager = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
+                                cuda_graphs=False)
+    graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128)
+    try:
+        expected = [handle.result(60) for handle in [eager.submit(**p, settings=s) for p, s in requests]]
+        for _ in range(2):  # captures, then replays
+            assert [h.result(60) for h in [graphs.submit(**p, settings=s) for p, s in requests]] == expected
+    finally:
+        eager.close()
+        graphs.close()
