@@ -14,10 +14,11 @@ from accelerate import init_empty_weights
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 from minigpt4qwen.checkpoint.llm import placeholder_token_id, prepare_placeholder
 from minigpt4qwen.model.configs import minigpt4qwen_config
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.text.conversation import IGNORE_INDEX, IMAGE_MARKER, render_with_template
+from minigpt4qwen.text.conversation import IGNORE_INDEX, IMAGE_MARKER, end_of_turn_token_id, render_with_template
 from tests.llm_families import (
     NAMES,
     family_tokenizer,
@@ -234,3 +235,11 @@ def test_generation_blocks_decide_the_labels_where_the_template_has_them():
                                            return_dict=True, return_assistant_tokens_mask=True)
     assert out.input_ids == masked["input_ids"]
     assert [label != IGNORE_INDEX for label in out.labels] == [bool(m) for m in masked["assistant_masks"]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_replies_stop_at_the_templates_end_of_turn_token(name):
+    tokenizer = family_tokenizer(name)
+    expected = "<|eot_id|>" if name.startswith("Llama") else "<|im_end|>"
+    assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(expected)
+    assert tokenizer.convert_tokens_to_ids(expected) in chat_stop_token_ids(tokenizer)

@@ -7,33 +7,39 @@ ln_vision eps (1e-5, not representable in Blip2Config) is lost there; `load_expo
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import init_empty_weights
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
-import transformers
 from transformers import Blip2Config, GenerationConfig, PreTrainedTokenizerBase
 from transformers.utils import is_torchvision_available
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.native import atomic_directory
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.text.conversation import end_of_turn_token_id
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def chat_stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """ChatML stop ids: `<|im_end|>` and `<|im_start|>` (the original stopped on both), plus the tokenizer's eos."""
+@functools.lru_cache(maxsize=8)
+def chat_stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Stop ids: ChatML's `<|im_end|>` and `<|im_start|>` (the original stopped on both), the end-of-turn token
+    the tokenizer's chat template writes after a reply (`<|eot_id|>` for Llama 3), and the tokenizer's eos.
+    Cached per tokenizer: front ends ask for every reply."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>")]
     ids = [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    for extra in (end_of_turn_token_id(tokenizer), tokenizer.eos_token_id):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    return tuple(ids)
 
 
 def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
@@ -57,7 +63,7 @@ def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: 
         tokenizer.save_pretrained(tmp)
         _blip_image_processor_class()(size={"height": size, "width": size}, resample=3, image_mean=list(CLIP_MEAN),
                                       image_std=list(CLIP_STD), do_convert_rgb=True).save_pretrained(tmp)
-        GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, do_sample=False,
+        GenerationConfig(eos_token_id=list(stops), pad_token_id=tokenizer.pad_token_id, do_sample=False,
                          max_new_tokens=512).save_pretrained(tmp)
     return Path(out_dir)
 

@@ -229,7 +229,8 @@ def chat_generate_kwargs(tokenizer: PreTrainedTokenizerBase, settings: Generatio
     if settings.stop:
         stopping.append(StopOnText(tokenizer, settings.stop))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    return {"eos_token_id": stop_ids, "pad_token_id": pad, "stopping_criteria": stopping, **settings.generate_kwargs()}
+    return {"eos_token_id": list(stop_ids), "pad_token_id": pad, "stopping_criteria": stopping,
+            **settings.generate_kwargs()}
 
 
 def decode_reply(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stops: tuple[str, ...] = ()) -> str:

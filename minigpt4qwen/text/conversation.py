@@ -240,6 +240,20 @@ def _check_request(
         raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary (size {len(tokenizer)})")
 
 
+def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the tokenizer's chat template writes right after an assistant reply (`<|im_end|>`,
+    `<|eot_id|>`, ...), read from the template's output the way labels are; None without a template or when
+    the template ends replies with plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    controls = _control_tokens(tokenizer)
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "reply"}]
+    layout = template_layout(tokenizer, messages, list(controls))
+    (reply_start, reply_end), end = layout.contents[-1], layout.targets[-1][1]
+    token = layout.text[reply_end:end]
+    return controls.get(token) if end > reply_end and reply_start < reply_end else None
+
+
 def _control_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Special token string -> id: added tokens flagged special, plus the named/extra special tokens."""
     controls = {tok.content: i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
