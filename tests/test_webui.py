@@ -21,6 +21,8 @@ pytestmark = [
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 N = 20  # max new tokens set through the UI
+LONG = 2000  # max new tokens of a reply that would take ~30 s: long enough to be stopped in the middle
+STEPS = []  # one entry per forward pass of the LLM: a generation that has stopped adds none
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,7 @@ def model_and_tokenizer():
     model.language_model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
 
     def slowly(module, args):  # ~15 ms a token, so the browser sees the reply grow
+        STEPS.append(None)
         time.sleep(0.015)
 
     model.language_model.register_forward_pre_hook(slowly)
@@ -92,6 +95,32 @@ def _ask(page, question):
     page.click("#send")
 
 
+def _set_number(page, elem_id, value):
+    page.fill(f"#{elem_id} input[type=number]", str(value))
+    page.press(f"#{elem_id} input[type=number]", "Enter")
+
+
+def _no_generation_running():
+    """Whether the LLM stays idle for a while (a running generation takes a step every ~15 ms)."""
+    before = len(STEPS)
+    time.sleep(0.3)
+    return len(STEPS) == before
+
+
+def _start_long_reply(page, question, count):
+    """Asks `question` with LONG max new tokens and waits until reply `count` is streaming."""
+    _set_number(page, "max-new-tokens", LONG)
+    _ask(page, question)
+    page.wait_for_function(f"(document.querySelectorAll('#chatbot [data-testid=bot]')[{count - 1}]?.innerText"
+                           " ?? '').length > 5")
+
+
+def _wait_for_empty_chat(page):
+    """The chat shows no message within 5 s (it takes ~0.1 s; a reply left running would need ~30 s more)."""
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user], #chatbot [data-testid=bot]')"
+                           ".length === 0", timeout=5_000)
+
+
 def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_and_tokenizer, tmp_path):
     red = tmp_path / "red.png"
     Image.new("RGB", (40, 40), "red").save(red)
@@ -102,8 +131,10 @@ def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_an
     first = engine.ask("what colour", greedy)
     second = engine.ask("what shape", sampled)
     regenerated = engine.regenerate(GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, seed=8))
-    after_restart = ChatSession(*model_and_tokenizer).ask("what colour", greedy)
-    assert len({first, second, regenerated, after_restart}) == 4 and len(first) > 10
+    penalised = GenerationSettings(max_new_tokens=N, repetition_penalty=1.5)
+    after_restart = ChatSession(*model_and_tokenizer).ask("what colour", penalised)
+    unpenalised = ChatSession(*model_and_tokenizer).ask("what colour", greedy)
+    assert len({first, second, regenerated, after_restart, unpenalised}) == 5 and len(first) > 10
 
     page.set_input_files("#images input[type=file]", str(red))
     page.locator("#chatbot [data-testid=user] img").first.wait_for()
@@ -129,6 +160,47 @@ def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_an
     page.click("#restart")
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length === 0")
     page.uncheck("#do-sample input[type=checkbox]")
+    _set_number(page, "repetition-penalty", 1.5)
     _ask(page, "what colour")
     _wait_for_reply(page, 1, after_restart)
     assert page.locator("#chatbot [data-testid=user] img").count() == 0
+    _set_number(page, "repetition-penalty", 1)
+
+
+def test_stop_clear_and_restart_end_a_streamed_reply_at_once(page, model_and_tokenizer):
+    greedy = GenerationSettings(max_new_tokens=N)
+    shape = ChatSession(*model_and_tokenizer).ask("what shape", greedy)
+    colour = ChatSession(*model_and_tokenizer).ask("what colour", greedy)
+    page.click("#restart")
+    _wait_for_empty_chat(page)
+    page.fill("#seed textarea", "")
+
+    _start_long_reply(page, "what shape", 1)
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#chatbot [data-testid=bot]').innerText.endsWith('(stopped)')",
+                           timeout=5_000)
+    assert _no_generation_running()
+    stopped = _bot_texts(page)[0].removesuffix("(stopped)").strip()
+    assert stopped and _words(shape)[:len(stopped)] == stopped[:len(_words(shape))]  # greedy: same start
+    _set_number(page, "max-new-tokens", N)
+    page.click("#regenerate")  # a stopped question is asked again (it was not added to the history)
+    _wait_for_reply(page, 1, shape)
+
+    _start_long_reply(page, "what colour", 2)
+    page.click("#clear-history")
+    _wait_for_empty_chat(page)
+    assert _no_generation_running() and not _bot_texts(page)  # and no late update brought the old turns back
+    _set_number(page, "max-new-tokens", N)
+    _ask(page, "what colour")
+    _wait_for_reply(page, 1, colour)  # the history is gone: answered as in a new conversation
+
+    _start_long_reply(page, "what shape", 2)
+    page.click("#restart")
+    _wait_for_empty_chat(page)
+    assert _no_generation_running() and not _bot_texts(page)  # and no late update brought the old turns back
+    _set_number(page, "max-new-tokens", N)
+
+    too_long = "red " * 3100  # 6200 words and spaces: over the 6144-token prompt budget
+    _ask(page, too_long)
+    page.get_by_text("over the prompt budget of 6,144 tokens").wait_for()
+    assert not _bot_texts(page) and page.input_value("#query textarea") == too_long  # kept, to be shortened
