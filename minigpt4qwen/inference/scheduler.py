@@ -5,12 +5,9 @@
     handle = scheduler.submit(input_ids, pixel_values=pixels, settings=GenerationSettings(max_new_tokens=128))
     print(handle.result())          # or iterate it for text pieces; handle.cancel() from any thread
 
-Each round of the loop, at a step boundary: cancelled requests leave (their slot is freed); waiting requests get
-free slots, their images are encoded in one batch and their prompts embedded; one prefill forward runs one chunk
-of each admitted prompt (at most `prefill_tokens` padded tokens, so the others stall for one chunk at most);
-then up to `check_every` decode steps run over all decoding slots, and their tokens are read back, streamed and
-checked against the stop tokens, stop strings and lengths. A request's failure (its images, its prompt, its
-prefill) ends that request only.
+Requests join and leave at step boundaries: each round of the loop (`SlotRounds`) frees the slots of finished and
+cancelled requests, gives free slots to waiting ones (their images encoded in one batch), runs one prefill chunk
+and up to `check_every` decode steps of every decoding slot, replayed from CUDA graphs on a GPU.
 
 Why not transformers' continuous batching (`generate_batch`, `ContinuousBatchingManager`, paged attention): its
 requests are token ids only, so it cannot take our image rows at the placeholder positions; greedy vs sampling is
@@ -26,8 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,30 +32,11 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 from minigpt4qwen.inference.generation import GenerationSettings, StopOnText
 from minigpt4qwen.inference.generation_handle import GenerationHandle
-from minigpt4qwen.inference.slot_decoder import Chunk, SlotDecoder, padded_length, power_of_two
+from minigpt4qwen.inference.slot_decoder import SlotDecoder
+from minigpt4qwen.inference.slot_rounds import Job, SlotRounds
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
-RATE_WINDOW_S = 10.0
-
-
-class _Job:
-    """The scheduler's record of one request."""
-
-    def __init__(self, order: int, handle: GenerationHandle, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                 image_features: torch.Tensor | None, seed: int, max_new: int, stop: StopOnText | None):
-        self.order, self.handle, self.input_ids = order, handle, input_ids
-        self.pixel_values, self.image_features, self.seed = pixel_values, image_features, seed
-        self.max_new, self.stop = max_new, stop
-        self.settings = handle.settings
-        self.embeds: torch.Tensor | None = None
-        self.slot, self.prefilled = -1, 0
-        self.columns = 0  # cache columns the device has written for it (decode steps run ahead of `tokens`)
-        self.tokens: list[int] = []
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.input_ids)
 
 
 class _ModelLock:
@@ -104,16 +80,13 @@ class GenerationScheduler:
         self.decoder = SlotDecoder(model, slots=slots, capacity=capacity, cuda_graphs=cuda_graphs,
                                    check_every=check_every, prefill_tokens=prefill_tokens,
                                    rehearse_captures=rehearse_captures)
-        self.stop_ids = set(chat_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
+        stop_ids = set(chat_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
+        self.rounds = SlotRounds(model, self.decoder, stop_ids)
         self.model_lock = _ModelLock(self)
         self._cond = threading.Condition()
-        self._inbox: list[_Job] = []
-        self._waiting: deque[_Job] = deque()
-        self._slots: list[_Job] = []  # index = slot: in-use slots stay packed at the front
+        self._inbox: list[Job] = []
         self._orders = itertools.count()
         self._pausers, self._paused, self._closed = 0, False, False
-        self._produced: deque[tuple[float, int]] = deque()
-        self.completed = self.failed = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="minigpt4qwen-scheduler")
         self._thread.start()
 
@@ -163,20 +136,16 @@ class GenerationScheduler:
             if self._closed:
                 raise RuntimeError("the generation scheduler is closed")
             handle = GenerationHandle(self.tokenizer, settings, len(ids), on_cancel=self._wake)
-            self._inbox.append(_Job(next(self._orders), handle, ids, pixel_values, image_features, seed, max_new, stop))
+            self._inbox.append(Job(next(self._orders), handle, ids, pixel_values, image_features, seed, max_new, stop))
             self._cond.notify_all()
         return handle
 
     def stats(self) -> dict[str, Any]:
         """Slots in use, requests waiting, tokens/s over the last 10 s, requests completed and failed."""
-        with self._cond:
-            now = time.monotonic()
-            while self._produced and self._produced[0][0] < now - RATE_WINDOW_S:
-                self._produced.popleft()
-            rate = sum(n for _, n in self._produced) / RATE_WINDOW_S
-            return {"slots": self.slots, "active_slots": len(self._slots), "capacity": self.capacity,
-                    "queued": len(self._waiting) + len(self._inbox), "tokens_per_s": round(rate, 1),
-                    "completed": self.completed, "failed": self.failed}
+        rounds = self.rounds
+        return {"slots": self.slots, "active_slots": len(rounds.slots), "capacity": self.capacity,
+                "queued": len(rounds.waiting) + len(self._inbox), "tokens_per_s": round(rounds.tokens_per_s(), 1),
+                "completed": rounds.completed, "failed": rounds.failed}
 
     def close(self) -> None:
         """Stops the loop; requests not finished fail."""
@@ -203,164 +172,25 @@ class GenerationScheduler:
                 pass
         except BaseException as err:  # a bug in the loop: fail every request rather than leave it hanging
             log.exception("the generation scheduler stopped")
-            self._fail_all(RuntimeError(f"the generation scheduler stopped: {err}"))
+            with self._cond:
+                self._closed = True  # later submissions are refused, not left waiting
+                self.rounds.fail_all(RuntimeError(f"the generation scheduler stopped: {err}"), self._inbox)
+                self._inbox = []
+                self._cond.notify_all()
             raise
 
     def _round(self) -> bool:
         with self._cond:
-            self._cond.wait_for(lambda: self._inbox or self._waiting or self._slots or self._closed or self._pausers)
+            self._cond.wait_for(lambda: self._inbox or self.rounds.busy or self._closed or self._pausers)
             if self._pausers and not self._closed:
                 self._paused = True
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: not self._pausers or self._closed)
                 self._paused = False
             if self._closed:
-                self._fail_all(RuntimeError("the generation scheduler was closed"))
+                self.rounds.fail_all(RuntimeError("the generation scheduler was closed"), self._inbox)
+                self._inbox = []
                 return False
-            self._waiting.extend(self._inbox)
-            self._inbox.clear()
-        self._drop_cancelled()
-        self._admit()
-        self._prefill()
-        self._decode()
+            newcomers, self._inbox = self._inbox, []
+        self.rounds.run(newcomers)
         return True
-
-    def _fail_all(self, error: BaseException) -> None:
-        for job in [*self._slots, *self._waiting, *self._inbox]:
-            job.handle.end("error", error)
-        self._slots, self._inbox = [], []
-        self._waiting.clear()
-
-    def _finish(self, job: _Job, reason: str, error: BaseException | None = None) -> None:
-        """Ends `job` and frees its slot: the last slot in use moves into it, so the slots stay packed."""
-        if job.slot >= 0:
-            last = self._slots.pop()
-            if last is not job:
-                self.decoder.move(last.slot, job.slot, min(last.columns, self.capacity))
-                self._slots[job.slot], last.slot = last, job.slot
-            else:
-                self.decoder.release(job.slot)
-            job.slot = -1
-        if error is not None:
-            log.warning("request failed: %s", error)
-        self.completed += reason in ("stop", "length")
-        self.failed += reason == "error"
-        job.handle.end(reason, error)
-
-    def _drop_cancelled(self) -> None:
-        for job in [j for j in self._slots if j.handle.cancelled.is_set()]:
-            self._finish(job, "cancelled")
-        for job in [j for j in self._waiting if j.handle.cancelled.is_set()]:
-            self._waiting.remove(job)
-            self._finish(job, "cancelled")
-
-    def _admit(self) -> None:
-        """Gives free slots to waiting requests; encodes their images (one batch) and embeds their prompts."""
-        admitted: list[_Job] = []
-        while self._waiting and len(self._slots) < self.slots:
-            job = self._waiting.popleft()
-            job.slot = len(self._slots)
-            self._slots.append(job)
-            admitted.append(job)
-        self._encode([job for job in admitted if job.pixel_values is not None])
-        for job in admitted:
-            if job.slot < 0:
-                continue  # failed while encoding
-            try:
-                features = None if job.image_features is None else job.image_features.to(self.decoder.device)
-                with torch.no_grad():
-                    job.embeds = self.model.embed(job.input_ids[None].to(self.decoder.device), features)[0]
-                s = job.settings
-                self.decoder.start(job.slot, sample=s.do_sample, seed=job.seed, temperature=s.temperature,
-                                   top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty)
-            except Exception as err:  # e.g. placeholders that do not match the images
-                self._finish(job, "error", err)
-
-    def _encode(self, jobs: list[_Job]) -> None:
-        """Encodes the images of `jobs` in one batch; on a failure, each job alone (failing only the bad one)."""
-        if not jobs:
-            return
-        try:
-            pixels = torch.cat([job.pixel_values for job in jobs]).to(self.decoder.device)
-            features = self.decoder.encode_images(pixels).split([len(job.pixel_values) for job in jobs])
-        except Exception as err:
-            if len(jobs) == 1:
-                self._finish(jobs[0], "error", err)
-            else:
-                for job in jobs:
-                    self._encode([job])
-            return
-        for job, feature in zip(jobs, features, strict=True):
-            job.image_features, job.pixel_values = feature, None
-
-    def _prefill(self) -> None:
-        """One prefill forward: the next chunk of as many admitted prompts as the token budget allows."""
-        pending = sorted((job for job in self._slots if not job.decoding), key=lambda job: job.order)
-        chunks: list[Chunk] = []
-        jobs: list[_Job] = []
-        for job in pending:
-            size = min(len(job.input_ids) - job.prefilled, self.decoder.prefill_tokens)
-            longest = max([size, *(len(chunk.embeds) for chunk in chunks)])
-            if chunks and power_of_two(len(chunks) + 1) * padded_length(longest) > self.decoder.prefill_tokens:
-                break
-            end = job.prefilled + size
-            chunks.append(Chunk(job.slot, job.embeds[job.prefilled:end], job.prefilled, end == len(job.input_ids)))
-            jobs.append(job)
-        if chunks:
-            self._run_prefill(jobs, chunks)
-
-    def _run_prefill(self, jobs: list[_Job], chunks: list[Chunk]) -> None:
-        try:
-            first = self.decoder.prefill(chunks, sample=any(job.settings.do_sample for job in jobs))
-        except Exception as err:
-            if len(jobs) == 1:
-                self._finish(jobs[0], "error", err)
-            else:  # find the culprit: each chunk alone
-                for job, chunk in zip(jobs, chunks, strict=True):
-                    self._run_prefill([job], [chunk])
-            return
-        for job, chunk, token in zip(jobs, chunks, first, strict=True):
-            job.prefilled += len(chunk.embeds)
-            job.columns = job.prefilled
-            if chunk.final:
-                job.embeds = None
-                self._take(job, [token])
-
-    def _decode(self) -> None:
-        """Up to `check_every` decode steps over every decoding slot, then their tokens."""
-        decoding = [job for job in self._slots if job.decoding]
-        if not decoding:
-            return
-        steps = min(self.decoder.check_every, max(job.max_new - len(job.tokens) for job in decoding))
-        longest = max(job.columns for job in decoding) + steps  # the last token is written by the first step
-        try:
-            tokens = self.decoder.decode(steps, len(self._slots), longest,
-                                         sample=any(job.settings.do_sample for job in decoding))
-        except Exception as err:  # the batch's own step failed: no request can go on
-            for job in decoding:
-                self._finish(job, "error", err)
-            return
-        for job in decoding:
-            job.columns += steps
-        for job, row in [(job, tokens[job.slot]) for job in decoding]:  # before a finish repacks the slots
-            self._take(job, row)
-
-    def _take(self, job: _Job, tokens: list[int]) -> None:
-        """Hands `job` its new tokens up to the first stop; ends it when done."""
-        reason = None
-        for count, token in enumerate(tokens, 1):
-            job.tokens.append(token)
-            if token in self.stop_ids:
-                reason = "stop"
-            elif len(job.tokens) >= job.max_new:
-                reason = "length"
-            elif job.stop is not None and bool(job.stop(torch.tensor([job.tokens]), None)[0]):
-                reason = "stop"
-            if reason is not None:
-                tokens = tokens[:count]
-                break
-        with self._cond:
-            self._produced.append((time.monotonic(), len(tokens)))
-        job.handle.push(tokens)
-        if reason is not None:
-            self._finish(job, reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -156,6 +157,17 @@ class SlotDecoder:
             self.chunk_final.copy_(final)
         return self._graphs[key]
 
+    def _read(self, values: torch.Tensor) -> list:
+        """`values.tolist()`, waiting for the GPU with the GIL released (the HTTP server shares the process)."""
+        if self.device.type != "cuda":
+            return values.tolist()
+        host = values.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            time.sleep(0.0002)
+        return host.tolist()
+
     # --------------------------------------------------------------------------------------------- API
     def span_for(self, longest: int) -> int:
         """The attention span for rows whose positions are below `longest`."""
@@ -226,7 +238,7 @@ class SlotDecoder:
         key = ("prefill", rows, length, self.span_for(longest), sample)
         step = functools.partial(self._prefill_step, *key[1:])
         self._graph(key, step, capture=rows * length <= self.graph_prefill_tokens)()
-        return self.token[self.chunk_slot[: len(chunks)], 0].where(self.chunk_final[: len(chunks)], -1).tolist()
+        return self._read(self.token[self.chunk_slot[: len(chunks)], 0].where(self.chunk_final[: len(chunks)], -1))
 
     @torch.no_grad()
     def decode(self, steps: int, rows: int, longest: int, sample: bool) -> list[list[int]]:
@@ -238,4 +250,4 @@ class SlotDecoder:
         self.ring_index.zero_()
         for _ in range(steps):
             step()
-        return self.ring[:rows, :steps].tolist()
+        return self._read(self.ring[:rows, :steps])

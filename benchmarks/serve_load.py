@@ -1,0 +1,227 @@
+"""Serving under load: the OpenAI-compatible server (continuous batching) driven over HTTP by concurrent clients.
+
+    python -m benchmarks.serve_load --size 7b                         # one GPU: the whole table, baseline included
+    python -m benchmarks.serve_load --size tiny --device cpu          # a smoke test of the script itself
+
+A server process runs what `minigpt4qwen serve` runs (`build_app` over a `GenerationScheduler`, uvicorn) on a
+random-weight model of the chosen size, with the Qwen tokenizer from tests/data and no stop tokens, so every reply
+is forced to its full length. This process drives it with the official `openai` client (asyncio, streaming): for
+each row, N clients each send requests back to back (a 63-token prompt with one 224px image, greedy, 128 new
+tokens), after one warm-up round at the same concurrency (graph captures). Printed per row: aggregate tokens/s
+(all generated tokens over the wall time), time to first text piece (p50 / p95), errors, and the server's peak
+GPU memory. Beside it: transformers' static-cache `generate` on one pre-formed batch of 32 (same workload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import build_random_model, machine, peak_gib, reset_peak, sync
+from minigpt4qwen.model.parts import PartDtypes
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen7b" / "qwen.tiktoken"
+PROMPT_TOKENS = 63
+DTYPES = PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16")
+
+
+def _model_and_tokenizer(size: str, device: str):
+    from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
+
+    dtypes = DTYPES if device.startswith("cuda") else PartDtypes.uniform("fp32")
+    return build_random_model(size, device, dtypes).eval(), build_qwen1_tokenizer(TOKENIZER)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """The server role: what `minigpt4qwen serve` runs, plus /bench/memory (peak GPU memory, reset on request)."""
+    import uvicorn
+
+    from minigpt4qwen.inference.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.server import build_app
+
+    model, tokenizer = _model_and_tokenizer(args.size, args.device)
+    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=())
+    app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
+
+    @app.get("/bench/memory")
+    async def memory(reset: bool = False) -> dict[str, float | None]:
+        peak = peak_gib(args.device) if args.device.startswith("cuda") else None
+        if reset:
+            reset_peak(args.device)
+        return {"peak_gib": peak}
+
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def _question(tokenizer, target: int) -> str:
+    """A question whose ChatML prompt (default system prompt, one image of 32 placeholders) has `target` tokens."""
+    from minigpt4qwen.inference.engine import IMAGE_PROMPT
+    from minigpt4qwen.text.conversation import render_chatml
+
+    def length(text: str) -> int:
+        messages = [{"role": "user", "content": IMAGE_PROMPT + text}]
+        return len(render_chatml(tokenizer, messages, image_token_id=151646, num_query_tokens=32,
+                                 add_generation_prompt=True).input_ids)
+
+    words = "Describe the picture".split()
+    while length(" ".join(words)) < target:
+        words.append("please")
+    return " ".join(words)
+
+
+async def _load(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int) -> dict:
+    """`clients` concurrent clients, each streaming `per_client` requests back to back."""
+    import httpx
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600,
+                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8)))
+    ttfts, tokens, errors = [], [0], [0]
+
+    async def one_client() -> None:
+        for _ in range(per_client):
+            start = time.perf_counter()
+            try:
+                stream = await client.chat.completions.create(
+                    model="bench", messages=messages, max_tokens=new_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True})
+                first = None
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - start
+                    if chunk.usage is not None:
+                        tokens[0] += chunk.usage.completion_tokens
+                ttfts.append(first if first is not None else time.perf_counter() - start)
+            except Exception as err:  # counted, reported; the row goes on
+                errors[0] += 1
+                print(f"  request failed: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    await client.close()
+    ttfts.sort()
+    return {"tokens_per_s": tokens[0] / wall, "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
+            "errors": errors[0], "requests": clients * per_client}
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait_until_up(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+        try:
+            _get(f"{url}/health")
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the server did not answer within {timeout:.0f} s")
+
+
+def server_rows(args: argparse.Namespace) -> None:
+    from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "benchmarks.serve_load", "--role", "server", "--size", args.size, "--device",
+               args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens)]
+    server = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, server, timeout=900)
+        image = io.BytesIO()
+        from PIL import Image
+
+        Image.effect_noise((224, 224), 64).convert("RGB").save(image, "PNG")
+        uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
+        question = _question(build_qwen1_tokenizer(TOKENIZER), PROMPT_TOKENS)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                 {"type": "text", "text": question}]}]
+        print(f"\n| serve, {args.slots} slots x {args.slot_tokens} tokens, streaming | clients | tokens/s | "
+              "TTFT p50 ms | TTFT p95 ms | errors | peak GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for clients in (int(c) for c in args.clients.split(",")):
+            asyncio.run(_load(f"{url}/v1", clients, 1, messages, args.new_tokens))  # warm-up: captures graphs
+            _get(f"{url}/bench/memory?reset=true")
+            row = asyncio.run(_load(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens))
+            peak = _get(f"{url}/bench/memory")["peak_gib"]
+            print(f"| {row['requests']} requests, {args.new_tokens} new tokens each | {clients} | "
+                  f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | {row['errors']} | "
+                  f"{'-' if peak is None else f'{peak:.1f}'} |", flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def baseline_row(args: argparse.Namespace) -> None:
+    """transformers' static-cache `generate` on one batch of `--baseline-batch` (63-token prompts, one image)."""
+    from benchmarks.bench import EXTRA_0, PROMPT_GEN
+
+    model, _ = _model_and_tokenizer(args.size, args.device)
+    batch, n = args.baseline_batch, args.new_tokens
+    ids = torch.randint(0, 150000, (batch, PROMPT_GEN), generator=torch.Generator().manual_seed(0))
+    ids[:, 5:37] = EXTRA_0
+    ids = ids.to(args.device)
+    px = torch.randn(batch, 3, 224, 224, device=args.device, dtype=model.part_dtype("vision_model"))
+    kwargs = dict(do_sample=False, pad_token_id=151643, eos_token_id=None, cache_implementation="static")
+
+    def timed(count: int) -> float:
+        sync(args.device)
+        start = time.perf_counter()
+        model.generate(ids, pixel_values=px, max_new_tokens=count, min_new_tokens=count, **kwargs)
+        sync(args.device)
+        return time.perf_counter() - start
+
+    reset_peak(args.device)
+    timed(n)  # warm-up
+    first, full = min(timed(1) for _ in range(2)), timed(n)
+    print(f"| transformers static-cache generate, one batch | {batch} | {batch * n / full:.0f} "
+          f"(decode {batch * (n - 1) / (full - first):.0f}) | {first * 1000:.0f} | | | {peak_gib(args.device):.1f} |",
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clients", default="1,32,64", help="concurrent clients of each row")
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--slot-tokens", type=int, default=256, help="prompt + reply tokens per slot")
+    parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
+    parser.add_argument("--role", choices=["driver", "server"], default="driver", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.role == "server":
+        run_server(args)
+        return
+    print(f"# serve under load, MiniGPT4Qwen-{args.size} random weights | {machine()}")
+    print(f"# python -m benchmarks.serve_load {' '.join(sys.argv[1:])}")
+    server_rows(args)
+    if args.baseline_batch:
+        baseline_row(args)
+
+
+if __name__ == "__main__":
+    main()

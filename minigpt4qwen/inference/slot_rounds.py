@@ -1,0 +1,224 @@
+"""One round of the generation scheduler's loop over its slots: who gets a slot, what is prefilled, what is decoded.
+
+Each round, at a step boundary: cancelled requests leave (their slot is freed and the last slot in use moves into
+it, so the slots stay packed at the front); waiting requests get free slots, their images are encoded in one batch
+and their prompts embedded; one prefill forward runs the next chunk of each admitted prompt (at most
+`prefill_tokens` padded tokens, so the others stall for one chunk at most); then up to `check_every` decode steps
+run over every decoding slot, and their tokens are handed out and checked against the stop tokens, stop strings
+and lengths. A request's failure (its images, its prompt, its prefill) ends that request only; a failure of a
+batched decode step ends the requests in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+
+from minigpt4qwen.inference.generation import StopOnText
+from minigpt4qwen.inference.generation_handle import GenerationHandle
+from minigpt4qwen.inference.slot_decoder import Chunk, SlotDecoder, padded_length, power_of_two
+from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+
+log = logging.getLogger(__name__)
+RATE_WINDOW_S = 10.0
+
+
+class Job:
+    """The scheduler's record of one request (its prompt, images, seed, slot and progress)."""
+
+    def __init__(self, order: int, handle: GenerationHandle, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                 image_features: torch.Tensor | None, seed: int, max_new: int, stop: StopOnText | None):
+        self.order, self.handle, self.input_ids = order, handle, input_ids
+        self.pixel_values, self.image_features, self.seed = pixel_values, image_features, seed
+        self.max_new, self.stop = max_new, stop
+        self.settings = handle.settings
+        self.embeds: torch.Tensor | None = None
+        self.slot, self.prefilled = -1, 0
+        self.columns = 0  # cache columns the device has written for it (decode steps run ahead of `tokens`)
+        self.tokens: list[int] = []
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.input_ids)
+
+
+
+class SlotRounds:
+    """The slots of a `SlotDecoder` and the requests waiting for one; `run` does one round. Used by one thread.
+
+    Args:
+        model: the model (embeds the prompts).
+        decoder: the batched decoder.
+        stop_ids: tokens that end a reply.
+    """
+
+    def __init__(self, model: MiniGPT4Qwen, decoder: SlotDecoder, stop_ids: set[int]):
+        self.model, self.decoder, self.stop_ids = model, decoder, stop_ids
+        self.waiting: deque[Job] = deque()
+        self.slots: list[Job] = []  # index = slot: in-use slots stay packed at the front
+        self.produced: deque[tuple[float, int]] = deque()  # (time, tokens) handed out
+        self.completed = self.failed = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.slots)
+
+    def run(self, newcomers: Iterable[Job]) -> None:
+        """One round: newcomers queue up, cancelled requests leave, free slots are filled, one prefill forward and
+        one chunk of decode steps run."""
+        self.waiting.extend(newcomers)
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def fail_all(self, error: BaseException, others: Iterable[Job] = ()) -> None:
+        """Ends every request (in slots, waiting, and `others`) with `error`."""
+        for job in [*self.slots, *self.waiting, *others]:
+            job.handle.end("error", error)
+        self.slots = []
+        self.waiting.clear()
+
+    def tokens_per_s(self) -> float:
+        """Tokens handed out per second over the last 10 seconds (safe from any thread)."""
+        since = time.monotonic() - RATE_WINDOW_S
+        return sum(n for t, n in list(self.produced) if t >= since) / RATE_WINDOW_S
+
+    def _finish(self, job: Job, reason: str, error: BaseException | None = None) -> None:
+        """Ends `job` and frees its slot: the last slot in use moves into it, so the slots stay packed."""
+        if job.slot >= 0:
+            last = self.slots.pop()
+            if last is not job:
+                self.decoder.move(last.slot, job.slot, min(last.columns, self.decoder.capacity))
+                self.slots[job.slot], last.slot = last, job.slot
+            else:
+                self.decoder.release(job.slot)
+            job.slot = -1
+        if error is not None:
+            log.warning("request failed: %s", error)
+        self.completed += reason in ("stop", "length")
+        self.failed += reason == "error"
+        job.handle.end(reason, error)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.slots if j.handle.cancelled.is_set()]:
+            self._finish(job, "cancelled")
+        for job in [j for j in self.waiting if j.handle.cancelled.is_set()]:
+            self.waiting.remove(job)
+            self._finish(job, "cancelled")
+
+    def _admit(self) -> None:
+        """Gives free slots to waiting requests; encodes their images (one batch) and embeds their prompts."""
+        admitted: list[Job] = []
+        while self.waiting and len(self.slots) < self.decoder.slots:
+            job = self.waiting.popleft()
+            job.slot = len(self.slots)
+            self.slots.append(job)
+            admitted.append(job)
+        self._encode([job for job in admitted if job.pixel_values is not None])
+        for job in admitted:
+            if job.slot < 0:
+                continue  # failed while encoding
+            try:
+                features = None if job.image_features is None else job.image_features.to(self.decoder.device)
+                with torch.no_grad():
+                    job.embeds = self.model.embed(job.input_ids[None].to(self.decoder.device), features)[0]
+                s = job.settings
+                self.decoder.start(job.slot, sample=s.do_sample, seed=job.seed, temperature=s.temperature,
+                                   top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty)
+            except Exception as err:  # e.g. placeholders that do not match the images
+                self._finish(job, "error", err)
+
+    def _encode(self, jobs: list[Job]) -> None:
+        """Encodes the images of `jobs` in one batch; on a failure, each job alone (failing only the bad one)."""
+        if not jobs:
+            return
+        try:
+            pixels = torch.cat([job.pixel_values for job in jobs]).to(self.decoder.device)
+            features = self.decoder.encode_images(pixels).split([len(job.pixel_values) for job in jobs])
+        except Exception as err:
+            if len(jobs) == 1:
+                self._finish(jobs[0], "error", err)
+            else:
+                for job in jobs:
+                    self._encode([job])
+            return
+        for job, feature in zip(jobs, features, strict=True):
+            job.image_features, job.pixel_values = feature, None
+
+    def _prefill(self) -> None:
+        """One prefill forward: the next chunk of as many admitted prompts as the token budget allows."""
+        pending = sorted((job for job in self.slots if not job.decoding), key=lambda job: job.order)
+        chunks: list[Chunk] = []
+        jobs: list[Job] = []
+        for job in pending:
+            size = min(len(job.input_ids) - job.prefilled, self.decoder.prefill_tokens)
+            longest = max([size, *(len(chunk.embeds) for chunk in chunks)])
+            if chunks and power_of_two(len(chunks) + 1) * padded_length(longest) > self.decoder.prefill_tokens:
+                break
+            end = job.prefilled + size
+            chunks.append(Chunk(job.slot, job.embeds[job.prefilled:end], job.prefilled, end == len(job.input_ids)))
+            jobs.append(job)
+        if chunks:
+            self._run_prefill(jobs, chunks)
+
+    def _run_prefill(self, jobs: list[Job], chunks: list[Chunk]) -> None:
+        try:
+            first = self.decoder.prefill(chunks, sample=any(job.settings.do_sample for job in jobs))
+        except Exception as err:
+            if len(jobs) == 1:
+                self._finish(jobs[0], "error", err)
+            else:  # find the culprit: each chunk alone
+                for job, chunk in zip(jobs, chunks, strict=True):
+                    self._run_prefill([job], [chunk])
+            return
+        for job, chunk, token in zip(jobs, chunks, first, strict=True):
+            job.prefilled += len(chunk.embeds)
+            job.columns = job.prefilled
+            if chunk.final:
+                job.embeds = None
+                self._take(job, [token])
+
+    def _decode(self) -> None:
+        """Up to `check_every` decode steps over every decoding slot, then their tokens."""
+        decoding = [job for job in self.slots if job.decoding]
+        if not decoding:
+            return
+        steps = min(self.decoder.check_every, max(job.max_new - len(job.tokens) for job in decoding))
+        longest = max(job.columns for job in decoding) + steps  # the last token is written by the first step
+        try:
+            tokens = self.decoder.decode(steps, len(self.slots), longest,
+                                         sample=any(job.settings.do_sample for job in decoding))
+        except Exception as err:  # the batch's own step failed: no request can go on
+            for job in decoding:
+                self._finish(job, "error", err)
+            return
+        for job in decoding:
+            job.columns += steps
+        for job, row in [(job, tokens[job.slot]) for job in decoding]:  # before a finish repacks the slots
+            self._take(job, row)
+
+    def _take(self, job: Job, tokens: list[int]) -> None:
+        """Hands `job` its new tokens up to the first stop; ends it when done."""
+        reason = None
+        for count, token in enumerate(tokens, 1):
+            job.tokens.append(token)
+            if token in self.stop_ids:
+                reason = "stop"
+            elif len(job.tokens) >= job.max_new:
+                reason = "length"
+            elif job.stop is not None and bool(job.stop(torch.tensor([job.tokens]), None)[0]):
+                reason = "stop"
+            if reason is not None:
+                tokens = tokens[:count]
+                break
+        self.produced.append((time.monotonic(), len(tokens)))
+        while self.produced[0][0] < time.monotonic() - RATE_WINDOW_S:
+            self.produced.popleft()
+        job.handle.push(tokens)
+        if reason is not None:
+            self._finish(job, reason)
