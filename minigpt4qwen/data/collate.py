@@ -2,6 +2,7 @@
 
 The batch carries the model's inputs plus what the trainer needs to normalise the loss and to report data
 problems: images per sample, the number of learned tokens, and the counts of truncated/dropped/skipped samples.
+With `data.packing` the samples are laid end to end instead of padded (`minigpt4qwen.data.packing`).
 """
 
 from __future__ import annotations
@@ -70,16 +71,29 @@ class DataCollator:
             input_ids[row, cols] = sample["input_ids"]
             labels[row, cols] = sample["labels"]
             attention_mask[row, cols] = 1
-        events: Counter[str] = Counter()
-        for sample in samples:
-            events.update(sample.get("events", ()))
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "num_images": torch.tensor([len(s["pixel_values"]) for s in samples], dtype=torch.long),
-            "num_label_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
-            "events": dict(events),
-            "problems": [p for s in samples for p in s.get("problems", ())],
+            **bookkeeping(samples, labels),
         }
+
+
+def bookkeeping(samples: list[dict], labels: torch.Tensor) -> dict:
+    """The batch entries besides the model inputs: `num_images` (LongTensor [len(samples)], in sample order),
+    `num_label_tokens` (targets the loss counts: labels[:, 1:] != IGNORE_INDEX), `events` and `problems`.
+
+    Args:
+        samples: the dataset items of the batch.
+        labels: the batch's collated labels.
+    """
+    events: Counter[str] = Counter()
+    for sample in samples:
+        events.update(sample.get("events", ()))
+    return {
+        "num_images": torch.tensor([len(s["pixel_values"]) for s in samples], dtype=torch.long),
+        "num_label_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
+        "events": dict(events),
+        "problems": [p for s in samples for p in s.get("problems", ())],
+    }

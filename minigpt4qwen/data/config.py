@@ -65,6 +65,13 @@ class DataConfig:
     group_by_length: bool = False
     # Pad each batch to a multiple of this (1: exactly the longest sample; 8 suits tensor cores).
     pad_to_multiple_of: int = 1
+    # Padding-free batches (data/packing.py): each micro-batch's samples laid end to end, positions restarting
+    # per sample and attention confined to it; the same samples, loss and gradients as padded batches.
+    packing: bool = False
+    # Longest packed row in tokens (>= max_txt_len); 0: the whole micro-batch in one row, the layout for
+    # flash_attention_2 and flex_attention. sdpa and eager build a dense [rows, length, length] document mask:
+    # give them rows of a few samples (e.g. 4 x max_txt_len).
+    pack_length: int = 0
     # DataLoader worker processes (also the image-reading threads of `check_dataset`).
     num_workers: int = 4
 
@@ -97,5 +104,10 @@ class DataConfig:
                     raise ValueError(f"data.{section}[{i}].weight = {spec.weight}: must be > 0")
         if self.image_size < 1 or self.max_txt_len < 1 or self.pad_to_multiple_of < 1 or self.num_workers < 0:
             raise ValueError("data.image_size, max_txt_len and pad_to_multiple_of must be >= 1, num_workers >= 0")
+        if self.pack_length < 0:
+            raise ValueError(f"data.pack_length = {self.pack_length}: must be >= 0 (0: one row per micro-batch)")
+        if self.pack_length and self.pack_length < self.max_txt_len:
+            raise ValueError(f"data.pack_length = {self.pack_length} is below data.max_txt_len = {self.max_txt_len}: a "
+                             "sample must fit a packed row (0 packs each micro-batch into one row)")
         if not 0 < self.min_scale <= self.max_scale <= 1:
             raise ValueError(f"data.min_scale/max_scale = {self.min_scale}/{self.max_scale}: need 0 < min <= max <= 1")

@@ -2,6 +2,7 @@
 
 The order is a pure function of (seed, epoch, dataset size, lengths), the same on every rank; each rank takes
 its slice of every global batch. `set_epoch(epoch, start)` resumes exactly after `start` samples of this rank.
+For packed rows, `balance_micro_batches` evens out the tokens of a global batch's micro-batches.
 """
 
 from __future__ import annotations
@@ -146,3 +147,36 @@ def epoch_plan(num_samples: int, global_batch: int, seed: int, epoch: int,
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(num_samples, generator=generator).tolist()
     return [order[i : i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+
+def balance_micro_batches(batch: Sequence[int], lengths: Sequence[int], micro_batch_size: int) -> list[int]:
+    """One global batch reordered so that its consecutive micro-batches hold similar numbers of tokens.
+
+    For packed rows (`data.packing`), where a micro-batch costs its tokens, not its longest sample times its size:
+    every process of a step and every accumulation step then does about the same work. Each slice of
+    `micro_batch_size` keeps that many samples; the longest samples are dealt first, each to the slice with the
+    fewest tokens so far (ties: the first such slice), and each slice keeps the batch's order. A pure function of
+    its arguments, so a resumed run recomputes the same micro-batches.
+
+    Args:
+        batch: the global batch's sample indices (a multiple of micro_batch_size).
+        lengths: token length of every sample of the dataset.
+        micro_batch_size: samples per micro-batch.
+
+    Returns:
+        The same indices, micro-batch after micro-batch.
+
+    Raises:
+        ValueError: a batch that is not a whole number of micro-batches.
+    """
+    if micro_batch_size < 1 or len(batch) % micro_batch_size:
+        raise ValueError(f"a batch of {len(batch)} samples is not a whole number of micro-batches of "
+                         f"{micro_batch_size}")
+    slots = len(batch) // micro_batch_size
+    tokens: list[int] = [0] * slots
+    members: list[list[int]] = [[] for _ in range(slots)]
+    for position in sorted(range(len(batch)), key=lambda p: (-lengths[batch[p]], p)):
+        slot = min((s for s in range(slots) if len(members[s]) < micro_batch_size), key=lambda s: (tokens[s], s))
+        tokens[slot] += lengths[batch[position]]
+        members[slot].append(position)
+    return [batch[p] for slot in members for p in sorted(slot)]

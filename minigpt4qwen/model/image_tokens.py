@@ -1,7 +1,9 @@
 """Placing image features on placeholder tokens: the one operation that joins vision and language.
 
-Image rows are written, in order, onto the positions whose token id is the placeholder: sample by sample, left
-to right, so the k-th image of the batch (in that order) fills the k-th run of `num_query_tokens` placeholders.
+Image rows are written, in order, onto the positions whose token id is the placeholder: row by row, left to
+right, so the k-th image of the batch (in that order) fills the k-th run of `num_query_tokens` placeholders. A
+packed row (`minigpt4qwen.data.packing`) holds several samples: its collator orders the images as the samples lie
+in the rows, so each sample's images land on its own placeholders.
 """
 
 from __future__ import annotations
@@ -20,30 +22,30 @@ def merge_image_features(
     Args:
         inputs_embeds: [B, T, H] token embeddings.
         input_ids: [B, T] ids; positions equal to `image_token_id` receive image rows.
-        image_features: [N, Q, H] projected query outputs for the N images of the batch, ordered by sample then
-            by position in the sample; None for a text-only batch.
+        image_features: [N, Q, H] projected query outputs for the N images of the batch, ordered by row then by
+            position in the row; None for a text-only batch.
         image_token_id: the placeholder id.
 
     Raises:
-        ValueError: the placeholder count is not N * Q, or some sample holds a partial run of placeholders
+        ValueError: the placeholder count is not N * Q, or some row holds a partial run of placeholders
             (e.g. a truncation cut through an image).
     """
     mask = input_ids == image_token_id  # [B, T]
-    per_sample = mask.sum(dim=1)  # [B]
+    per_row = mask.sum(dim=1)  # [B] (a packed row holds several samples)
     num_queries = image_features.shape[1] if image_features is not None else None
-    found = int(per_sample.sum())
+    found = int(per_row.sum())
     expected = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
     if found != expected:
         images = 0 if image_features is None else image_features.shape[0]
         raise ValueError(
             f"the batch holds {found} image placeholder tokens (id {image_token_id}) but {images} image(s) "
-            f"x {num_queries or 0} queries = {expected} image rows; per sample: {per_sample.tolist()}. "
+            f"x {num_queries or 0} queries = {expected} image rows; per row: {per_row.tolist()}. "
             "Each image marker must expand to exactly num_query_tokens placeholders."
         )
     if found == 0:
         return inputs_embeds
-    partial = (per_sample % num_queries).nonzero().flatten().tolist()
+    partial = (per_row % num_queries).nonzero().flatten().tolist()
     if partial:
-        raise ValueError(f"samples {partial} hold a partial run of image placeholders (not a multiple of {num_queries})")
-    rows = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)  # [N*Q, H]
-    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), rows)
+        raise ValueError(f"rows {partial} hold a partial run of image placeholders (not a multiple of {num_queries})")
+    features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)  # [N*Q, H]
+    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)

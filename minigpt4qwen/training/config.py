@@ -122,6 +122,15 @@ class RunConfig:
                              "=false (or disable LoRA to train the whole LLM)")
         if self.parallel.engine != "ddp" and self.train.save_contents != "trainable":
             raise ValueError("the DeepSpeed engines save trained weights only: use train.save_contents=trainable")
+        if self.parallel.engine == "pipeline" and self.data.packing:
+            # Its stages pass (hidden, attention mask) and rebuild positions 0..T-1 per row: packed rows would need
+            # their per-sample positions to travel between stages too.
+            raise ValueError("data.packing is not supported by parallel.engine=pipeline (its stages rebuild one "
+                             "position sequence per row): set data.packing=false or use ddp/deepspeed")
+        if self.data.packing and self.data.pack_length and self.model.attn_implementation == "flash_attention_2":
+            # transformers reads sample boundaries from position_ids for flash-attention only in a single row.
+            raise ValueError("model.attn_implementation=flash_attention_2 takes one packed row per micro-batch: set "
+                             "data.pack_length=0")
         if self.parallel.engine == "pipeline" and self.data.val_datasets:
             raise ValueError("the pipeline engine does not evaluate a validation set: remove data.val_datasets")
         dtypes = set(vars(self.model.dtypes).values())

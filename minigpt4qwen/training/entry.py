@@ -72,14 +72,20 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         pad = cfg.data.pad_to_multiple_of
         if pipeline:  # few sequence lengths: few activation shapes between stages
             pad = math.lcm(pad, cfg.parallel.seq_bucket)
-        collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
+        if cfg.data.packing:  # padding-free rows (data/packing.py)
+            from minigpt4qwen.data.packing import PackingCollator
+
+            collate = PackingCollator(tokenizer.pad_token_id, cfg.data.pack_length, pad_to_multiple_of=pad)
+        else:
+            collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
         val_dataset = None
         if cfg.data.val_datasets:
             val_dataset = ConversationDataset(dataclasses.replace(cfg.data, datasets=cfg.data.val_datasets), tokenizer,
                                               image_token_id=model.image_token_id,
                                               num_query_tokens=model.num_query_tokens, train=False, seed=cfg.train.seed)
         common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg), val_dataset=val_dataset,
-                      lengths=dataset.lengths if cfg.data.group_by_length else None)
+                      lengths=dataset.lengths if cfg.data.group_by_length else None,
+                      packed_lengths=dataset.lengths if cfg.data.packing else None)
         if cfg.parallel.engine == "deepspeed":
             from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from minigpt4qwen.data.sampler import epoch_plan
+from minigpt4qwen.data.sampler import balance_micro_batches, epoch_plan
 from minigpt4qwen.model.loss import supervised_positions
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
@@ -71,13 +71,16 @@ class Trainer:
         num_workers: DataLoader workers.
         config_yaml: the whole run's config, saved as output_dir/config.yaml.
         lengths: per-sample token lengths; given, batches group samples of similar length.
+        packed_lengths: per-sample token lengths when `collate` packs rows (data.packing): each global batch's
+            micro-batches then get similar numbers of tokens (`balance_micro_batches`), the same samples per step.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Dataset, collate: Callable[[list], dict], *,
                  val_dataset: Dataset | None = None, info: DistInfo = DistInfo(), num_workers: int = 0,
-                 config_yaml: str | None = None, lengths: Sequence[int] | None = None):
+                 config_yaml: str | None = None, lengths: Sequence[int] | None = None,
+                 packed_lengths: Sequence[int] | None = None):
         cfg.validate()
-        self.lengths = lengths
+        self.lengths, self.packed_lengths = lengths, packed_lengths
         self.model, self.cfg, self.info = model, cfg, info
         self.dataset, self.val_dataset, self.collate = dataset, val_dataset, collate
         self.num_workers = num_workers
@@ -104,6 +107,8 @@ class Trainer:
         lo = self.info.rank * per_rank
         plan = epoch_plan(len(self.dataset), self.global_batch, self.cfg.seed, epoch, self.lengths)[first_step:]
         mb = self.cfg.micro_batch_size
+        if self.packed_lengths is not None:  # packed rows cost their tokens: spread them evenly
+            plan = [balance_micro_batches(batch, self.packed_lengths, mb) for batch in plan]
         batches = [batch[lo + i : lo + i + mb] for batch in plan for i in range(0, per_rank, mb)]
         if hasattr(self.dataset, "set_epoch"):  # per-(epoch, sample) augmentation seeds: resumable with workers
             self.dataset.set_epoch(epoch)
