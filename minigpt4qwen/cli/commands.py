@@ -100,9 +100,12 @@ def run_data_check(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_cfg.llm)
     image_token_id = (tokenizer.convert_tokens_to_ids(model_cfg.placeholder_token) if model_cfg.placeholder_token
                       else placeholder_token_id(tokenizer))
+    trained = [part for part, on in model_cfg.trainable.as_dict().items()
+               if on or (part == "language_model" and cfg.train.lora.enabled)]
     queries = model_cfg.num_query_tokens or model_architecture(model_cfg).num_query_tokens  # unset: the weights'
     report = check_dataset(cfg.data, tokenizer, image_token_id=image_token_id,
-                           num_query_tokens=queries, open_images=not args.no_images)
+                           num_query_tokens=queries, open_images=not args.no_images,
+                           trained_parts=trained)
     print(report.format())
     return 0 if report.ok else 1
 

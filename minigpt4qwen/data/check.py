@@ -8,6 +8,7 @@ statistics (records, images, token-length percentiles, truncations, an optional 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class FileSummary:
     records: int = 0
     usable: int = 0
     images: int = 0
+    text_only: int = 0  # usable records without an image
 
 
 @dataclass
@@ -47,6 +49,7 @@ class DataCheckReport:
         image_tokens: per usable sample, its placeholder tokens.
         label_tokens: per usable sample, its learned tokens after fitting.
         events: fitting counts ("truncated_history", "truncated_answer").
+        trained_parts: the model parts the run trains, when known (for the text-only warning).
     """
 
     problems: list[DataError] = field(default_factory=list)
@@ -56,6 +59,7 @@ class DataCheckReport:
     image_tokens: list[int] = field(default_factory=list)
     label_tokens: list[int] = field(default_factory=list)
     events: Counter[str] = field(default_factory=Counter)
+    trained_parts: tuple[str, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -72,9 +76,12 @@ class DataCheckReport:
             The text, newline-separated.
         """
         width = max([len(f.annotation) for f in self.files] + [4])
-        lines = [f"{'file':<{width}}  {'format':<12} {'records':>8} {'usable':>8} {'images':>8}"]
+        lines = [f"{'file':<{width}}  {'format':<12} {'records':>8} {'usable':>8} {'images':>8} {'text-only':>9}"]
         for f in self.files:
-            lines.append(f"{f.annotation:<{width}}  {f.format:<12} {f.records:>8} {f.usable:>8} {f.images:>8}")
+            lines.append(f"{f.annotation:<{width}}  {f.format:<12} {f.records:>8} {f.usable:>8} {f.images:>8} "
+                         f"{f.text_only:>9}")
+        if warning := self.text_only_warning():
+            lines += ["", warning]
         if self.total_tokens:
             text = [t - i for t, i in zip(self.total_tokens, self.image_tokens, strict=True)]
             lines += ["", f"tokens per sample (before fitting to max_txt_len={self.max_txt_len}):"]
@@ -99,6 +106,21 @@ class DataCheckReport:
             lines.append(f"  ... and {len(self.problems) - max_problems} more")
         lines.append("OK" if self.ok else "NOT OK: fix the records above, or train with data.bad_sample_policy=skip")
         return "\n".join(lines)
+
+    def text_only_warning(self) -> str | None:
+        """A warning when text-only records meet a run that trains only parts no text reaches (the image path).
+
+        Such records still train nothing there: their tokens only enlarge each step's loss denominator, which
+        shrinks the image samples' share of the gradient.
+        """
+        text_only = sum(f.text_only for f in self.files)
+        if not text_only or self.trained_parts is None or "language_model" in self.trained_parts:
+            return None
+        usable = sum(f.usable for f in self.files)
+        return (f"WARNING: {text_only} of {usable} usable records are text-only, but this run trains only "
+                f"{', '.join(self.trained_parts) or 'nothing'}, which text cannot reach: those records teach it "
+                "nothing and dilute each step's gradient. Remove them, or train the LLM too "
+                "(model.trainable.language_model=true or train.lora.enabled=true).")
 
     def save_histogram(self, path: str, bins: int = 20) -> None:
         """Draw the distribution of sample lengths (before fitting) as a PNG bar chart, max_txt_len marked.
@@ -148,6 +170,7 @@ def check_dataset(
     image_token_id: int,
     num_query_tokens: int,
     open_images: bool = True,
+    trained_parts: Sequence[str] | None = None,
 ) -> DataCheckReport:
     """Read, parse, tokenize and fit every record of the config's datasets, and decode every image.
 
@@ -157,6 +180,8 @@ def check_dataset(
         image_token_id: the placeholder id.
         num_query_tokens: placeholder ids per image.
         open_images: decode every image (on `config.num_workers` threads); False checks the text only.
+        trained_parts: the parts the run trains ("language_model" where LoRA adapters train); given, the report
+            warns when text-only records can reach none of them.
 
     Returns:
         The report; `report.ok` is False when any record would fail, be skipped or be dropped in training.
@@ -165,7 +190,8 @@ def check_dataset(
         ValueError: an invalid config.
     """
     config.validate()
-    report = DataCheckReport(max_txt_len=config.max_txt_len)
+    report = DataCheckReport(max_txt_len=config.max_txt_len,
+                             trained_parts=None if trained_parts is None else tuple(trained_parts))
     users: dict[str, list[tuple[FileSummary, Conversation]]] = defaultdict(list)
     for spec in config.datasets:
         summary = FileSummary(spec.annotation, spec.format)
@@ -189,6 +215,7 @@ def check_dataset(
                 continue
             summary.usable += 1
             summary.images += len(item.images)
+            summary.text_only += not item.images
             for path in item.images:
                 users[path].append((summary, item))
             report.total_tokens.append(encoded.full_length)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Blip2Config, Blip2QFormerModel, B
 
 from minigpt4qwen.model.configs import LN_VISION_EPS
 from minigpt4qwen.model.image_tokens import merge_image_features
-from minigpt4qwen.model.loss import masked_lm_loss_sum
+from minigpt4qwen.model.loss import image_path_anchor, masked_lm_loss_sum
 from minigpt4qwen.model.parts import PART_NAMES, PartDtypes, TrainableParts
 
 
@@ -146,7 +146,12 @@ class MiniGPT4Qwen(nn.Module):
         """
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.encode_images(pixel_values)
+        # Text only: the image path still joins the graph, before the embeddings as images would (ZeRO-3 gathers
+        # parameters in the same order on every rank); see image_path_anchor.
+        anchor = image_path_anchor(self, input_ids.device) if image_features is None else None
         inputs_embeds = self.embed(input_ids, image_features)
+        if anchor is not None:
+            inputs_embeds = inputs_embeds + anchor.to(inputs_embeds.dtype)
         if labels is None:
             out = self.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

@@ -57,8 +57,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP-wraps `model` when running in several processes; returns it unchanged otherwise.
 
-    find_unused_parameters stays off: every trainable part takes part in every forward pass (images are in
-    every batch of the recipes), and the unused-parameter search costs a graph traversal per step.
+    find_unused_parameters stays off: every trainable part takes part in every forward pass (a batch without
+    images still reaches the image path, see `model.loss.image_path_anchor`), and the unused-parameter search
+    costs a graph traversal per step.
     """
     if not info.enabled:
         return model
@@ -71,10 +72,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums `tensor` over all processes in place (no-op in one process) and returns it."""
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sums `tensor` over the processes of `group` (default: all) in place (no-op in one process); returns it."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -25,14 +25,15 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from minigpt4qwen.checkpoint.deepspeed_convert import PIPELINE_KEYS
 from minigpt4qwen.model.activation_checkpointing import decoder_layers
-from minigpt4qwen.model.loss import masked_lm_loss_sum
+from minigpt4qwen.model.loss import image_path_anchor, masked_lm_loss_sum
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer
 from minigpt4qwen.training.distributed import DistInfo, barrier
 from minigpt4qwen.training.metrics import MetricsLogger
 from minigpt4qwen.training.parallel_config import ParallelConfig
-from minigpt4qwen.training.trainer import NonFiniteError, count_supervised
+from minigpt4qwen.training.text_only import step_counts
+from minigpt4qwen.training.trainer import NonFiniteError
 
 
 class EmbedLayer(nn.Module):
@@ -49,7 +50,13 @@ class EmbedLayer(nn.Module):
         input_ids, attention_mask, pixel_values = inputs
         model = self._model[0]
         features = model.encode_images(pixel_values) if pixel_values.shape[0] else None
-        return model.embed(input_ids, features), attention_mask
+        # Text only: this stage's output must still lead back to the trained image path, or its backward has
+        # nothing to differentiate (see image_path_anchor).
+        anchor = image_path_anchor(model, input_ids.device) if features is None else None
+        hidden = model.embed(input_ids, features)
+        if anchor is not None:
+            hidden = hidden + anchor.to(hidden.dtype)
+        return hidden, attention_mask
 
 
 def _mask_function(config, index: int):
@@ -146,7 +153,8 @@ def layer_keys(model: nn.Module, layers: Sequence[nn.Module]) -> dict[str, dict[
 
 
 def build_pipeline_module(model: MiniGPT4Qwen, parallel: ParallelConfig,
-                          autocast: Callable[[], AbstractContextManager] = nullcontext) -> tuple[nn.Module, list[nn.Module]]:
+                          autocast: Callable[[], AbstractContextManager] = nullcontext,
+                          ) -> tuple[nn.Module, list[nn.Module]]:
     """(the `PipelineModule` of this process's stage, all layers); `autocast` wraps every forward and the loss."""
     from deepspeed.pipe import PipelineModule
 
@@ -275,10 +283,10 @@ class PipelineTrainer(DeepSpeedTrainer):
         Raises:
             NonFiniteError: a non-finite loss that DeepSpeed applied anyway (finite gradients, no overflow check).
         """
-        counts = torch.tensor([float(sum(count_supervised(b) for b in micro))], dtype=torch.float64)
-        if self.info.world_size > 1:
-            dist.all_reduce(counts, group=self.engine.grid.get_data_parallel_group())
-        total_tokens = int(counts.item())
+        # Summed over the replicas (not the stages, which all see the replica's micro-batches); each stage's
+        # image-free guard needs the step's images, though only the first stage holds the image path.
+        total_tokens, self.image_free_guard.images = step_counts(micro, self.info.device,
+                                                                 self.engine.grid.get_data_parallel_group())
         # DeepSpeed divides each micro-batch loss by grad_accum and averages over replicas.
         self.head.scale = self.cfg.grad_accum * self.info.world_size / max(total_tokens, 1)
         empty = torch.zeros(0, 3, 1, 1)

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from minigpt4qwen.data.sampler import balance_micro_batches, epoch_plan
-from minigpt4qwen.model.loss import supervised_positions
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, unwrap
 from minigpt4qwen.training.metrics import DataReport, MetricsLogger, write_run_files
 from minigpt4qwen.training.optim import build_optimizer, build_scheduler
+from minigpt4qwen.training.text_only import ImageFreeStepGuard, step_counts
 
 logger = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
@@ -51,11 +51,6 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def count_supervised(batch: dict) -> int:
-    """Supervised (next-token) positions of a collated batch: the loss's denominator."""
-    return int(supervised_positions(batch["labels"]).sum())
-
-
 class Trainer:
     """Trains `model` on `dataset` with the settings of `cfg`.
 
@@ -76,10 +71,11 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Dataset, collate: Callable[[list], dict], *,
-                 val_dataset: Dataset | None = None, info: DistInfo = DistInfo(), num_workers: int = 0,
+                 val_dataset: Dataset | None = None, info: DistInfo | None = None, num_workers: int = 0,
                  config_yaml: str | None = None, lengths: Sequence[int] | None = None,
                  packed_lengths: Sequence[int] | None = None):
         cfg.validate()
+        info = info or DistInfo()
         self.lengths, self.packed_lengths = lengths, packed_lengths
         self.model, self.cfg, self.info = model, cfg, info
         self.dataset, self.val_dataset, self.collate = dataset, val_dataset, collate
@@ -94,6 +90,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(unwrap(model), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        # A step without images leaves the image path alone (text_only.py); on our AdamW, so under every engine.
+        self.image_free_guard = ImageFreeStepGuard()
+        self.optimizer.register_step_pre_hook(self.image_free_guard)
         device_type = info.device.type
         self.scaler = torch.amp.GradScaler(device_type) if cfg.precision == "fp16" else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -127,9 +126,8 @@ class Trainer:
     def _loss_scale(self, micro: Sequence[dict]) -> tuple[int, float]:
         """The step's supervised tokens (all micro-batches, all ranks) and the factor that makes each
         micro-batch's summed loss its share of the step's mean; the engines average gradients over ranks, so the
-        world size turns that average back into the sum."""
-        counts = torch.tensor([count_supervised(b) for b in micro], dtype=torch.float64)
-        total_tokens = int(all_reduce_sum(counts.sum().reshape(1)).item())
+        world size turns that average back into the sum. Also tells the image-free guard the step's images."""
+        total_tokens, self.image_free_guard.images = step_counts(micro, self.info.device)
         return total_tokens, self.info.world_size / max(total_tokens, 1)
 
     def _mean_loss(self, loss_sum: torch.Tensor, total_tokens: int) -> float:
@@ -258,8 +256,8 @@ class Trainer:
             metrics.mark_resume(pos.global_step, epoch=pos.epoch, step_in_epoch=pos.step_in_epoch)
         data = DataReport(metrics, getattr(self.dataset, "load_problems", ()), rank=self.info.rank)
         result = TrainResult(global_step=pos.global_step)
-        bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not (self.info.is_main and cfg.progress_bar),
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(total=self.total_steps, initial=pos.global_step, dynamic_ncols=True, desc="train",
+                   disable=not (self.info.is_main and cfg.progress_bar))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         overflows = 0  # fp16 overflow skips in a row
