@@ -13,6 +13,7 @@ import logging
 import math
 
 import torch
+from transformers import set_seed
 
 from minigpt4qwen.config import load_config, to_yaml
 from minigpt4qwen.training import distributed
@@ -47,6 +48,9 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
     info = distributed.init_distributed()
     cfg.parallel.validate(info.world_size)
     try:
+        # Same config, same train.seed: the same run. The fresh projection and LoRA adapters draw from the global
+        # RNGs, seeded alike on every rank so every replica starts from the same weights.
+        set_seed(cfg.train.seed)
         pipeline = cfg.parallel.engine == "pipeline"
         # The pipeline engine moves only its own stage's layers to the device: the whole model would not fit.
         model, tokenizer = build_model(cfg.model, device=torch.device("cpu") if pipeline else info.device,
@@ -83,6 +87,9 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             val_dataset = ConversationDataset(dataclasses.replace(cfg.data, datasets=cfg.data.val_datasets), tokenizer,
                                               image_token_id=model.image_token_id,
                                               num_query_tokens=model.num_query_tokens, train=False, seed=cfg.train.seed)
+        # Training draws (dropout) get one stream per process, as one process would draw different masks for
+        # each part of the global batch; data order and augmentation are seeded per sample (data/dataset.py).
+        set_seed(cfg.train.seed + info.rank)
         common = dict(info=info, num_workers=cfg.data.num_workers, config_yaml=to_yaml(cfg), val_dataset=val_dataset,
                       lengths=dataset.lengths if cfg.data.group_by_length else None,
                       packed_lengths=dataset.lengths if cfg.data.packing else None)
