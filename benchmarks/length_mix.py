@@ -5,10 +5,11 @@
 
 Rows per max_txt_len and micro-batch, on the same samples: ours padded (random batches: `DataCollator`), ours
 padded with `data.group_by_length` batches (`epoch_plan` with lengths), both with --padded-attn (sdpa, the project's
-default); ours packed (`PackingCollator`: positions restarting per sample, --attn, rows of --pack-length); and
-transformers' `Blip2ForConditionalGeneration` padded (random batches, its own full-logits loss). Projection-only
-training as in `benchmarks/bench.py` (bf16 towers and LLM, fp32 projection, bf16 autocast, AdamW). Printed:
-samples/s, real (non-pad) tokens/s, the share of padding in the batch tensors, and peak GPU memory.
+default); ours packed (`PackingCollator`: positions restarting per sample, --attn, rows of --pack-length, by
+default what an unset data.pack_length gives that attention); and transformers' `Blip2ForConditionalGeneration`
+padded (random batches, its own full-logits loss). Projection-only training as in `benchmarks/bench.py` (bf16
+towers and LLM, fp32 projection, bf16 autocast, AdamW). Printed: samples/s, real (non-pad) tokens/s, the share of
+padding in the batch tensors, and peak GPU memory.
 
 The length distribution. The original MiniGPT4Qwen trained on 18.8k image-text pairs (README of
 github.com/Coobiw/MiniGPT4Qwen: MMPretrain's processing of MiniGPT-4's and LLaVA's instruction data, released as
@@ -51,7 +52,7 @@ import torch
 
 from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.data.collate import DataCollator
-from minigpt4qwen.data.packing import PackingCollator
+from minigpt4qwen.data.packing import PackingCollator, default_pack_length
 from minigpt4qwen.data.sampler import epoch_plan
 from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
@@ -199,9 +200,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attn", default="sdpa", help="our packed rows' attention: sdpa, flex_attention, "
-                        "flash_attention_2 (give sdpa/eager a --pack-length: their document mask is dense)")
+                        "flash_attention_2")
     parser.add_argument("--padded-attn", default="sdpa", help="our padded rows' attention")
-    parser.add_argument("--pack-length", type=int, default=0, help="packed row length (0: one row per micro-batch)")
+    parser.add_argument("--pack-length", type=int, default=None, help="packed row length (0: one row per "
+                        "micro-batch; default: data.pack_length's, by attention and max_txt_len)")
     parser.add_argument("--pad-to", type=int, default=8, help="pad_to_multiple_of of both collators")
     parser.add_argument("--engine", default="both", choices=["ours", "plain", "both"])
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block (ours)")
@@ -217,7 +219,6 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     items = {m: [make_item(f, rng) for f in (fit(s, m) for s in mix) if f is not None] for m in max_lens}
     padded = DataCollator(PAD_ID, pad_to_multiple_of=args.pad_to)
-    packed = PackingCollator(PAD_ID, args.pack_length, pad_to_multiple_of=args.pad_to)
     header = "| {} | micro-batch | samples/s | real tokens/s | padding | peak GiB |\n" + "| --- " * 6 + "|"
     if args.engine != "plain":
         model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
@@ -234,8 +235,10 @@ def main() -> None:
                 row(f"padded, group_by_length, {args.padded_attn}", model, items[m], batches(lengths, args, True, b),
                     padded, args)
                 model.language_model.set_attn_implementation(args.attn)
-                row(f"packed, {args.attn}, {f'rows of {args.pack_length}' if args.pack_length else 'one row'}", model,
-                    items[m], batches(lengths, args, False, b), packed, args)
+                pack = default_pack_length(args.attn, m) if args.pack_length is None else args.pack_length
+                packed = PackingCollator(PAD_ID, pack, pad_to_multiple_of=args.pad_to)
+                row(f"packed, {args.attn}, {f'rows of {pack}' if pack else 'one row'}", model, items[m],
+                    batches(lengths, args, False, b), packed, args)
         del model
         gc.collect()
     if args.engine != "ours":

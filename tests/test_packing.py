@@ -18,7 +18,7 @@ from torch import nn
 
 from minigpt4qwen.data.collate import DataCollator
 from minigpt4qwen.data.config import DataConfig, DatasetSpec
-from minigpt4qwen.data.packing import PackingCollator, pack_rows
+from minigpt4qwen.data.packing import PackingCollator, default_pack_length, pack_rows
 from minigpt4qwen.data.sampler import balance_micro_batches, epoch_plan
 from minigpt4qwen.model.parts import TrainableParts
 from minigpt4qwen.training import state as ckpt
@@ -45,13 +45,15 @@ def make_sample(g: torch.Generator, images: int, text: int, answer: int, learn_f
 
 
 class PackToy(torch.utils.data.Dataset):
-    """Samples of 0-2 images and 8-40 tokens."""
+    """Samples of 1-2 images (0-2 `with_text_only`) and 8-37 tokens."""
 
-    def __init__(self, n: int = 24, seed: int = 0):
+    def __init__(self, n: int = 24, seed: int = 0, with_text_only: bool = False):
         g = torch.Generator().manual_seed(seed)
-        self.items = [make_sample(g, i % 3, int(torch.randint(1, 12, (1,), generator=g)),
-                                  int(torch.randint(2, 18, (1,), generator=g)), learn_first=i % 4 == 0)
-                      for i in range(n)]
+        self.items = []
+        for i in range(n):
+            images = i % 3 if with_text_only else 1 + i % 2
+            text, answer = (int(torch.randint(low, high, (1,), generator=g)) for low, high in ((1, 12), (2, 18)))
+            self.items.append(make_sample(g, images, text, answer, learn_first=i % 4 == 0))
         self.lengths = [len(s["input_ids"]) for s in self.items]
 
     def __len__(self) -> int:
@@ -81,7 +83,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(attention, pack_length
                 param.normal_(0, 0.3)
     model.set_trainable(TrainableParts.all())
     model.language_model.set_attn_implementation(attention)
-    samples = PackToy(7, seed=1).items
+    samples = PackToy(7, seed=1, with_text_only=True).items
     padded = DataCollator(PAD)(samples)
     packed = PackingCollator(PAD, pack_length)(samples)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] < len(samples)
@@ -196,6 +198,7 @@ def test_train_command_with_packing_logs_the_padded_runs_losses(project, tmp_pat
     monkeypatch.setattr(PackingCollator, "__call__", spy)
 
     def losses(run: Path, *overrides: str) -> list[float]:
+        torch.manual_seed(0)  # the fresh projection: the same in both runs
         assert main(["train", str(project / "train.yaml"), f"train.output_dir={run}", "train.max_steps=3",
                      "train.log_every=1", *overrides]) == 0
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -219,8 +222,11 @@ def test_engines_and_attention_that_cannot_take_packed_rows_are_config_errors(tm
     flash.model.attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2 takes one packed row"):
         flash.validate()
-    flash.data.pack_length = 0
+    flash.data.pack_length = None
     flash.validate()
+    # Unset, the row length follows the attention: one row where the kernel skips across-sample work.
+    assert default_pack_length("flash_attention_2", 256) == default_pack_length("flex_attention", 256) == 0
+    assert default_pack_length("sdpa", 256) == default_pack_length("eager", 256) == 512
     with pytest.raises(ValueError, match="pack_length = 100 is below data.max_txt_len = 256"):
         DataConfig(datasets=spec, packing=True, pack_length=100).validate()
 

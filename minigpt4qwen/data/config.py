@@ -7,6 +7,7 @@ Plain dataclasses whose fields use only types omegaconf structured configs accep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
@@ -68,10 +69,11 @@ class DataConfig:
     # Padding-free batches (data/packing.py): each micro-batch's samples laid end to end, positions restarting
     # per sample and attention confined to it; the same samples, loss and gradients as padded batches.
     packing: bool = False
-    # Longest packed row in tokens (>= max_txt_len); 0: the whole micro-batch in one row, the layout for
-    # flash_attention_2 and flex_attention. sdpa and eager build a dense [rows, length, length] document mask:
-    # give them rows of a few samples (e.g. 4 x max_txt_len).
-    pack_length: int = 0
+    # Longest packed row in tokens (>= max_txt_len); 0: the whole micro-batch in one row. Unset: chosen by
+    # model.attn_implementation (data/packing.py `default_pack_length`): one row for flash-attention and
+    # flex_attention, which skip the pairs of tokens from different samples; rows of 2 x max_txt_len for sdpa and
+    # eager, whose document mask is dense (rows x length^2 work).
+    pack_length: Optional[int] = None
     # DataLoader worker processes (also the image-reading threads of `check_dataset`).
     num_workers: int = 4
 
@@ -104,7 +106,7 @@ class DataConfig:
                     raise ValueError(f"data.{section}[{i}].weight = {spec.weight}: must be > 0")
         if self.image_size < 1 or self.max_txt_len < 1 or self.pad_to_multiple_of < 1 or self.num_workers < 0:
             raise ValueError("data.image_size, max_txt_len and pad_to_multiple_of must be >= 1, num_workers >= 0")
-        if self.pack_length < 0:
+        if self.pack_length is not None and self.pack_length < 0:
             raise ValueError(f"data.pack_length = {self.pack_length}: must be >= 0 (0: one row per micro-batch)")
         if self.pack_length and self.pack_length < self.max_txt_len:
             raise ValueError(f"data.pack_length = {self.pack_length} is below data.max_txt_len = {self.max_txt_len}: a "

@@ -3,7 +3,7 @@
 A packed row holds several samples; `position_ids` restart at 0 for each of them and no `attention_mask` is
 given. From exactly that input, transformers' attention (masking_utils: `find_packed_sequence_indices`) confines
 each token's attention to its own sample: sdpa, eager and flex_attention get a block-diagonal causal mask,
-flash_attention_2 its variable-length kernel (one row per micro-batch, see `pack_length`). Rotary positions
+flash_attention_2 its variable-length kernel (one row per micro-batch, see `default_pack_length`). Rotary positions
 restart with the positions, so every sample sees what it would see alone in a padded row.
 
 The loss is the padded batch's: the first label of every sample is dropped (in a padded row it is never a
@@ -11,7 +11,7 @@ target either, and here it would be predicted from the previous sample's last to
 and the image rows follow the samples' order in the rows, so `merge_image_features` writes each image onto its own
 sample's placeholders. Which samples form a micro-batch does not change (see `sampler.balance_micro_batches` for
 the order the trainer gives them), so accumulation, resume and the processes' exact token-weighted loss are as
-without packing.
+without packing. How long a row may be depends on the attention: see `default_pack_length`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,19 @@ import torch
 
 from minigpt4qwen.data.collate import bookkeeping
 from minigpt4qwen.text.conversation import IGNORE_INDEX
+
+
+def default_pack_length(attn_implementation: str, max_txt_len: int) -> int:
+    """`data.pack_length` where the config leaves it unset.
+
+    Flash-attention (any variant; transformers finds the samples in `position_ids` only within a single row) and
+    flex_attention (its block mask skips the pairs of tokens from different samples) take a micro-batch as one row:
+    0. sdpa and eager attend through a dense [rows, 1, length, length] mask, so a row costs length^2 whatever it
+    holds: rows of 2 x max_txt_len keep that near a padded batch's cost while leaving little of a row empty.
+    """
+    if "flash" in attn_implementation or attn_implementation == "flex_attention":
+        return 0
+    return 2 * max_txt_len
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

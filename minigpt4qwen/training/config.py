@@ -127,10 +127,10 @@ class RunConfig:
             # their per-sample positions to travel between stages too.
             raise ValueError("data.packing is not supported by parallel.engine=pipeline (its stages rebuild one "
                              "position sequence per row): set data.packing=false or use ddp/deepspeed")
-        if self.data.packing and self.data.pack_length and self.model.attn_implementation == "flash_attention_2":
+        if self.data.packing and self.data.pack_length and "flash" in self.model.attn_implementation:
             # transformers reads sample boundaries from position_ids for flash-attention only in a single row.
-            raise ValueError("model.attn_implementation=flash_attention_2 takes one packed row per micro-batch: set "
-                             "data.pack_length=0")
+            raise ValueError(f"model.attn_implementation={self.model.attn_implementation} takes one packed row per "
+                             "micro-batch: set data.pack_length=0 (or leave it unset)")
         if self.parallel.engine == "pipeline" and self.data.val_datasets:
             raise ValueError("the pipeline engine does not evaluate a validation set: remove data.val_datasets")
         dtypes = set(vars(self.model.dtypes).values())

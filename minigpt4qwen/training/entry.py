@@ -77,9 +77,12 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         if pipeline:  # few sequence lengths: few activation shapes between stages
             pad = math.lcm(pad, cfg.parallel.seq_bucket)
         if cfg.data.packing:  # padding-free rows (data/packing.py)
-            from minigpt4qwen.data.packing import PackingCollator
+            from minigpt4qwen.data.packing import PackingCollator, default_pack_length
 
-            collate = PackingCollator(tokenizer.pad_token_id, cfg.data.pack_length, pad_to_multiple_of=pad)
+            pack_length = cfg.data.pack_length
+            if pack_length is None:
+                pack_length = default_pack_length(cfg.model.attn_implementation, cfg.data.max_txt_len)
+            collate = PackingCollator(tokenizer.pad_token_id, pack_length, pad_to_multiple_of=pad)
         else:
             collate = DataCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad)
         val_dataset = None
