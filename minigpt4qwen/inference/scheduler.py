@@ -1,5 +1,5 @@
 """The generation scheduler: one thread owns the model and decodes every request in flight together
-(continuous batching), for the HTTP server, the web UI, `generate` and evaluations.
+(continuous batching). `serve` uses it; the web UI, `generate` and evaluations can submit to it the same way.
 
     scheduler = GenerationScheduler(model, tokenizer, slots=32, capacity=2048)
     handle = scheduler.submit(input_ids, pixel_values=pixels, settings=GenerationSettings(max_new_tokens=128))

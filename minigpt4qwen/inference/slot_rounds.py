@@ -46,7 +46,6 @@ class Job:
         return self.prefilled == len(self.input_ids)
 
 
-
 class SlotRounds:
     """The slots of a `SlotDecoder` and the requests waiting for one; `run` does one round. Used by one thread.
 
