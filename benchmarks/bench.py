@@ -16,7 +16,7 @@ import time
 import torch
 
 from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts

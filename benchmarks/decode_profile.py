@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.model.parts import PartDtypes
 
 STEPS = 20

@@ -48,8 +48,8 @@ def run_server(args: argparse.Namespace) -> None:
     """The server role: what `minigpt4qwen serve` runs, plus /bench/memory (peak GPU memory, reset on request)."""
     import uvicorn
 
-    from minigpt4qwen.inference.scheduler import GenerationScheduler
-    from minigpt4qwen.inference.server import build_app
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.frontends.server import build_app
 
     model, tokenizer = _model_and_tokenizer(args.size, args.device)
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=())

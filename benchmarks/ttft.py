@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
-from minigpt4qwen.inference.graph_decoder import GraphDecoder, prefill_bucket
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder, prefill_bucket
 from minigpt4qwen.model.parts import PartDtypes
 
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from minigpt4qwen.checkpoint.export import export_hf
 from minigpt4qwen.data.formats import DataError
-from minigpt4qwen.inference.batch import generate_file
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.frontends.batch import generate_file
 from tests.conftest import make_tiny_chat_model
 
 GREEDY = GenerationSettings(max_new_tokens=10)

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer, TextStreamer
 
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from tests.conftest import make_tiny_chat_model
 
 LONG = GenerationSettings(max_new_tokens=24)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers.masking_utils
 
-from minigpt4qwen.inference.cuda_graphs import host_syncs
-from minigpt4qwen.inference.graph_decoder import GraphDecoder, prefill_bucket
+from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder, prefill_bucket
 from tests.conftest import IMAGE_TOKEN_ID, NUM_QUERIES, make_tiny_model
 
 

@@ -17,12 +17,12 @@ import torch
 import transformers.masking_utils
 from PIL import Image
 
-from minigpt4qwen.inference.cuda_graphs import host_syncs
+from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
+from minigpt4qwen.inference.frontends.openai_protocol import Conversation
 from minigpt4qwen.inference.generation import GenerationSettings
-from minigpt4qwen.inference.openai_protocol import Conversation
-from minigpt4qwen.inference.scheduler import GenerationScheduler
-from minigpt4qwen.inference.token_choice import RowChooser
 from tests.conftest import make_tiny_chat_model
 
 MARGIN = 1e-5  # batched vs batch-1 float32 rounding of these logits is ~1e-6

@@ -17,10 +17,10 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
-from minigpt4qwen.inference.generation_handle import GenerationHandle
-from minigpt4qwen.inference.openai_protocol import Conversation
-from minigpt4qwen.inference.server import build_app
+from minigpt4qwen.inference.frontends.openai_protocol import Conversation
+from minigpt4qwen.inference.frontends.server import build_app
 from tests.conftest import make_tiny_chat_model
 
 N = 24  # max_tokens of most requests: the random tiny model rarely stops by itself

@@ -46,7 +46,7 @@ def model_and_tokenizer():
 
 @pytest.fixture(scope="module")
 def url(model_and_tokenizer):
-    from minigpt4qwen.inference.webui import build_app
+    from minigpt4qwen.inference.frontends.webui import build_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

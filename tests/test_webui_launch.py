@@ -5,7 +5,7 @@ import socket
 import gradio as gr
 import pytest
 
-from minigpt4qwen.inference.webui import launch
+from minigpt4qwen.inference.frontends.webui import launch
 from tests.conftest import make_tiny_chat_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas deprecations

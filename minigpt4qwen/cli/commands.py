@@ -151,7 +151,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.batch import generate_main
+    from minigpt4qwen.inference.frontends.batch import generate_main
 
     return generate_main(args)
 
@@ -171,7 +171,7 @@ def add_webui(sub: argparse._SubParsersAction) -> None:
 
 def run_webui(args: argparse.Namespace) -> int:
     from minigpt4qwen.inference.loading import fast_decoder, load_for_inference
-    from minigpt4qwen.inference.webui import launch
+    from minigpt4qwen.inference.frontends.webui import launch
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     model, tokenizer = load_for_inference(args)
@@ -211,8 +211,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from minigpt4qwen.inference.loading import load_for_inference
-    from minigpt4qwen.inference.scheduler import GenerationScheduler
-    from minigpt4qwen.inference.server import serve
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.frontends.server import serve
 
     model, tokenizer = load_for_inference(args)
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens,

@@ -1,6 +1,6 @@
 """Turning prompts into answers: the one interface the evaluation runner talks to.
 
-`BatchAnswerer` answers a batch in one left-padded, greedy `generate` call (`inference.batch.generate_batch`);
+`BatchAnswerer` answers a batch in one left-padded, greedy `generate` call (`inference.frontends.batch.generate_batch`);
 an answerer built on the serving scheduler only has to offer the same `image_size` and `answer`.
 """
 
@@ -13,7 +13,7 @@ from typing import Protocol
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4qwen.inference.batch import Prompt, generate_batch
+from minigpt4qwen.inference.frontends.batch import Prompt, generate_batch
 from minigpt4qwen.inference.generation import GenerationSettings
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT

@@ -20,9 +20,9 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.data.images import ImageTransform, load_image
-from minigpt4qwen.inference.fast_path import fast_path_applies, generate_fast
+from minigpt4qwen.inference.decoding.fast_path import fast_path_applies, generate_fast
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.generation import CancelFlag, GenerationSettings, chat_generate_kwargs, decode_reply
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from minigpt4qwen.inference.generation import GenerationSettings
-    from minigpt4qwen.inference.graph_decoder import GraphDecoder
+    from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
     from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -67,7 +67,7 @@ def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> GraphDecoder 
         model: the loaded model.
         args: parsed options.
     """
-    from minigpt4qwen.inference.graph_decoder import GraphDecoder
+    from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 
     devices = {p.device for p in model.parameters()}
     if args.no_cuda_graphs or len(devices) != 1 or next(iter(devices)).type != "cuda":

@@ -9,8 +9,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.export import chat_stop_token_ids
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.generation import CancelFlag, GenerationSettings, StopOnText
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
 
 
 def fast_path_applies(settings: GenerationSettings) -> bool:

@@ -26,8 +26,8 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from minigpt4qwen.inference.cuda_graphs import maybe_captured
-from minigpt4qwen.inference.token_choice import TokenChooser
+from minigpt4qwen.inference.decoding.cuda_graphs import maybe_captured
+from minigpt4qwen.inference.decoding.token_choice import TokenChooser
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 SMALL_BUCKET = 64  # prompts up to SMALL_BUCKETS_UP_TO tokens pad to a multiple of this

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 
 import torch
 
+from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder, padded_length, power_of_two
 from minigpt4qwen.inference.generation import StopOnText
-from minigpt4qwen.inference.generation_handle import GenerationHandle
-from minigpt4qwen.inference.slot_decoder import Chunk, SlotDecoder, padded_length, power_of_two
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import GenerationCancelled
+from minigpt4qwen.inference.frontends.streaming import StopTrimmer
 from minigpt4qwen.inference.generation import GenerationSettings, decode_reply
-from minigpt4qwen.inference.streaming import StopTrimmer
 
 
 class _Pieces:

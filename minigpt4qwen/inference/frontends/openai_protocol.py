@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.data.images import ImageTransform
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt4qwen.inference.cuda_graphs import maybe_captured
-from minigpt4qwen.inference.graph_decoder import prefill_bucket
-from minigpt4qwen.inference.slot_cache import SlotCache, visibility_mask
-from minigpt4qwen.inference.token_choice import RowChooser
+from minigpt4qwen.inference.decoding.cuda_graphs import maybe_captured
+from minigpt4qwen.inference.decoding.graph_decoder import prefill_bucket
+from minigpt4qwen.inference.decoding.slot_cache import SlotCache, visibility_mask
+from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 MIN_SPAN = 64

@@ -30,16 +30,16 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.openai_protocol import (
+from minigpt4qwen.inference.frontends.openai_protocol import (
     ChatRequest,
     Conversation,
     ImageLimits,
     RequestError,
     build_conversation,
 )
-from minigpt4qwen.inference.scheduler import GenerationScheduler
-from minigpt4qwen.inference.streaming import ReplyStream
+from minigpt4qwen.inference.frontends.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ import gradio as gr
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.data.images import ImageLoadError
+from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.graph_decoder import GraphDecoder
+from minigpt4qwen.inference.frontends.streaming import Action, ReplyStream
 from minigpt4qwen.inference.prompt_budget import over_budget
-from minigpt4qwen.inference.streaming import Action, ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
