@@ -61,12 +61,18 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
     if cfg.llm is None:
         raise ValueError("model.llm is not set: give an LLM directory or a preset (model.preset=qwen7b_chat)")
     dtypes = cfg.dtypes.as_dict()
-    language_model, tokenizer = load_llm(
-        cfg.llm, dtype=dtypes["language_model"], device="cpu", attn_implementation=cfg.attn_implementation
-    )
     # The checkpoint is read first: it may hold any part, and its shapes count when the sizes are settled.
     checkpoint = (WeightSource("model.checkpoint", Path(cfg.checkpoint), read_model_checkpoint(cfg.checkpoint))
                   if cfg.checkpoint else None)
+    lora = _checkpoint_lora(cfg.checkpoint)
+    # A quantized LLM streams onto the device, quantized shard by shard, unless the checkpoint still changes its
+    # weights (a trained LLM, LoRA adapters to merge): then it is quantized once they are in (end of this function).
+    stream = bool(cfg.quantize) and lora is None and not (
+        checkpoint and any(k.startswith("language_model.") for k in checkpoint.tensors))
+    language_model, tokenizer = load_llm(
+        cfg.llm, dtype=dtypes["language_model"], device=device if stream else "cpu",
+        attn_implementation=cfg.attn_implementation, quantize=cfg.quantize if stream else None,
+    )
     architecture = model_architecture(cfg, checkpoint)
     image_token_id = prepare_placeholder(language_model, tokenizer, cfg.placeholder_token)
     config = minigpt4qwen_config(
@@ -80,7 +86,6 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
         model = MiniGPT4Qwen(config, language_model=language_model)
     model.cast_parts(cfg.dtypes)  # meta tensors take the target dtypes, so loads cast while they materialise
 
-    lora = _checkpoint_lora(cfg.checkpoint)
     if lora is not None:  # the checkpoint's keys name LoRA adapters: rebuild them before loading
         from minigpt4qwen.training.config import LoraConfig
         from minigpt4qwen.training.lora import apply_lora
@@ -104,6 +109,10 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
         logger.info("%s: LoRA adapters merged into the LLM", cfg.checkpoint)
 
     model.set_trainable(cfg.trainable)
+    if cfg.quantize:  # what streaming left (the output head), or everything, one layer at a time onto the device
+        from minigpt4qwen.model.quantization import quantize_language_model
+
+        quantize_language_model(model, cfg.quantize, device=device)
     model = model.to(device)
     if runtime:
         apply_runtime_options(model, cfg)

@@ -15,6 +15,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import Blip2Config, GenerationConfig, PreTrainedTokenizerBase
 from transformers.utils import is_torchvision_available
@@ -22,6 +23,13 @@ from transformers.utils import is_torchvision_available
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.native import atomic_directory
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.model.quantization import (
+    CONFIG_ATTRIBUTE,
+    flatten_quantized,
+    is_quantized,
+    quantize_language_model,
+    unflatten_quantized,
+)
 from minigpt4qwen.text.conversation import end_of_turn_token_id
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
 
@@ -51,6 +59,9 @@ def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: 
         tokenizer: saved beside it (with its chat template).
         out_dir: target directory (replaced if it exists).
         max_shard_size: safetensors shard size.
+
+    A quantized LLM (`model.config.llm_quantization`) is written in torchao's safetensors layout (each quantized
+    weight as its parts, described in every shard's metadata); `load_exported` rebuilds it, plain transformers not.
     """
     size = model.config.vision_config.image_size
     stops = chat_stop_token_ids(tokenizer)
@@ -59,7 +70,10 @@ def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: 
         config.architectures = ["Blip2ForConditionalGeneration"]
         config.save_pretrained(tmp)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        metadata = None
+        if getattr(model.config, CONFIG_ATTRIBUTE, None):
+            state, metadata = flatten_quantized(state)
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata=metadata)
         tokenizer.save_pretrained(tmp)
         _blip_image_processor_class()(size={"height": size, "width": size}, resample=3, image_mean=list(CLIP_MEAN),
                                       image_std=list(CLIP_STD), do_convert_rgb=True).save_pretrained(tmp)
@@ -81,27 +95,38 @@ def _blip_image_processor_class() -> type:
     return transformers.BlipImageProcessor
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the directory's safetensors files, and their metadata (merged)."""
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
     tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
     for name in files:
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"{directory}: weight file {name} is missing")
         try:
             tensors.update(load_file(str(file)))
+            with safe_open(str(file), framework="pt") as f:
+                metadata.update(f.metadata() or {})
         except Exception as err:  # safetensors raises several types for truncated/corrupt files
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
-    return tensors
+    return tensors, metadata
 
 
-def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None,
-                  device: str | torch.device = "cpu") -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
+def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  quantize: str | None = None) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
     """Loads an `export_hf` directory (or any BLIP-2 directory with a decoder-only LLM) as a `MiniGPT4Qwen`.
+
+    A quantized export (`llm_quantization` in config.json) keeps its LLM's quantized weights as stored (`dtype`
+    casts the other tensors) and needs torchao; an int4 one runs on CUDA only. `quantize` ("int8" / "int4")
+    quantizes an unquantized export's LLM one layer at a time onto `device` (its mode, or None, for a quantized one).
 
     Raises:
         FileNotFoundError: no such directory. CheckpointError: missing/corrupt weights or mismatching keys.
+        ImportError: a quantized export without torchao. ValueError: an int4 export for a device other than CUDA,
+            or `quantize` other than the export's quantization.
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -109,12 +134,20 @@ def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None,
     config = Blip2Config.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
         model = MiniGPT4Qwen(config)
-    tensors = _read_weights(directory)
+    tensors, metadata = _read_weights(directory)
+    if quantized := getattr(config, CONFIG_ATTRIBUTE, None):
+        if quantize not in (None, quantized):
+            raise ValueError(f"{directory}: its LLM is already {quantized}: load it without --quantize (or quantize "
+                             f"an unquantized export to {quantize})")
+        tensors = unflatten_quantized(tensors, metadata, quantized, device=device, source=str(directory))
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = {k: v.to(dtype) if v.is_floating_point() and not is_quantized(v) else v for k, v in tensors.items()}
     # Meta parameters take the stored dtypes, so loading assigns the tensors without a cast or a copy.
     for name, param in model.named_parameters():
         if name in tensors:
             param.data = torch.empty_like(param, dtype=tensors[name].dtype, device="meta")
     load_checked(model, tensors, source=str(directory), allow_missing=False)
+    if quantize and not quantized:
+        model.language_model.requires_grad_(False)  # quantized weights are frozen
+        quantize_language_model(model, quantize, device=device)
     return model.to(device).eval(), load_tokenizer(directory)

@@ -61,6 +61,7 @@ def load_llm(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a causal LM and its tokenizer from a local directory; remote code is never run.
 
@@ -69,6 +70,8 @@ def load_llm(
         dtype: parameter dtype.
         device: where the parameters go.
         attn_implementation: `"sdpa"`, `"eager"` or `"flash_attention_2"`.
+        quantize: "int8" / "int4": the decoder blocks' Linear weights are quantized on `device` while the shards
+            stream in (torchao, `model/quantization.py`); the output head stays for `quantize_language_model`.
 
     Returns:
         (model in eval mode, tokenizer).
@@ -79,10 +82,18 @@ def load_llm(
         CheckpointError: (Qwen1) weights that do not match the config.
     """
     if is_qwen1_dir(path):
-        model = load_qwen1_dir(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        model = load_qwen1_dir(path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               quantize=quantize)
         return model, load_tokenizer(path)
     read_config_json(path)  # a clear error for a missing directory / config.json before transformers' own
     checkpoint_shards(path)  # and for a directory without weights
+    extra = {}
+    if quantize:  # transformers quantizes each Linear as it loads (its default leaves the output head out)
+        from transformers import TorchAoConfig
+
+        from minigpt4qwen.model.quantization import torchao_config
+
+        extra["quantization_config"] = TorchAoConfig(quant_type=torchao_config(quantize, device, dtype))
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=dtype,
@@ -90,7 +101,13 @@ def load_llm(
         local_files_only=True,
         trust_remote_code=False,
         attn_implementation=attn_implementation,
+        **extra,
     )
+    if quantize:
+        # Loaded like a Qwen1 directory: the composite's config records the quantization (an LLM config holding
+        # transformers' TorchAoConfig would be copied into exports and make them look like a transformers load).
+        del model.config.quantization_config
+        model.hf_quantizer = None
     return model.eval(), load_tokenizer(path)
 
 

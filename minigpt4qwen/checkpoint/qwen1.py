@@ -241,6 +241,7 @@ def load_qwen1_dir(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
+    quantize: str | None = None,
 ) -> Qwen2ForCausalLM:
     """Loads a published Qwen1 directory as `Qwen2ForCausalLM`, streaming its shards onto a meta-built model.
 
@@ -249,9 +250,11 @@ def load_qwen1_dir(
         dtype: parameter dtype; each tensor is cast as its shard is read (rotary buffers stay fp32).
         device: where the parameters are materialised.
         attn_implementation: `"sdpa"`, `"eager"` or `"flash_attention_2"`.
+        quantize: "int8" / "int4": each shard's Linear weights are quantized on `device` as soon as they are
+            loaded (`model/quantization.py`; the output head is left to `quantize_language_model`).
 
     Returns:
-        The model in eval mode. Peak memory is about the model in `dtype` plus one shard (read, then cast).
+        The model in eval mode. Peak memory is about the model in `dtype` (or quantized) plus one shard.
 
     Raises:
         FileNotFoundError: no directory, config.json, weights, or a shard named by the index.
@@ -288,6 +291,11 @@ def load_qwen1_dir(
             # copy=True: a parameter must own its storage, not a view of the fused c_attn or of a mmapped file.
             tensors[key] = converted.pop(key).to(device=device, dtype=dtype, copy=True)
         load_checked(model, tensors, str(file), allow_missing=True)
+        if quantize:
+            from minigpt4qwen.model.quantization import quantize_llm_weights
+
+            del tensors  # the unquantized weights go as soon as their quantized copies exist
+            quantize_llm_weights(model.model, quantize)
 
     if missing := [name for name, p in model.named_parameters() if p.is_meta]:
         raise CheckpointError(f"{path}: {len(missing)} parameter(s) found in no shard, e.g. {missing[:6]}")

@@ -69,6 +69,7 @@ def _model_record(args: argparse.Namespace, model) -> dict:
     device = next(model.parameters()).device
     return {"model_dir": args.model_dir, "config": args.config, "checkpoint": args.checkpoint,
             "model_type": None if args.model_dir else args.model_type, "dtype": args.dtype,
+            "quantize": getattr(model.config, "llm_quantization", None),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "parameters": sum(p.numel() for p in model.parameters())}
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE_CHOICES = ("int8", "int4")  # model/quantization.py's modes (not imported here: it imports torch)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="spread the LLM's layers over every visible GPU (the vision parts go on the first)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto: fp32 on the CPU; on a GPU the config's dtypes (bf16 LLM) or the export's")
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="quantize the LLM's weights with torchao while they load (int4: CUDA in bf16, or the CPU); "
+                        "an export written with --quantize is already quantized")
 
 
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +136,9 @@ def load_for_inference(args: argparse.Namespace) -> tuple[MiniGPT4Qwen, PreTrain
 
     if args.llm_device_map and (args.cpu_only or not torch.cuda.is_available()):
         raise ValueError("--llm-device-map auto spreads the LLM over GPUs: it needs CUDA and no --cpu-only")
+    quantize = getattr(args, "quantize", None)
+    if quantize and args.llm_device_map:
+        raise ValueError("--quantize keeps the LLM on one device: drop --llm-device-map")
     device = "cpu" if args.cpu_only or not torch.cuda.is_available() else "cuda"
     dtype = "fp32" if args.dtype == "auto" and device == "cpu" else args.dtype
     # With a device map, every part first lands on the CPU and is then dispatched layer by layer.
@@ -140,7 +147,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[MiniGPT4Qwen, PreTrain
         from minigpt4qwen.checkpoint.export import load_exported
 
         model, tokenizer = load_exported(args.model_dir, dtype=None if dtype == "auto" else parse_dtype(dtype),
-                                         device=load_device)
+                                         device=load_device, quantize=quantize)
     else:
         model, tokenizer = _build(args, dtype, load_device)
     if args.llm_device_map:
@@ -163,6 +170,7 @@ def _build(args: argparse.Namespace, dtype: str, device: str) -> tuple[MiniGPT4Q
         model_cfg, checkpoint=args.checkpoint or model_cfg.checkpoint,
         trainable=TrainableParts(language_projection=False),
         dtypes=model_cfg.dtypes if dtype == "auto" else PartDtypes.uniform(dtype),
+        quantize=getattr(args, "quantize", None) or model_cfg.quantize,
     )
     return build_model(model_cfg, device=device, fresh_projection=False)
 

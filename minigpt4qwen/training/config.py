@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.data.config import DataConfig
+from minigpt4qwen.model.quantization import check_mode
 from minigpt4qwen.training.parallel_config import ParallelConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -120,6 +121,8 @@ class RunConfig:
         if self.train.lora.enabled and self.model.trainable.language_model:
             raise ValueError("train.lora.enabled trains adapters on a frozen LLM: set model.trainable.language_model"
                              "=false (or disable LoRA to train the whole LLM)")
+        if self.model.quantize is not None:
+            self._validate_quantized_llm()
         if self.parallel.engine != "ddp" and self.train.save_contents != "trainable":
             raise ValueError("the DeepSpeed engines save trained weights only: use train.save_contents=trainable")
         if self.parallel.engine == "pipeline" and self.data.packing:
@@ -139,3 +142,19 @@ class RunConfig:
             # trained ones), which would silently override model.dtypes.
             raise ValueError(f"parallel.engine=deepspeed with train.precision={self.train.precision} stores every part "
                              f"in that dtype: set all model.dtypes to {self.train.precision} (now {sorted(dtypes)})")
+
+    def _validate_quantized_llm(self) -> None:
+        """A quantized LLM trains only frozen, in int8 (int4 kernels have no backward), under DDP, saved without it."""
+        quantize = check_mode(self.model.quantize, "model.quantize")
+        if self.model.trainable.language_model:
+            raise ValueError(f"model.quantize={quantize} freezes the LLM's weights: set model.trainable.language_model"
+                             "=false (train.lora.enabled=true trains adapters on the quantized LLM)")
+        if quantize == "int4":
+            raise ValueError("model.quantize=int4 cannot train: its kernels have no backward, and the projection's "
+                             "gradient flows back through the LLM; train with model.quantize=int8")
+        if self.parallel.engine != "ddp":
+            raise ValueError(f"model.quantize trains with parallel.engine=ddp, not {self.parallel.engine} (DeepSpeed "
+                             "casts and partitions every parameter, which torchao's quantized weights do not support)")
+        if self.train.save_contents != "trainable":
+            raise ValueError("model.quantize: use train.save_contents=trainable (the quantized LLM is rebuilt from "
+                             "model.llm; `minigpt4qwen export ... model.quantize=int8` writes a quantized model)")

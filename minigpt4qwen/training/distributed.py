@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from minigpt4qwen.model.quantization import quantized_parameter_names
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -64,6 +66,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # A quantized LLM (model.quantize) is frozen and loaded alike on every rank; DDP could not broadcast it.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized_parameter_names(model))
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 

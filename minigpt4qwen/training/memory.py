@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minigpt4qwen.model.quantization import stored_bytes
+
 GiB = 1024**3
 # Bytes stored per token per LLM layer in the backward pass, in units of hidden_size x activation bytes (attention
 # inputs/outputs, MLP intermediates of ~3x width, norms): a common rule of thumb for decoder blocks.
@@ -65,7 +67,7 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
     Returns:
         A `MemoryEstimate`.
     """
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(stored_bytes(p) for p in model.parameters())  # quantized weights: their packed size
     # fp32 master state per trainable parameter: its gradient (in its own dtype) + AdamW's two moments (fp32).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = sum(p.numel() * (p.element_size() + 8) for p in trainable)

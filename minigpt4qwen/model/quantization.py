@@ -1,0 +1,240 @@
+"""Weight-only quantization of the LLM with torchao: `quantize_language_model(model, "int8" | "int4")`.
+
+What is quantized: every `nn.Linear` of the LLM (the decoder blocks' attention and MLP projections) in the chosen
+mode, and its output head in int8 whatever the mode (per-row int8 costs the logits almost nothing, while int4 on
+the head is where weight-only quantization loses most; the head of a 14B model is still 0.7 GiB smaller). A head
+tied to the input embeddings stays as it is, as do the embeddings, norms, biases, the vision tower, the Q-Former
+and the projection. Activations stay in the LLM's dtype.
+
+- int8: symmetric, one scale per output row (`Int8WeightOnlyConfig`): any device and float dtype, with a
+  backward, so a frozen int8 LLM passes gradients to the projection in training.
+- int4: asymmetric, groups of `INT4_GROUP_SIZE` along the input (tinygemm's scheme): on CUDA torchao's tinygemm
+  tile-packed layout (bf16, compute capability >= 8), on the CPU torchao's prototype `Int4OpaqueTensor` (ATen's CPU
+  tinygemm kernel). Neither kernel has a backward: int4 is for inference only. The packed layout is the device's,
+  so an int4 model is quantized on the device it runs on.
+
+Quantizing is idempotent per weight: weights still on meta (not loaded yet) or already quantized are skipped, so
+loaders call `quantize_llm_weights` after each shard (a streamed load never holds the whole model in bf16) and
+`quantize_language_model` finishes whatever is left. torchao is imported only when a function needs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+
+QUANT_MODES = ("int8", "int4")
+INT4_GROUP_SIZE = 128  # tinygemm's usual group; every Qwen / Llama hidden and MLP width is a multiple of it
+# The attribute of the model's Blip2Config naming the LLM's quantization (written into config.json by export).
+CONFIG_ATTRIBUTE = "llm_quantization"
+INSTALL_HINT = "pip install 'minigpt4qwen[quant]' (or pip install torchao)"
+
+
+def import_torchao() -> Any:
+    """The `torchao` module, or an ImportError that says how to install it."""
+    try:
+        import torchao
+        import torchao.quantization  # noqa: F401  (registers the quantized tensor types)
+    except ImportError as err:
+        raise ImportError(f"quantized LLM weights need torchao ({err}): {INSTALL_HINT}") from None
+    return torchao
+
+
+def check_mode(mode: str, name: str = "quantization") -> str:
+    """Returns `mode` if it is one of `QUANT_MODES`; a ValueError naming `name` (e.g. the config key) otherwise."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown {name} {mode!r}: use one of {QUANT_MODES}")
+    return mode
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is one of torchao's quantized tensor types (checked without importing torchao)."""
+    return type(tensor).__module__.split(".", 1)[0] == "torchao"
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor occupies: for a quantized one the sum of its parts (packed data, scales, zero points),
+    where `numel() * element_size()` would count it in its original dtype."""
+    if is_quantized(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(part) for name in names if (part := getattr(tensor, name)) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def torchao_config(mode: str, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """The torchao config that quantizes a weight in `mode` for `device` (see the module docstring).
+
+    Raises:
+        ImportError: torchao is missing. ValueError: an unknown mode, or int4 on a device or dtype it lacks.
+    """
+    check_mode(mode)
+    import_torchao()
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if mode == "int8":
+        return Int8WeightOnlyConfig()
+    device = torch.device(device)
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            raise ValueError(f"int4 on CUDA (tinygemm) runs in bf16, not {dtype}: use --dtype auto or bf16 "
+                             "(model.dtypes.language_model=bf16)")
+        return Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
+    if device.type == "cpu":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE)
+    raise ValueError(f"int4 weights run on CUDA or the CPU, not {device.type}: use int8")
+
+
+def quantization_targets(llm: nn.Module, mode: str) -> dict[str, tuple[nn.Linear, str]]:
+    """The LLM's Linear layers to quantize, by module name, each with its mode: `mode` for the decoder blocks,
+    int8 for the output head (none for a head tied to the input embeddings)."""
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    embeddings = llm.get_input_embeddings() if hasattr(llm, "get_input_embeddings") else None
+    tied = head is not None and embeddings is not None and head.weight is embeddings.weight
+    targets = {}
+    for name, module in llm.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if module is head:
+            if not tied:
+                targets[name] = (module, "int8")
+        else:
+            targets[name] = (module, mode)
+    return targets
+
+
+def quantize_llm_weights(llm: nn.Module, mode: str, *, device: torch.device | str | None = None) -> int:
+    """Quantizes each target Linear (`quantization_targets`) whose weight is loaded and not yet quantized.
+
+    Args:
+        llm: the causal LM, possibly still partly on meta (a load in progress).
+        mode: "int8" or "int4".
+        device: move each layer there just before quantizing it (so a device never holds the whole model
+            unquantized); None quantizes where the weights are.
+
+    Returns:
+        The number of layers quantized by this call.
+
+    Raises:
+        ImportError: torchao is missing. ValueError: see `torchao_config`; an int4 layer whose input width is
+            not a multiple of `INT4_GROUP_SIZE`.
+    """
+    done = 0
+    for name, (module, layer_mode) in quantization_targets(llm, check_mode(mode)).items():
+        weight = module.weight
+        if weight.is_meta or is_quantized(weight):
+            continue
+        if layer_mode == "int4" and module.in_features % INT4_GROUP_SIZE:
+            raise ValueError(f"{name}: int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but this layer has "
+                             f"{module.in_features}: use int8")
+        if device is not None:
+            module.to(device)
+        config = torchao_config(layer_mode, module.weight.device, module.weight.dtype)
+        from torchao.quantization import quantize_
+
+        quantize_(module, config, filter_fn=lambda m, _fqn, target=module: m is target)
+        done += 1
+    return done
+
+
+def quantize_language_model(model: MiniGPT4Qwen, mode: str, *, device: torch.device | str | None = None
+                            ) -> MiniGPT4Qwen:
+    """Quantizes the LLM's weights of a MiniGPT4Qwen in place (what is left unquantized of them) and records the
+    mode in `model.config` (so an export says what it holds).
+
+    Args:
+        model: the model, its LLM frozen (`set_trainable`; LoRA adapters go on afterwards).
+        mode: "int8" or "int4".
+        device: as in `quantize_llm_weights` (the rest of the model is not moved).
+
+    Returns:
+        `model`.
+
+    Raises:
+        ImportError / ValueError: see `quantize_llm_weights`; a model already quantized in the other mode; an
+            LLM with trainable parameters (quantized weights do not train).
+    """
+    current = getattr(model.config, CONFIG_ATTRIBUTE, None)
+    if current not in (None, mode):
+        raise ValueError(f"the LLM is already quantized to {current}: it cannot become {mode} (quantize the "
+                         "unquantized model instead)")
+    if trainable := [name for name, p in model.language_model.named_parameters() if p.requires_grad][:3]:
+        raise ValueError(f"a quantized LLM is frozen, but {trainable} train: set model.trainable.language_model="
+                         "false (train.lora.enabled=true trains adapters on the quantized LLM)")
+    quantize_llm_weights(model.language_model, mode, device=device)
+    setattr(model.config, CONFIG_ATTRIBUTE, mode)
+    return model
+
+
+def quantized_parameter_names(module: nn.Module) -> list[str]:
+    """Names of the module's quantized parameters (e.g. for DDP to leave alone: they are frozen and loaded
+    identically on every rank, and torchao's tensors do not flatten into DDP's broadcast buckets)."""
+    return [name for name, p in module.named_parameters() if is_quantized(p)]
+
+
+def flatten_quantized(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict with quantized tensors as plain tensors plus safetensors metadata (torchao's format: a
+    quantized `x.weight` becomes `x._weight_qdata`, `x._weight_scale`, ... and a JSON entry per tensor).
+
+    Only the quantized tensors go through torchao (it needs a module path in every name, which `query_tokens`
+    lacks); one at a time, so the copies it makes never add up to a second model. Plain tensors are kept as they are.
+
+    Raises:
+        ValueError: a quantized type torchao cannot save (int4 on the CPU: quantize and export on a CUDA GPU).
+    """
+    import json
+
+    import_torchao()
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for name in list(state):
+        tensor = state.pop(name)
+        if not is_quantized(tensor):
+            tensors[name] = tensor
+            continue
+        try:
+            flat, meta = flatten_tensor_state_dict({name: tensor})
+        except ValueError as err:
+            raise ValueError(f"{name}: torchao cannot save this quantized weight ({err}); int4 models are exported "
+                             "from a CUDA GPU, or use int8") from None
+        tensors.update(flat)
+        metadata[name] = meta[name]
+    metadata["tensor_names"] = json.dumps(list(metadata))
+    return tensors, metadata
+
+
+def unflatten_quantized(tensors: dict[str, torch.Tensor], metadata: dict[str, str], mode: str, *,
+                        device: torch.device | str, source: str) -> dict[str, torch.Tensor]:
+    """The inverse of `flatten_quantized`: the state dict with its quantized tensors rebuilt.
+
+    Args:
+        tensors: the plain tensors read from the files.
+        metadata: the files' safetensors metadata.
+        mode: the mode the files say they hold (config.json).
+        device: where the model will run (int4 is stored in CUDA's tinygemm layout).
+        source: the directory, for messages.
+
+    Raises:
+        ImportError: torchao is missing. ValueError: int4 for a device other than CUDA, or metadata that is not
+            torchao's.
+    """
+    check_mode(mode)
+    import_torchao()
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    if mode == "int4" and torch.device(device).type != "cuda":
+        raise ValueError(f"{source}: its LLM is int4 in CUDA's tinygemm layout, which runs on a CUDA GPU only; "
+                         "load it there, or export an int8 model for the CPU")
+    if "tensor_names" not in metadata:
+        raise ValueError(f"{source}: config.json says {CONFIG_ATTRIBUTE}={mode} but the safetensors files carry "
+                         "no torchao metadata (written by another tool?): export the model again")
+    restored, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    return {**restored, **leftover}
