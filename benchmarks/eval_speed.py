@@ -1,6 +1,7 @@
 """`minigpt4qwen eval` speed: a synthetic MME-sized run (2,374 yes/no questions on 1,187 random JPEG images, in
-MME's folder layout) through the real reader, runner (image decoding on threads, batched greedy answers) and
-scorer, on a full-size model with random weights. Reports questions/s against the 2-minute target.
+MME's folder layout) through the real reader, runner (image decoding on threads, greedy answers decoded together
+by the generation scheduler) and scorer, on a full-size model with random weights. Reports questions/s against
+the 2-minute target.
 
     python -m benchmarks.eval_speed --size 7b                                    # one GPU
     python -m benchmarks.eval_speed --size tiny --device cpu --questions 48      # a CPU smoke run of the script
@@ -24,9 +25,10 @@ from PIL import Image
 
 from benchmarks.common import build_random_model, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.evaluation import mme
-from minigpt4qwen.evaluation.answering import BatchAnswerer, Request
+from minigpt4qwen.evaluation.answering import Request, SchedulerAnswerer
 from minigpt4qwen.evaluation.benchmarks import BENCHMARKS
 from minigpt4qwen.evaluation.runner import evaluate
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.model.parts import PartDtypes
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 from minigpt4qwen.text.tiny_tokenizer import IMAGE_PLACEHOLDER, build_tiny_chat_tokenizer
@@ -60,7 +62,9 @@ def main() -> None:
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--questions", type=int, default=2374, help="MME has 2,374")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=256, help="questions handed to the scheduler at once")
+    parser.add_argument("--slots", type=int, default=128, help="questions decoded together")
+    parser.add_argument("--slot-tokens", type=int, default=256, help="MME's prompts are about 80 tokens")
     parser.add_argument("--max-new-tokens", type=int, default=BENCHMARKS["mme"].max_new_tokens)
     args = parser.parse_args()
     dtype = "fp32" if args.device == "cpu" else "bf16"
@@ -73,10 +77,11 @@ def main() -> None:
         tokenizer = build_tiny_chat_tokenizer([DEFAULT_SYSTEM_PROMPT, *texts])
         model = build_random_model(args.size, args.device, PartDtypes.uniform(dtype)).eval()
         model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-        answerer = BatchAnswerer(model, tokenizer, args.max_new_tokens)
+        scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens)
+        answerer = SchedulerAnswerer(scheduler, args.max_new_tokens)
         data = mme.read(data_dir)
         warm = [Request(texts[0], (Image.new("RGB", (224, 224)),))] * min(args.batch_size, 8)
-        answerer.answer(warm)  # CUDA context, cuBLAS handles, allocator: not part of an evaluation's cost
+        answerer.answer(warm)  # CUDA context, cuBLAS handles, allocator, first graphs: not an evaluation's cost
         reset_peak(args.device)
         sync(args.device)
         start = time.perf_counter()
@@ -88,9 +93,11 @@ def main() -> None:
                                  model={"size": args.size}, batch_size=args.batch_size)
         sync(args.device)
         seconds = time.perf_counter() - start
+        scheduler.close()
     rate = made.answered_now / seconds
     print(f"# eval speed: synthetic MME ({made.answered_now} questions), MiniGPT4Qwen-{args.size} random weights "
-          f"({dtype}), batch {args.batch_size}, {args.max_new_tokens} new tokens per answer | {machine()}")
+          f"({dtype}), batch {args.batch_size}, {args.slots} slots, {args.max_new_tokens} new tokens per answer | "
+          f"{machine()}")
     print(f"{seconds:.1f} s including image decoding and encoding: {rate:.1f} questions/s | peak "
           f"{peak_gib(args.device):.1f} GiB | target {TARGET_SECONDS:.0f} s for 2,374 questions: "
           f"{'met' if 2374 / rate <= TARGET_SECONDS else 'missed'} ({2374 / rate:.0f} s at this rate) | "

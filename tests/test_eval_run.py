@@ -1,21 +1,26 @@
-"""`minigpt4qwen eval` end to end on the tiny model: batched answers equal chat answers, a killed run resumes to
-the same results file, bad images are skipped and counted, the CLI and `eval compare`."""
+"""`minigpt4qwen eval` end to end on the tiny model through the generation scheduler: answers equal chat answers,
+a killed run resumes to the same results file, bad images and failed generations are skipped and counted, the CLI
+and `eval compare`."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from minigpt4qwen.checkpoint.export import export_hf
 from minigpt4qwen.cli.eval_command import DATA_HELP
 from minigpt4qwen.cli.main import main
 from minigpt4qwen.evaluation import mme
-from minigpt4qwen.evaluation.answering import BatchAnswerer
+from minigpt4qwen.evaluation.answering import SchedulerAnswerer
 from minigpt4qwen.evaluation.benchmarks import BENCHMARKS
+from minigpt4qwen.evaluation.report import markdown
 from minigpt4qwen.evaluation.runner import PREDICTIONS, evaluate
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.frontends.prompt_records import Prompt, prompt_ids
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 from tests.conftest import make_tiny_chat_model
 
@@ -28,6 +33,14 @@ SETTINGS = {"prompt_template": TEMPLATE, "system_prompt": DEFAULT_SYSTEM_PROMPT,
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     return make_tiny_chat_model(seed=2, image_std=0.5)
+
+
+@pytest.fixture(scope="module")
+def scheduler(model_and_tokenizer):
+    """Fewer slots than questions in a batch, so questions wait for a slot and join while others decode."""
+    scheduler = GenerationScheduler(*model_and_tokenizer, slots=3, capacity=128)
+    yield scheduler
+    scheduler.close()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +79,10 @@ def _evaluate(answerer, mme_dir, out):
                     model={"model_dir": "tiny"}, batch_size=4, progress=False)
 
 
-def test_answers_are_the_chat_answers_and_a_killed_run_resumes_to_the_same_results(model_and_tokenizer, mme_dir,
-                                                                                  tmp_path):
+def test_answers_are_the_chat_answers_and_a_killed_run_resumes_to_the_same_results(model_and_tokenizer, scheduler,
+                                                                                  mme_dir, tmp_path):
     model, tokenizer = model_and_tokenizer
-    answerer = BatchAnswerer(model, tokenizer, max_new_tokens=4)
+    answerer = SchedulerAnswerer(scheduler, max_new_tokens=4)
     results, made = _evaluate(answerer, mme_dir, tmp_path / "straight")
     assert made.answered_now == 22 and results["questions"] == {"total": 24, "scored": 22, "skipped": 2}
     assert [(s["row"], s["kind"]) for s in results["skipped"]] == [(0, "corrupt_image"), (1, "corrupt_image")]
@@ -105,11 +118,11 @@ def test_every_benchmark_has_a_subcommand():
     assert set(DATA_HELP) == set(BENCHMARKS)
 
 
-def test_eval_subcommand_and_compare(model_and_tokenizer, mme_dir, tmp_path, capsys):
+def test_eval_subcommand_and_compare(model_and_tokenizer, scheduler, mme_dir, tmp_path, capsys):
     export_hf(*model_and_tokenizer, tmp_path / "model")
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "minigpt4qwen.cli.main", "eval", "mme", "--data", str(mme_dir), "--model-dir",
-               str(tmp_path / "model"), "--output-dir", str(out), "--batch-size", "4", "--max-new-tokens", "4",
+               str(tmp_path / "model"), "--output-dir", str(out), "--slots", "3", "--max-new-tokens", "4",
                "--prompt", TEMPLATE]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -117,9 +130,35 @@ def test_eval_subcommand_and_compare(model_and_tokenizer, mme_dir, tmp_path, cap
     assert "scored 22 of 24 questions (2 skipped for bad data)" in done.stdout
     cli = json.loads((out / "results.json").read_text())
     assert cli["settings"]["prompt_template"] == TEMPLATE and cli["model"]["model_dir"] == str(tmp_path / "model")
-    model, tokenizer = model_and_tokenizer
-    api, _ = _evaluate(BatchAnswerer(model, tokenizer, max_new_tokens=4), mme_dir, tmp_path / "api")
+    api, _ = _evaluate(SchedulerAnswerer(scheduler, max_new_tokens=4), mme_dir, tmp_path / "api")
     assert cli["table"] == api["table"] and cli["summary"] == api["summary"]
 
     assert main(["eval", "compare", str(tmp_path / "api" / "results.json"), str(out / "results.json")]) == 0
     assert "| summary | perception |" in capsys.readouterr().out
+
+
+def test_failed_generations_are_skipped_and_asked_again_by_a_rerun(model_and_tokenizer, scheduler, mme_dir, tmp_path,
+                                                                   monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    answerer = SchedulerAnswerer(scheduler, max_new_tokens=4)
+    straight, _ = _evaluate(answerer, mme_dir, tmp_path / "straight")
+    # Every "square N" question's prefill runs out of memory (their prompts are one token longer than "shape"'s).
+    doomed = len(prompt_ids(model, tokenizer, Prompt(0, 0, "what colour is the square 1", images=("image",))))
+    prefill = scheduler.decoder.prefill
+
+    def prefill_that_runs_out_of_memory(chunks, sample):
+        if any(len(chunk.embeds) == doomed for chunk in chunks):
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return prefill(chunks, sample)
+
+    monkeypatch.setattr(scheduler.decoder, "prefill", prefill_that_runs_out_of_memory)
+    out = tmp_path / "failed"
+    results, made = _evaluate(answerer, mme_dir, out)
+    assert made.answered_now == 11 and results["questions"] == {"total": 24, "scored": 11, "skipped": 13}
+    failed = [s for s in results["skipped"] if s["kind"] == "generation_failed"]
+    assert len(failed) == 11 and all("OutOfMemoryError: CUDA out of memory (test)" in s["detail"] for s in failed)
+    assert "scored 11 of 24 questions (13 skipped for bad data or failed generation)" in markdown(results)
+    monkeypatch.undo()
+    rerun, made = _evaluate(answerer, mme_dir, out)  # the batches missing answers are asked again
+    assert made.answered_now == 22 and rerun["questions"] == straight["questions"]
+    assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()

@@ -132,20 +132,23 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_generation_options, add_model_options
+    from minigpt4qwen.inference.loading import add_generation_options, add_model_options, add_scheduler_options
 
     p = sub.add_parser("generate", help="answer a JSON/JSONL file of prompts with images, write JSONL answers",
                        description='Batch inference: INPUT is a JSON list or JSONL of {"id"?, "image": path | [paths], '
                                    '"query" | "instruction": str} (the original training format works too); OUTPUT '
-                                   'gets one {"id", "query", "answer"} line per record, in input order.')
+                                   'gets one {"id", "query", "answer"} line per record, in input order. Records '
+                                   'are decoded together (continuous batching, up to 2 x --slots in flight); '
+                                   'sampling uses one seed per record, derived from --seed and its index.')
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--image-root", help="folder relative image paths start from (default: the input file's folder)")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
-                   help="a bad record (malformed, missing or corrupt image): report and skip it, or stop")
+                   help="a bad record (malformed, missing or corrupt image, or its generation failed, e.g. a prompt "
+                        "longer than --slot-tokens): report and skip it, or stop")
     _add_conversation_options(p, window=False)
     add_model_options(p)
+    add_scheduler_options(p)
     add_generation_options(p)
     p.set_defaults(func=run_generate)
 
@@ -182,18 +185,14 @@ def run_webui(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.loading import add_model_options, add_scheduler_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models)",
                        description="Serves the model at http://HOST:PORT/v1 for any OpenAI client; images come as "
                                    "data: URIs. 127.0.0.1 by default (this machine only); every request in flight is "
                                    "decoded together (continuous batching).")
     add_model_options(p)
-    g = p.add_argument_group("batching (the KV cache holds slots x slot-tokens tokens: 0.5 MiB each at 7B bf16)")
-    g.add_argument("--slots", type=int, default=32, help="requests decoded together; more wait for a free slot")
-    g.add_argument("--slot-tokens", type=int, default=2048,
-                   help="tokens per slot (prompt + reply): longer prompts get 400, replies stop there")
-    g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
+    add_scheduler_options(p)
     _add_bind_options(p, port=8000, note="set --api-key then")
     p.add_argument("--model-name", default="minigpt4qwen", help="the model id reported to clients")
     p.add_argument("--allow-local-files", action="store_true",
@@ -210,16 +209,18 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.loading import load_for_inference
-    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
     from minigpt4qwen.inference.frontends.server import serve
+    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
 
     model, tokenizer = load_for_inference(args)
-    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens,
-                                    cuda_graphs=False if args.no_cuda_graphs else None)
-    serve(model, tokenizer, args.model_name, host=args.host, port=args.port, allow_local_files=args.allow_local_files,
-          max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-          max_window_size=args.max_window_size, scheduler=scheduler, api_key=args.api_key, max_queue=args.max_queue)
+    scheduler = build_scheduler(model, tokenizer, args)
+    try:
+        serve(model, tokenizer, args.model_name, host=args.host, port=args.port,
+              allow_local_files=args.allow_local_files, max_body_bytes=int(args.max_body_mb * 2**20),
+              max_images=args.max_images, max_window_size=args.max_window_size, scheduler=scheduler,
+              api_key=args.api_key, max_queue=args.max_queue)
+    finally:
+        scheduler.close()
     return 0
 
 

@@ -27,12 +27,13 @@ DATA_HELP = {
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
     """Registers `eval` with one subcommand per benchmark, and `compare`."""
-    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.loading import add_model_options, add_scheduler_options
 
     p = sub.add_parser("eval", help="score a model on MME, MMBench(-CN), POPE, SEED-Bench or a VQA/caption set",
-                       description="Asks every question of a benchmark (greedy, in batches), writes the predictions "
-                                   "as they come (rerun the same command to continue a stopped run), scores them "
-                                   "as the benchmark's own script does, and writes results.json and results.md.")
+                       description="Asks every question of a benchmark (greedy, in batches, decoded together by the "
+                                   "generation scheduler), writes the predictions as they come (rerun the same "
+                                   "command to continue a stopped run), scores them as the benchmark's own script "
+                                   "does, and writes results.json and results.md.")
     benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (data_help, root_help) in DATA_HELP.items():
         b = benchmarks.add_parser(name, help=data_help)
@@ -44,9 +45,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                                         "(default: the benchmark's; an unknown field is an error that lists them)")
         b.add_argument("--system-prompt", help="the system message (default: Qwen's 'You are a helpful assistant.')")
         b.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the benchmark's)")
-        b.add_argument("--batch-size", type=int, default=16,
-                       help="questions answered together (more is faster where memory fits: 128 on an 80 GB GPU)")
+        b.add_argument("--batch-size", type=int,
+                       help="questions handed to the scheduler at once, and the unit a stopped run asks again "
+                            "(default: 4 x --slots, so that freed slots take the batch's next questions)")
         add_model_options(b)
+        add_scheduler_options(b)
         b.set_defaults(func=run_eval)
     c = benchmarks.add_parser("compare", help="the difference of two results.json, per subtask / category")
     c.add_argument("a", help="results.json of the baseline")
@@ -78,12 +81,12 @@ def run_eval(args: argparse.Namespace) -> int:
     """Reads the benchmark, loads the model, answers, scores; prints the table. Returns 1 when nothing was scored."""
     from pathlib import Path
 
-    from minigpt4qwen.evaluation.answering import BatchAnswerer
+    from minigpt4qwen.evaluation.answering import SchedulerAnswerer
     from minigpt4qwen.evaluation.benchmarks import BENCHMARKS
     from minigpt4qwen.evaluation.prompts import check_template
     from minigpt4qwen.evaluation.report import markdown
     from minigpt4qwen.evaluation.runner import evaluate
-    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     benchmark = BENCHMARKS[args.benchmark]
@@ -99,12 +102,17 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"[skipped] ... and {len(data.skipped) - 20} more (all listed in results.json)", file=sys.stderr)
     model, tokenizer = load_for_inference(args)
     system_prompt = args.system_prompt or DEFAULT_SYSTEM_PROMPT
-    answerer = BatchAnswerer(model, tokenizer, max_new_tokens, system_prompt)
     settings = {"prompt_template": template, "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
                 "decoding": "greedy", "image_root": root}
     out_dir = Path(args.output_dir or f"outputs/eval/{benchmark.name}")
-    results, made = evaluate(benchmark, data, args.data, out_dir, answerer, template=template, settings=settings,
-                             model=_model_record(args, model), batch_size=args.batch_size)
+    scheduler = build_scheduler(model, tokenizer, args)
+    try:
+        results, made = evaluate(benchmark, data, args.data, out_dir,
+                                 SchedulerAnswerer(scheduler, max_new_tokens, system_prompt), template=template,
+                                 settings=settings, model=_model_record(args, model),
+                                 batch_size=args.batch_size or 4 * args.slots)
+    finally:
+        scheduler.close()
     if made.answered_now:
         print(f"answered {made.answered_now} question(s) in {made.seconds:.1f} s "
               f"({made.answered_now / made.seconds:.2f} questions/s)", file=sys.stderr)

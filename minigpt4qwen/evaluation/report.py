@@ -56,13 +56,15 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as a markdown report: settings, counts, the table and the summary."""
     settings, counts = results["settings"], results["questions"]
     model = results["model"]
+    failed = any(s["kind"] == "generation_failed" for s in results["skipped"])
+    why = "bad data or failed generation" if failed else "bad data"
     lines = [
         f"# {results['benchmark']}",
         "",
         f"- model: {model.get('model_dir') or model.get('checkpoint') or model.get('config') or 'preset'} "
         f"({model.get('device', '?')}, {model.get('dtype', '?')})",
         f"- data: {results['data']}",
-        f"- scored {counts['scored']} of {counts['total']} questions ({counts['skipped']} skipped for bad data)",
+        f"- scored {counts['scored']} of {counts['total']} questions ({counts['skipped']} skipped for {why})",
         f"- prompt: {json.dumps(settings['prompt_template'], ensure_ascii=False)}; system: "
         f"{json.dumps(settings['system_prompt'], ensure_ascii=False)}; greedy, at most "
         f"{settings['max_new_tokens']} new tokens",

@@ -2,8 +2,9 @@
 rerun with the same command continues where it stopped and ends with the same results.
 
 The questions are cut into fixed batches; a batch missing any answer is answered again whole (a batch's answers
-never depend on where an earlier run stopped). Images of the next batch are decoded and resized on worker threads
-while the current batch is generated.
+never depend on where an earlier run stopped: the answerer's answers depend only on the batch). Images of the next
+batch are decoded and resized on worker threads while the current batch is generated. A question whose image
+cannot be decoded, or whose generation failed, is skipped and reported (a rerun asks its batch again).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Predictions:
 
     Attributes:
         answers: raw answer by question key, for every question answered (in this run or an earlier one).
-        skipped: questions whose image could not be decoded.
+        skipped: questions whose image could not be decoded, or whose generation failed.
         answered_now: questions answered by this run.
         seconds: time spent answering them.
     """
@@ -145,22 +146,28 @@ def predict(questions: Sequence[Question], answerer: Answerer, template: str, pa
                     requests.append(Request(render(template, question), (future.result(),)))
                     asked.append(question)
                 except ImageLoadError as err:
-                    error = DataError(*question.where, err.kind, f"image {err.path}: {err.detail}")
-                    result.skipped.append(error)
-                    tqdm.write(f"[skipped] {error}", file=sys.stderr)
+                    _skip(DataError(*question.where, err.kind, f"image {err.path}: {err.detail}"), result)
             replies = answerer.answer(requests) if requests else []
             lines = []
             for question, request, reply in zip(asked, requests, replies, strict=True):
+                if isinstance(reply, Exception):
+                    _skip(DataError(*question.where, "generation_failed", f"{type(reply).__name__}: {reply}"), result)
+                    continue
                 done[question.key] = {"key": question.key, "prompt": request.text, "answer": reply,
                                       "parsed": parse(question, reply)}
                 lines.append(json.dumps(done[question.key], ensure_ascii=False) + "\n")
             out.write("".join(lines))  # one write per batch: a kill leaves at most one torn line
             out.flush()
-            result.answered_now += len(asked)
+            result.answered_now += len(lines)
             bar.update(len(batch))
     result.seconds = time.perf_counter() - start
     result.answers = {q.key: done[q.key]["answer"] for q in questions if q.key in done}
     return result
+
+
+def _skip(error: DataError, result: Predictions) -> None:
+    result.skipped.append(error)
+    tqdm.write(f"[skipped] {error}", file=sys.stderr)
 
 
 def evaluate(benchmark: Benchmark, data: BenchmarkData, data_path: str, out_dir: Path, answerer: Answerer, *,

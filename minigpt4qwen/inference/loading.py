@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from minigpt4qwen.inference.generation import GenerationSettings
     from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.generation import GenerationSettings
     from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -81,6 +82,39 @@ def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> GraphDecoder 
     except ValueError as err:  # e.g. an LLM with sliding-window layers
         print(f"[note] replies use transformers' generate: {err}", file=sys.stderr)
         return None
+
+
+def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the options of the continuous-batching scheduler (`build_scheduler`) behind serve, webui, generate, eval.
+
+    Not on a parser that has `add_decoder_options`: both define --no-cuda-graphs.
+
+    Args:
+        parser: a subcommand's parser.
+    """
+    g = parser.add_argument_group("batching (the KV cache holds slots x slot-tokens tokens: 0.5 MiB each at 7B bf16)")
+    g.add_argument("--slots", type=int, default=32, help="requests decoded together; more wait for a free slot")
+    g.add_argument("--slot-tokens", type=int, default=2048,
+                   help="tokens per slot (prompt + reply): a longer prompt fails (serve: 400; generate, eval: that "
+                        "record is skipped and reported), replies stop there")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
+
+
+def build_scheduler(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
+                    args: argparse.Namespace) -> GenerationScheduler:
+    """The generation scheduler of `model` as the options of `add_scheduler_options` ask; its thread runs until
+    `close()`, which the caller owes.
+
+    Raises:
+        ValueError: --slots below 1 or --slot-tokens below 2, or a model the scheduler cannot decode.
+    """
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+
+    if args.slots < 1 or args.slot_tokens < 2:
+        raise ValueError(f"--slots must be >= 1 and --slot-tokens >= 2 (a prompt token and a reply token), got "
+                         f"{args.slots} and {args.slot_tokens}")
+    return GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens,
+                               cuda_graphs=False if args.no_cuda_graphs else None)
 
 
 def add_generation_options(parser: argparse.ArgumentParser, *, seed: int | None = None) -> None:
