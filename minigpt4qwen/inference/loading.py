@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+MAX_AUTO_SLOT_TOKENS = 2048  # the scheduler's default tokens per slot, where memory allows
+KV_CACHE_SHARE = 0.8  # of the GPU memory free after loading, for the scheduler's KV cache (the rest: activations)
 QUANTIZE_CHOICES = ("int8", "int4")  # model/quantization.py's modes (not imported here: it imports torch)
 
 
@@ -94,9 +97,10 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
     """
     g = parser.add_argument_group("batching (the KV cache holds slots x slot-tokens tokens: 0.5 MiB each at 7B bf16)")
     g.add_argument("--slots", type=int, default=32, help="requests decoded together; more wait for a free slot")
-    g.add_argument("--slot-tokens", type=int, default=2048,
+    g.add_argument("--slot-tokens", type=int, default=None,
                    help="tokens per slot (prompt + reply): a longer prompt fails (serve: 400; generate, eval: that "
-                        "record is skipped and reported), replies stop there")
+                        f"record is skipped and reported), replies stop there; default: up to {MAX_AUTO_SLOT_TOKENS}, "
+                        f"as many as fit {KV_CACHE_SHARE:.0%} of the GPU memory free after loading")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
 
 
@@ -110,11 +114,44 @@ def build_scheduler(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
     """
     from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 
-    if args.slots < 1 or args.slot_tokens < 2:
+    slot_tokens = args.slot_tokens if args.slot_tokens is not None else auto_slot_tokens(model, args.slots)
+    if args.slots < 1 or slot_tokens < 2:
         raise ValueError(f"--slots must be >= 1 and --slot-tokens >= 2 (a prompt token and a reply token), got "
-                         f"{args.slots} and {args.slot_tokens}")
-    return GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens,
+                         f"{args.slots} and {slot_tokens}")
+    logging.getLogger(__name__).info("generation scheduler: %d slots of %d tokens", args.slots, slot_tokens)
+    return GenerationScheduler(model, tokenizer, slots=args.slots, capacity=slot_tokens,
                                cuda_graphs=False if args.no_cuda_graphs else None)
+
+
+def auto_slot_tokens(model: MiniGPT4Qwen, slots: int) -> int:
+    """Tokens per slot when none are asked for: `MAX_AUTO_SLOT_TOKENS` on the CPU; on a GPU what
+    `slot_tokens_that_fit` gives for the memory free after loading, so the default fits the card it runs on."""
+    import torch
+
+    # The embedding's dtype is the keys' and values' (a quantized LLM keeps its embedding in bf16).
+    embedding = model.language_model.get_input_embeddings().weight
+    if embedding.device.type != "cuda":
+        return MAX_AUTO_SLOT_TOKENS
+    free, _ = torch.cuda.mem_get_info(embedding.device)
+    return slot_tokens_that_fit(free, slots, model.language_model.config, embedding.element_size())
+
+
+def slot_tokens_that_fit(free_bytes: int, slots: int, llm_config: Any, element_size: int) -> int:
+    """The most tokens per slot (a multiple of 64, at most `MAX_AUTO_SLOT_TOKENS`) for which the keys and values
+    of `slots` slots fill at most `KV_CACHE_SHARE` of `free_bytes` (Qwen-7B in bf16, 0.5 MiB a token, with
+    5 GiB free as on a 24 GB card: 32 slots of 256 tokens).
+
+    Raises:
+        ValueError: not even 64 tokens per slot fit (fewer --slots, or an explicit --slot-tokens, may).
+    """
+    heads = getattr(llm_config, "num_key_value_heads", None) or llm_config.num_attention_heads
+    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // llm_config.num_attention_heads
+    bytes_per_token = 2 * llm_config.num_hidden_layers * heads * head_dim * element_size  # keys + values
+    fitting = int(free_bytes * KV_CACHE_SHARE) // (slots * bytes_per_token) // 64 * 64
+    if fitting < 64:
+        raise ValueError(f"{slots} slots leave fewer than 64 tokens each in the {free_bytes / 2**30:.1f} GiB free: "
+                         "pass fewer --slots (or an explicit --slot-tokens)")
+    return min(MAX_AUTO_SLOT_TOKENS, fitting)
 
 
 def add_generation_options(parser: argparse.ArgumentParser, *, seed: int | None = None) -> None:
