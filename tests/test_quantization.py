@@ -281,7 +281,7 @@ def test_int8_export_round_trip_is_exact(project, tmp_path):
     from minigpt4qwen.cli.main import main
 
     cli = tmp_path / "cli"  # the command writes a quantized model (its projection drawn afresh here)
-    assert main(["export", str(project / "quant.yaml"), str(cli), "model.quantize=int8"]) == 0
+    assert main(["export", str(project / "quant.yaml"), str(cli), "--quantize", "int8"]) == 0
     assert json.loads((cli / "config.json").read_text())["llm_quantization"] == "int8"
     assert is_quantized(load_exported(cli)[0].language_model.model.layers[0].mlp.down_proj.weight)
     built, tokenizer = build(project, "model.quantize=int8")

@@ -55,6 +55,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="write the LLM's weights quantized by torchao, as model.quantize does (int4: on a CUDA GPU)")
     p.set_defaults(func=run_export)
 
 
@@ -64,7 +66,8 @@ def run_export(args: argparse.Namespace) -> int:
     from minigpt4qwen.config import load_config
     from minigpt4qwen.training.config import RunConfig
 
-    cfg = load_config(args.config, args.overrides, RunConfig)
+    quantize = [f"model.quantize={args.quantize}"] if args.quantize else []
+    cfg = load_config(args.config, [*args.overrides, *quantize], RunConfig)
     model, tokenizer = build_model(cfg.model)
     out = export_hf(model, tokenizer, args.out_dir, max_shard_size=args.max_shard_size)
     print(f"exported to {out}")
