@@ -1,4 +1,8 @@
-"""The gradio web UI, launched on 127.0.0.1 and driven by a real headless Chromium through Playwright."""
+"""The gradio web UI, launched on 127.0.0.1 and driven by a real headless Chromium through Playwright.
+
+Replies go through a `GenerationScheduler`; the expected answers are its answers to the same prompts, submitted
+directly (two tabs decoding together: tests/test_chat_tab.py).
+"""
 
 import socket
 import time
@@ -9,7 +13,9 @@ import torch
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.frontends.chat_tab import STOPPED
 from tests.conftest import make_tiny_chat_model
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -23,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 N = 20  # max new tokens set through the UI
 LONG = 2000  # max new tokens of a reply that would take ~30 s: long enough to be stopped in the middle
 STEPS = []  # one entry per forward pass of the LLM: a generation that has stopped adds none
+CAPACITY = 8192  # tokens per scheduler slot: more than the 6144-token prompt budget, which then applies
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +47,59 @@ def model_and_tokenizer():
         STEPS.append(None)
         time.sleep(0.015)
 
-    model.language_model.register_forward_pre_hook(slowly)
+    model.language_model.get_decoder().register_forward_pre_hook(slowly)  # the scheduler calls it, not the LM
     return model, tokenizer
 
 
 @pytest.fixture(scope="module")
-def url(model_and_tokenizer):
+def scheduler(model_and_tokenizer):
+    scheduler = GenerationScheduler(*model_and_tokenizer, slots=4, capacity=CAPACITY)
+    yield scheduler
+    scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def url(model_and_tokenizer, scheduler):
     from minigpt4qwen.inference.frontends.webui import build_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    app = build_app(*model_and_tokenizer)
+    app = build_app(*model_and_tokenizer, scheduler)
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"
     app.close()
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(20_000)
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, url):
+    page = browser.new_page()  # a browser tab: its own gradio session
+    page.set_default_timeout(20_000)
+    page.goto(url)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, url):
+    return _open(browser, url)
+
+
+def _answer(scheduler, session, text, settings, record=True):
+    """The scheduler's answer to `text` in `session` (recorded as a turn unless `record` is False)."""
+    query = session.with_image_markers(text)
+    ids, features = session.build_prompt(query)
+    reply = scheduler.submit(ids, image_features=features, settings=settings).result(timeout=60)
+    if record:
+        session.record_turn(query, reply)
+    return reply
 
 
 def _words(text):
@@ -121,19 +154,20 @@ def _wait_for_empty_chat(page):
                            ".length === 0", timeout=5_000)
 
 
-def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_and_tokenizer, tmp_path):
+def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_and_tokenizer, scheduler, tmp_path):
     red = tmp_path / "red.png"
     Image.new("RGB", (40, 40), "red").save(red)
     greedy = GenerationSettings(max_new_tokens=N)
     sampled = GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, seed=7)
     engine = ChatSession(*model_and_tokenizer)
     engine.add_image(Image.open(red))
-    first = engine.ask("what colour", greedy)
-    second = engine.ask("what shape", sampled)
-    regenerated = engine.regenerate(GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, seed=8))
+    first = _answer(scheduler, engine, "what colour", greedy)
+    second = _answer(scheduler, engine, "what shape", sampled, record=False)
+    regenerated = _answer(scheduler, engine, "what shape", GenerationSettings(
+        max_new_tokens=N, do_sample=True, temperature=1.5, seed=8))
     penalised = GenerationSettings(max_new_tokens=N, repetition_penalty=1.5)
-    after_restart = ChatSession(*model_and_tokenizer).ask("what colour", penalised)
-    unpenalised = ChatSession(*model_and_tokenizer).ask("what colour", greedy)
+    after_restart = _answer(scheduler, ChatSession(*model_and_tokenizer), "what colour", penalised)
+    unpenalised = _answer(scheduler, ChatSession(*model_and_tokenizer), "what colour", greedy)
     assert len({first, second, regenerated, after_restart, unpenalised}) == 5 and len(first) > 10
 
     page.set_input_files("#images input[type=file]", str(red))
@@ -167,10 +201,10 @@ def test_upload_ask_stream_change_controls_regenerate_and_restart(page, model_an
     _set_number(page, "repetition-penalty", 1)
 
 
-def test_stop_clear_and_restart_end_a_streamed_reply_at_once(page, model_and_tokenizer):
+def test_stop_clear_and_restart_end_a_streamed_reply_at_once(page, model_and_tokenizer, scheduler):
     greedy = GenerationSettings(max_new_tokens=N)
-    shape = ChatSession(*model_and_tokenizer).ask("what shape", greedy)
-    colour = ChatSession(*model_and_tokenizer).ask("what colour", greedy)
+    shape = _answer(scheduler, ChatSession(*model_and_tokenizer), "what shape", greedy)
+    colour = _answer(scheduler, ChatSession(*model_and_tokenizer), "what colour", greedy)
     page.click("#restart")
     _wait_for_empty_chat(page)
     page.fill("#seed textarea", "")
@@ -204,3 +238,25 @@ def test_stop_clear_and_restart_end_a_streamed_reply_at_once(page, model_and_tok
     _ask(page, too_long)
     page.get_by_text("over the prompt budget of 6,144 tokens").wait_for()
     assert not _bot_texts(page) and page.input_value("#query textarea") == too_long  # kept, to be shortened
+
+
+def test_a_second_tab_is_answered_while_the_first_streams(browser, url, page, model_and_tokenizer, scheduler):
+    colour = _answer(scheduler, ChatSession(*model_and_tokenizer), "what colour", GenerationSettings(max_new_tokens=N))
+    shape = _answer(scheduler, ChatSession(*model_and_tokenizer), "what shape", GenerationSettings(max_new_tokens=N))
+    page.click("#restart")
+    _wait_for_empty_chat(page)
+    _start_long_reply(page, "what shape", 1)  # ~30 s of reply: the second tab would wait for it, were they serialised
+
+    other = _open(browser, url)
+    _set_number(other, "max-new-tokens", N)
+    _ask(other, "what colour")
+    _wait_for_reply(other, 1, colour)
+    streaming = _bot_texts(page)[0]
+    assert scheduler.stats()["active_slots"] == 1 and not streaming.endswith(STOPPED)  # the first is still going
+    page.click("#stop")
+    page.wait_for_function(f"document.querySelector('#chatbot [data-testid=bot]').innerText.endsWith('{STOPPED}')",
+                           timeout=5_000)
+    stopped = _bot_texts(page)[0].removesuffix(STOPPED).strip()
+    assert len(stopped) >= len(streaming) and stopped[:len(_words(shape))] == _words(shape)[:len(stopped)]
+    other.close()
+    _set_number(page, "max-new-tokens", N)

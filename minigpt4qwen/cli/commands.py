@@ -163,12 +163,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_webui(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_decoder_options, add_model_options
+    from minigpt4qwen.inference.loading import add_model_options, add_scheduler_options
 
     p = sub.add_parser("webui", help="chat in the browser (gradio): upload images, streamed replies",
-                       description="Serves the web UI at http://HOST:PORT; 127.0.0.1 by default (this machine only).")
+                       description="Serves the web UI at http://HOST:PORT; 127.0.0.1 by default (this machine only). "
+                                   "The replies of every browser tab are decoded together (continuous batching).")
     add_model_options(p)
-    add_decoder_options(p)
+    add_scheduler_options(p)
     _add_bind_options(p, port=7860, note="there is no authentication")
     p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     _add_conversation_options(p)
@@ -176,14 +177,17 @@ def add_webui(sub: argparse._SubParsersAction) -> None:
 
 
 def run_webui(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.loading import fast_decoder, load_for_inference
     from minigpt4qwen.inference.frontends.webui import launch
+    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     model, tokenizer = load_for_inference(args)
-    launch(model, tokenizer, host=args.host, port=args.port, share=args.share,
-           system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT, max_window_size=args.max_window_size,
-           decoder=fast_decoder(model, args))
+    scheduler = build_scheduler(model, tokenizer, args)
+    try:
+        launch(model, tokenizer, scheduler, host=args.host, port=args.port, share=args.share,
+               system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT, max_window_size=args.max_window_size)
+    finally:
+        scheduler.close()
     return 0
 
 

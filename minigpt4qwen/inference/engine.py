@@ -114,9 +114,29 @@ class ChatSession:
             query = IMAGE_PROMPT * len(features) + query
         if query.count(IMAGE_MARKER) != len(features):
             raise ValueError(f"the query has {query.count(IMAGE_MARKER)} image markers but {len(features)} images")
+        self.record_turn(query, reply, features)
+
+    def record_turn(self, query: str, reply: str, images: Sequence[torch.Tensor] | None = None, *,
+                    replace_last: bool = False) -> None:
+        """Adds an answered question to the history (what `ask` does with its reply; front ends that generate
+        elsewhere, e.g. through a `GenerationScheduler`, call it with theirs).
+
+        Args:
+            query: the question with its image markers (`with_image_markers`).
+            reply: the answer.
+            images: the features of its images in marker order (default: every pending image); pending ones stop
+                being pending, so images added while it was answered wait for the next question.
+            replace_last: the reply answers the last question again (see `regenerate_prompt`): it replaces that
+                turn.
+        """
         with self.lock:
+            images = list(self.pending_images if images is None else images)
+            if replace_last:
+                self.turns.pop()
+                self.turn_images.pop()
             self.turns.append((query, reply))
-            self.turn_images.append(features)
+            self.turn_images.append(images)
+            self.pending_images = [f for f in self.pending_images if all(f is not image for image in images)]
 
     def clear(self) -> None:
         """Forgets the history and every image."""
@@ -161,6 +181,25 @@ class ChatSession:
         ids = torch.tensor([rendered.input_ids], device=self.device)
         return ids, (torch.stack(features) if features else None)
 
+    def regenerate_prompt(self) -> tuple[str, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """What `regenerate` answers, for generating elsewhere: the last question (with its markers), its images'
+        features, and `build_prompt`'s ids and features for it after the history before it. The session is unchanged;
+        record the new reply with `record_turn(query, reply, images, replace_last=True)`.
+
+        Raises:
+            ValueError: no question has been answered yet.
+        """
+        with self.lock:
+            if not self.turns:
+                raise ValueError("nothing to regenerate: no question has been answered yet")
+            kept = self.turns, self.turn_images, self.pending_images
+            (query, _), images = self.turns[-1], self.turn_images[-1]
+            self.turns, self.turn_images, self.pending_images = self.turns[:-1], self.turn_images[:-1], images
+            try:
+                return query, images, *self.build_prompt(query)
+            finally:
+                self.turns, self.turn_images, self.pending_images = kept
+
     def cancel(self) -> None:
         """Stops the generation running now (from any thread); its `ask` raises `GenerationCancelled`."""
         self._cancel.set()
@@ -185,9 +224,7 @@ class ChatSession:
         with self.lock:
             query = self.with_image_markers(query)
             reply = self._generate(query, settings, streamer)
-            self.turns.append((query, reply))
-            self.turn_images.append(self.pending_images)
-            self.pending_images = []
+            self.record_turn(query, reply)
             return reply
 
     def regenerate(self, settings: GenerationSettings | None = None, streamer: Any = None) -> str:
