@@ -17,9 +17,12 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a tiny model on a synthetic VQA task on the CPU, report held-out accuracy",
                        description="The embedded default job: generates coloured-shape images with English and Chinese "
                                    "questions, trains a tiny MiniGPT4Qwen (every part trainable), reports held-out "
-                                   "accuracy against chance, saves a checkpoint and answers one question.")
-    p.add_argument("--output-dir", default="outputs/demo", help="where data, checkpoints and metrics go")
+                                   "accuracy against chance and writes OUTPUT_DIR/model, a model directory that chat, "
+                                   "generate, webui, serve and export take with --model-dir.")
+    p.add_argument("--output-dir", default="outputs/demo", help="where data, checkpoints, metrics and model/ go")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's tuned value)")
+    p.add_argument("--train-images", type=int, default=None, help="training pictures (default: the demo's tuned value)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: best for its tiny model)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_demo)
 
@@ -50,9 +53,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the whole model as a Hugging Face Blip2ForConditionalGeneration directory",
                        description="Assemble the model of CONFIG (LLM + vision + Q-Former + checkpoint) and write "
                                    "OUT_DIR: config, safetensors shards, tokenizer with chat template, image processor. "
-                                   "It reloads with transformers' Blip2ForConditionalGeneration.from_pretrained(OUT_DIR).")
-    p.add_argument("config")
+                                   "It reloads with transformers' Blip2ForConditionalGeneration.from_pretrained(OUT_DIR)."
+                                   " With --model-dir DIR instead of CONFIG, DIR (an export, or the demo's model) is "
+                                   "written again, e.g. with other shard sizes.")
+    p.add_argument("config", nargs="?", help="YAML with a model section (omit with --model-dir)")
     p.add_argument("out_dir")
+    p.add_argument("--model-dir", help="a directory written by `minigpt4qwen export` or `minigpt4qwen demo`")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--quantize", choices=("int8", "int4"),
@@ -62,13 +68,19 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from minigpt4qwen.checkpoint.assemble import build_model
-    from minigpt4qwen.checkpoint.export import export_hf
+    from minigpt4qwen.checkpoint.export import export_hf, load_exported
     from minigpt4qwen.config import load_config
     from minigpt4qwen.training.config import RunConfig
 
-    quantize = [f"model.quantize={args.quantize}"] if args.quantize else []
-    cfg = load_config(args.config, [*args.overrides, *quantize], RunConfig)
-    model, tokenizer = build_model(cfg.model)
+    if (args.model_dir is None) == (args.config is None):
+        raise ValueError("export takes one source: CONFIG (a YAML file) or --model-dir DIR, then OUT_DIR")
+    if args.model_dir is not None:
+        if args.overrides:
+            raise ValueError(f"config overrides {args.overrides} do not apply to --model-dir {args.model_dir}")
+        model, tokenizer = load_exported(args.model_dir, quantize=args.quantize)
+    else:
+        quantize = [f"model.quantize={args.quantize}"] if args.quantize else []
+        model, tokenizer = build_model(load_config(args.config, [*args.overrides, *quantize], RunConfig).model)
     out = export_hf(model, tokenizer, args.out_dir, max_shard_size=args.max_shard_size)
     print(f"exported to {out}")
     return 0

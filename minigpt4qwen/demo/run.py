@@ -1,157 +1,132 @@
-"""`minigpt4qwen demo`: the whole pipeline on the CPU in a few minutes, as an honest smoke test.
+"""`minigpt4qwen demo`: the whole pipeline on the CPU in a few minutes, ending in a model you can chat with.
 
 Draws a coloured-shapes question-answering set, builds a word-level tokenizer and a tiny MiniGPT4Qwen from
-scratch (every part trainable), trains it with the real trainer, measures held-out exact-match accuracy by
-greedy generation against chance, saves a checkpoint and answers one question about a held-out picture.
+scratch (every part trainable), trains it with the real trainer and data layer, measures held-out exact-match
+accuracy per question kind against chance through the batch-inference path, exports the model as a Hugging Face
+directory (`minigpt4qwen export`'s format) and answers one held-out question from that directory as
+`minigpt4qwen chat --model-dir` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shlex
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from minigpt4qwen.checkpoint.export import export_hf, load_exported
 from minigpt4qwen.data.collate import DataCollator
-from minigpt4qwen.data.config import DataConfig, DatasetSpec
 from minigpt4qwen.data.dataset import ConversationDataset
 from minigpt4qwen.demo import shapes
-from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
-from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
-from minigpt4qwen.model.parts import TrainableParts
-from minigpt4qwen.text.conversation import render_chatml
-from minigpt4qwen.text.tiny_tokenizer import IM_END, IMAGE_PLACEHOLDER, build_tiny_chat_tokenizer
-from minigpt4qwen.training.config import LrMultipliers, TrainConfig
+from minigpt4qwen.demo.evaluate import ANSWER_SETTINGS, Scores, evaluate
+from minigpt4qwen.demo.recipe import Recipe, build_model, data_config, train_config
+from minigpt4qwen.inference.engine import chat
+from minigpt4qwen.text.tiny_tokenizer import IMAGE_PLACEHOLDER, build_tiny_chat_tokenizer
 from minigpt4qwen.training.trainer import Trainer
 
-DEFAULT_STEPS = 3000  # ~3.6 min on 2 CPU cores; 1500 steps learn colour but not yet count (measured)
-IMAGE_SIZE = 32
-NUM_QUERIES = 8
-WIDTH = 64
+# The tiny model's matrices are too small to share out between threads: one thread is about as fast as two on an
+# idle machine, and many times faster on a busy one, where threads wait for each other (measured on 2 cores with
+# other jobs running: 68 ms a step with one thread, 1.8 s with two).
+DEFAULT_THREADS = 1
 
 
-def build_demo_model(vocab_size: int, image_token_id: int, seed: int) -> MiniGPT4Qwen:
-    """A ~0.3M-parameter MiniGPT4Qwen: 32-px ViT (patch 8), 2-layer Q-Former with 8 queries, 2-layer Qwen2."""
-    torch.manual_seed(seed)
-    vision = tiny_vision_config(image_size=IMAGE_SIZE)
-    vision.patch_size, vision.hidden_size, vision.intermediate_size = 8, WIDTH, 2 * WIDTH
-    qformer = tiny_qformer_config(encoder_hidden_size=WIDTH)
-    qformer.hidden_size, qformer.intermediate_size = WIDTH, 2 * WIDTH
-    # A Q-Former trained from scratch (the real one starts from BERT + BLIP-2 pre-training) needs to see the
-    # image in every layer and no dropout to learn colour, shape and count within a CPU budget (measured:
-    # cross-attention in 1 of 2 layers lost the colour entirely).
-    qformer.cross_attention_frequency = 1
-    qformer.hidden_dropout_prob = qformer.attention_probs_dropout_prob = 0.0
-    config = minigpt4qwen_config(tiny_qwen2_config(vocab_size=vocab_size, hidden_size=WIDTH), image_token_id=image_token_id,
-                                 vision_config=vision, qformer_config=qformer, num_query_tokens=NUM_QUERIES)
-    model = MiniGPT4Qwen(config)
-    model.set_trainable(TrainableParts.all())
-    return model
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """What a demo run produced: held-out scores, the exported model directory and the time it took."""
+
+    scores: Scores
+    model_dir: Path
+    wall_s: float
+    cpu_s: float
 
 
-def data_config(annotation: Path, image_root: Path) -> DataConfig:
-    # No random crop (it could cut a shape off and change the count); flips keep every answer. No system
-    # prompt: shorter sequences, faster steps.
-    return DataConfig(datasets=[DatasetSpec(format="minigpt4qwen", annotation=str(annotation), image_root=str(image_root))],
-                      image_size=IMAGE_SIZE, min_scale=1.0, max_scale=1.0, max_txt_len=96, system_prompt="",
-                      num_workers=0)
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The default recipe with the options given (`steps`, `train_images`), checked.
+
+    Raises:
+        ValueError: a value no run can use, naming the option and what to pass.
+    """
+    changes = {name: getattr(args, name) for name in ("steps", "train_images") if getattr(args, name, None) is not None}
+    return Recipe(**changes).check()
 
 
-@torch.no_grad()
-def answer_questions(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, questions: list[str],
-                     pixel_values: torch.Tensor) -> list[str]:
-    """Greedy answers to `questions` (each with one `<ImageHere>`), one image per question."""
-    prompts = [render_chatml(tokenizer, [{"role": "user", "content": q}], image_token_id=model.image_token_id,
-                             num_query_tokens=model.num_query_tokens, system_prompt=None,
-                             add_generation_prompt=True).input_ids for q in questions]
-    collate = DataCollator(tokenizer.pad_token_id, padding_side="left")
-    batch = collate([{"input_ids": torch.tensor(p), "labels": torch.tensor(p), "pixel_values": pixel_values[i : i + 1]}
-                     for i, p in enumerate(prompts)])
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    model.eval()
-    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=6,
-                         do_sample=False, eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
-    texts = []
-    for row in new.tolist():
-        row = row[: row.index(im_end)] if im_end in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+def train_and_export(recipe: Recipe, out: Path, seed: int = 0, progress_bar: bool = True) -> DemoResult:
+    """Runs the demo's steps into `out` (data/, run/, model/) and prints what each one did.
 
-
-def evaluate(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, dataset: ConversationDataset,
-             batch_size: int = 64) -> dict[str, tuple[int, int]]:
-    """Exact-match (correct, total) per question kind over the held-out set ('all' included)."""
-    scores: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    kinds = _kinds(dataset)
-    for start in range(0, len(dataset), batch_size):
-        rows = range(start, min(start + batch_size, len(dataset)))
-        convs = [dataset.conversation(i) for i in rows]
-        pixels = torch.cat([dataset[i]["pixel_values"] for i in rows])
-        predictions = answer_questions(model, tokenizer, [c.messages[0][1] for c in convs], pixels)
-        for i, conv, prediction in zip(rows, convs, predictions, strict=True):
-            for key in (kinds[i], "all"):
-                scores[key][0] += prediction == conv.messages[1][1]
-                scores[key][1] += 1
-    return {k: (v[0], v[1]) for k, v in scores.items()}
-
-
-def _kinds(dataset: ConversationDataset) -> list[str]:
-    """Question kind of each item, recovered from its question text."""
-    by_text = {shapes.IMAGE_PREFIX + text: kind for (kind, _), text in shapes.QUESTIONS.items()}
-    return [by_text[dataset.conversation(i).messages[0][1]] for i in range(len(dataset))]
+    Args:
+        recipe: the checked recipe.
+        out: the output folder.
+        seed: seeds the pictures, the initial weights and the data order.
+        progress_bar: show the trainer's progress bar.
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
+    print(f"[1/5] drawing the coloured-shapes set into {out / 'data'}")
+    train_file, heldout_file = shapes.generate(
+        out / "data", train_images=recipe.train_images, heldout_images=recipe.heldout_images, size=recipe.image_size,
+        questions_per_image=recipe.questions_per_image, seed=seed)
+    images = out / "data" / "images"
+    tokenizer = build_tiny_chat_tokenizer(shapes.vocabulary())
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    model = build_model(recipe, len(tokenizer), image_token_id, seed)
+    train_set = ConversationDataset(data_config(recipe, train_file, images), tokenizer, train=True, seed=seed,
+                                    image_token_id=image_token_id, num_query_tokens=recipe.num_queries)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"[2/5] tiny MiniGPT4Qwen from scratch: {params / 1e6:.2f}M parameters, every part trainable; "
+          f"{len(train_set)} training questions about {recipe.train_images} pictures")
+    cfg = train_config(recipe, seed, out / "run", progress_bar)
+    print(f"[3/5] training {recipe.steps} steps of {recipe.batch_size} questions on the CPU")
+    result = Trainer(model, cfg, train_set, DataCollator(tokenizer.pad_token_id)).fit()
+    print(f"      loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; checkpoint {result.checkpoint}")
+    scores = evaluate(model, tokenizer, heldout_file, images)
+    print(f"[4/5] held-out exact-match accuracy, {sum(scores.asked.values())} questions about "
+          f"{recipe.heldout_images} new pictures (greedy, asked as `minigpt4qwen generate` asks):")
+    for kind in shapes.KINDS:
+        print(f"      {kind:7s} {scores.accuracy(kind):6.1%}  ({scores.right[kind]}/{scores.asked[kind]}; "
+              f"chance {shapes.CHANCE[kind]:.1%})")
+    print(f"      overall {scores.accuracy():6.1%}  (chance {scores.chance():.1%})")
+    model_dir = export_hf(model, tokenizer, out / "model")
+    example = json.loads(heldout_file.read_text(encoding="utf-8"))[0]
+    picture, query = images / example["image"], shapes.QUESTIONS[example["kind"], example["language"]]
+    # Reloaded from the directory, asked through the chat engine: what `chat --model-dir` will do.
+    exported, exported_tokenizer = load_exported(model_dir)
+    reply, _ = chat(exported, exported_tokenizer, query, images=[picture], settings=ANSWER_SETTINGS)
+    print(f"[5/5] exported to {model_dir}; reloaded from there and asked about a held-out picture:\n"
+          f"      {picture}\n      Q: {query}\n      A: {reply}   (truth: {example['output']})")
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    threads = torch.get_num_threads()
+    print(f"done in {wall:.0f} s ({cpu:.0f} s of CPU time, {threads} thread{'s' if threads > 1 else ''}). Next:\n"
+          f"  minigpt4qwen chat --model-dir {shlex.quote(str(model_dir))} --image {shlex.quote(str(picture))} "
+          f"--query {shlex.quote(query)}")
+    return DemoResult(scores, model_dir, wall, cpu)
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the demo; options are read with defaults, so any namespace works.
 
     Args:
-        args: optional `output_dir` (default: a temporary folder), `steps` (optimizer steps, default DEFAULT_STEPS),
-            `train_images` (default 1200), `seed` (default 0), `threads` (torch CPU threads; default all).
+        args: optional `output_dir` (default: a temporary folder), `steps` (optimizer steps), `train_images`
+            (pictures to train on), `seed` (default 0), `threads` (torch CPU threads; default DEFAULT_THREADS),
+            `progress_bar` (default True).
 
     Returns:
         0 when held-out accuracy beats chance, 1 otherwise.
+
+    Raises:
+        ValueError: an option no run can use (the message names it and what to pass).
     """
-    started = time.perf_counter()
-    seed = getattr(args, "seed", 0)
-    steps = getattr(args, "steps", None) or DEFAULT_STEPS
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    recipe = recipe_from_args(args)
+    seed = getattr(args, "seed", None) or 0
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, not {seed}")
+    threads = getattr(args, "threads", None) or DEFAULT_THREADS
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, not {threads}")
+    torch.set_num_threads(threads)
     out = Path(getattr(args, "output_dir", None) or tempfile.mkdtemp(prefix="minigpt4qwen-demo-"))
-    print(f"[1/5] drawing the coloured-shapes set into {out}/data")
-    train_file, heldout_file = shapes.generate(out / "data", train_images=getattr(args, "train_images", 1200), seed=seed)
-    tokenizer = build_tiny_chat_tokenizer(shapes.vocabulary())
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    model = build_demo_model(len(tokenizer), image_token_id, seed)
-    kw = dict(image_token_id=image_token_id, num_query_tokens=NUM_QUERIES, seed=seed)
-    train_set = ConversationDataset(data_config(train_file, out / "data" / "images"), tokenizer, train=True, **kw)
-    heldout = ConversationDataset(data_config(heldout_file, out / "data" / "images"), tokenizer, train=False, **kw)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"[2/5] tiny MiniGPT4Qwen from scratch: {params / 1e6:.2f}M parameters, every part trainable; "
-          f"{len(train_set)} training questions, {len(heldout)} held-out")
-    # The post-LayerNorm Q-Former learns best at a quarter of the others' learning rate (measured on this task).
-    cfg = TrainConfig(lr=2e-3, min_lr=6e-5, warmup_steps=max(steps // 10, 1), weight_decay=0.01, max_steps=steps,
-                      lr_multipliers=LrMultipliers(qformer=0.25, query_tokens=0.25),
-                      micro_batch_size=32, grad_accum=1, precision="fp32", seed=seed, output_dir=str(out / "run"),
-                      keep_last=1, resume="none", log_every=25, tensorboard=False,
-                      progress_bar=getattr(args, "progress_bar", True))
-    print(f"[3/5] training {steps} steps of {cfg.micro_batch_size} questions on the CPU")
-    result = Trainer(model, cfg, train_set, DataCollator(tokenizer.pad_token_id)).fit()
-    tokenizer.save_pretrained(out / "run" / "tokenizer")
-    print(f"      loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; checkpoint {result.checkpoint}")
-    scores = evaluate(model, tokenizer, heldout)
-    print("[4/5] held-out exact-match accuracy (greedy generation):")
-    for kind in ("colour", "shape", "count"):
-        right, total = scores[kind]
-        print(f"      {kind:7s} {right / total:6.1%}  ({right}/{total}; chance {shapes.CHANCE[kind]:.1%})")
-    right, total = scores["all"]
-    chance = sum(shapes.CHANCE[k] * scores[k][1] for k in shapes.CHANCE) / total
-    print(f"      overall {right / total:6.1%}  (chance {chance:.1%})")
-    conv = heldout.conversation(0)
-    reply = answer_questions(model, tokenizer, [conv.messages[0][1]], heldout[0]["pixel_values"])[0]
-    print(f"[5/5] {conv.images[0]}\n      Q: {conv.messages[0][1]}\n      A: {reply}   (truth: {conv.messages[1][1]})")
-    print(f"done in {time.perf_counter() - started:.0f} s")
-    return 0 if right / total > chance else 1
+    result = train_and_export(recipe, out, seed, progress_bar=getattr(args, "progress_bar", True))
+    return 0 if result.scores.accuracy() > result.scores.chance() else 1
