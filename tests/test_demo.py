@@ -61,9 +61,12 @@ def test_answers_are_determined_by_the_image(tmp_path):
     (["--train-images", "0"], "--train-images"),
     (["--train-images", "-1"], "--train-images"),
     (["--seed", "-1"], "--seed"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_nonsense_options_are_clear_errors(argv, option, tmp_path, capsys):
-    args = argparse.Namespace(output_dir=str(tmp_path), steps=None, train_images=None, seed=0)
+    # Valid small values first (the option under test overrides one), so a missed check costs seconds, not minutes.
+    argv = ["--steps", "2", "--train-images", "16", *argv]
+    args = argparse.Namespace(output_dir=str(tmp_path), seed=0, threads=None, progress_bar=False)
     for name, value in zip(argv[::2], argv[1::2], strict=True):
         setattr(args, name[2:].replace("-", "_"), int(value))
     with pytest.raises(ValueError, match=f"^{option} must be"):

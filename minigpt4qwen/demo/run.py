@@ -120,10 +120,12 @@ def run(args: argparse.Namespace) -> int:
         ValueError: an option no run can use (the message names it and what to pass).
     """
     recipe = recipe_from_args(args)
-    seed = getattr(args, "seed", None) or 0
+    seed = getattr(args, "seed", None)
+    seed = 0 if seed is None else seed
     if seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, not {seed}")
-    threads = getattr(args, "threads", None) or DEFAULT_THREADS
+    threads = getattr(args, "threads", None)
+    threads = DEFAULT_THREADS if threads is None else threads
     if threads < 1:
         raise ValueError(f"--threads must be at least 1, not {threads}")
     torch.set_num_threads(threads)
