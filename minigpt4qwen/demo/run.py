@@ -29,9 +29,9 @@ from minigpt4qwen.inference.engine import chat
 from minigpt4qwen.text.tiny_tokenizer import IMAGE_PLACEHOLDER, build_tiny_chat_tokenizer
 from minigpt4qwen.training.trainer import Trainer
 
-# The tiny model's matrices are too small to share out between threads: one thread is about as fast as two on an
-# idle machine, and many times faster on a busy one, where threads wait for each other (measured on 2 cores with
-# other jobs running: 68 ms a step with one thread, 1.8 s with two).
+# The tiny model's matrices are too small to share out between threads: on 2 cores, one thread was as fast as two
+# under light load (96 vs 95 ms a step) and far faster under heavy load, where two threads wait for each other
+# (68 ms vs 1.8 s a step; measured with other jobs running).
 DEFAULT_THREADS = 1
 
 
