@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import shlex
 import shutil
+import signal
 import sys
 import threading
 from typing import TextIO
@@ -300,6 +301,10 @@ def chat_main(args: argparse.Namespace) -> int:
         # input() then edits lines (arrow keys, history) and reads them whole: without it the terminal's own
         # line editing is in charge, which cuts a line at 4095 characters without a word.
         import readline  # noqa: F401
+
+        # Ctrl-C stops a reply (KeyboardInterrupt), also when a parent started us with SIGINT ignored (a
+        # background job of a script): Python keeps an inherited "ignore" and Ctrl-C would do nothing.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not args.image and not cli.collect_images():
         return 0
     cli.run()
