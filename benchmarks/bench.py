@@ -15,7 +15,16 @@ import time
 
 import torch
 
-from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
+from benchmarks.common import (
+    EXTRA_0,
+    build_random_model,
+    build_random_plain,
+    machine,
+    peak_gib,
+    reset_peak,
+    sync,
+    timed_training,
+)
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.compilation import compile_blocks
@@ -38,22 +47,11 @@ def training_batch(batch: int, device: str, vocab: int) -> dict[str, torch.Tenso
 
 def bench_training(model, device: str, batch: int, steps: int, warmup: int, plain: bool = False) -> tuple[float, float]:
     """Returns (samples/s, peak GiB) for projection-only training at `batch` samples per step."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     data = training_batch(batch, device, model.config.text_config.vocab_size)
     if plain:  # transformers' own forward: full logits, its loss
         data["pixel_values"] = data["pixel_values"].to(torch.bfloat16)
-    reset_peak(device)
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync(device)
-            start = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            out = model(**data)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    return batch * steps / (time.perf_counter() - start), peak_gib(device)
+    seconds, peak = timed_training(model, [data] * (warmup + steps), warmup, device)
+    return batch / seconds, peak
 
 
 def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str | None) -> tuple[float, float, float]:

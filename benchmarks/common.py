@@ -69,9 +69,16 @@ def benchmark_config(size: str):
 
 
 def _materialise_random(model: nn.Module, device: str) -> None:
-    generator = torch.Generator(device=device).manual_seed(0)
-    for module_name, module in model.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+    fill_random(model, device, torch.Generator(device=device).manual_seed(0))
+
+
+def fill_random(module: nn.Module, device: str, generator: torch.Generator) -> None:
+    """Random values on `device` for the parameters of `module` still on the meta device (norm weights 1,
+    biases and other norm parameters 0, the rest N(0, 0.02)); parameters already materialised are kept."""
+    for module_name, owner in module.named_modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
             data = torch.empty(param.shape, dtype=param.dtype, device=device)
             if "norm" in f"{module_name}.{name}".lower() and name == "weight":
                 data.fill_(1.0)
@@ -79,7 +86,28 @@ def _materialise_random(model: nn.Module, device: str) -> None:
                 data.zero_()
             else:
                 data.normal_(0.0, 0.02, generator=generator)
-            setattr(module, name, nn.Parameter(data, requires_grad=param.requires_grad))
+            setattr(owner, name, nn.Parameter(data, requires_grad=param.requires_grad))
+
+
+def timed_training(model: nn.Module, step_batches: list[dict], warmup: int, device: str) -> tuple[float, float]:
+    """Projection-only training (AdamW, bf16 autocast) over `step_batches`, the first `warmup` untimed.
+
+    Returns:
+        (seconds per timed step, peak GiB).
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    reset_peak(device)
+    for i, data in enumerate(step_batches):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            out = model(**data)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    return (time.perf_counter() - start) / (len(step_batches) - warmup), peak_gib(device)
 
 
 def machine() -> str:

@@ -44,13 +44,12 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, peak_gib, reset_peak, sync
+from benchmarks.common import EXTRA_0, build_random_model, build_random_plain, machine, reset_peak, timed_training
 from minigpt4qwen.data.collate import DataCollator
 from minigpt4qwen.data.packing import PackingCollator, default_pack_length
 from minigpt4qwen.data.sampler import epoch_plan
@@ -150,23 +149,6 @@ def batches(lengths: list[int], args, grouped: bool, batch: int) -> list[list[in
     return plan[1 : 1 + args.warmup + args.steps]  # the grouped plan's first batch is its longest: skip it
 
 
-def timed(model, step_batches: list[dict], warmup: int, device: str) -> tuple[float, float]:
-    """Seconds per timed step and peak GiB of projection-only training over `step_batches`."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    reset_peak(device)
-    for i, data in enumerate(step_batches):
-        if i == warmup:
-            sync(device)
-            start = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            out = model(**data)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    return (time.perf_counter() - start) / (len(step_batches) - warmup), peak_gib(device)
-
-
 def row(name: str, model, items, plan: list[list[int]], collate, args, plain: bool = False) -> None:
     """Collates, moves to the device, times and prints one table row."""
     keys = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
@@ -180,7 +162,7 @@ def row(name: str, model, items, plan: list[list[int]], collate, args, plain: bo
     real = sum(len(items[i]["input_ids"]) for b in timed_plan for i in b) / len(timed_plan)
     cells = sum(step_batches[k]["input_ids"].numel() for k in range(args.warmup, len(plan))) / len(timed_plan)
     try:
-        seconds, peak = timed(model, step_batches, args.warmup, args.device)
+        seconds, peak = timed_training(model, step_batches, args.warmup, args.device)
     except torch.OutOfMemoryError:
         print(f"| {name} | {len(plan[0])} | OOM | | | |", flush=True)
         return

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from benchmarks.bench import EXTRA_0, PROMPT_GEN, bench_generation, bench_training
-from benchmarks.common import CONFIGS, benchmark_config, machine, peak_gib, reset_peak, sync
+from benchmarks.common import CONFIGS, benchmark_config, fill_random, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
@@ -55,22 +55,6 @@ def model_config(size: str):
     return config
 
 
-def _fill(module: nn.Module, device: str, generator: torch.Generator) -> None:
-    """Random values for the parameters of `module` still on meta (norms 1, biases 0, others N(0, 0.02))."""
-    for module_name, owner in module.named_modules():
-        for name, param in list(owner.named_parameters(recurse=False)):
-            if not param.is_meta:
-                continue
-            data = torch.empty(param.shape, dtype=param.dtype, device=device)
-            if "norm" in f"{module_name}.{name}".lower() and name == "weight":
-                data.fill_(1.0)
-            elif name == "bias" or "norm" in module_name.lower():
-                data.zero_()
-            else:
-                data.normal_(0.0, 0.02, generator=generator)
-            setattr(owner, name, nn.Parameter(data, requires_grad=param.requires_grad))
-
-
 def build(size: str, device: str, mode: str) -> MiniGPT4Qwen:
     """The random model, only the projection trainable, its LLM quantized block by block as it is materialised."""
     with init_empty_weights(include_buffers=False):
@@ -81,10 +65,10 @@ def build(size: str, device: str, mode: str) -> MiniGPT4Qwen:
     llm = model.language_model
     for part in (model.vision_model, model.qformer, model.language_projection, llm.get_input_embeddings(),
                  *llm.model.layers, llm):
-        _fill(part, device, generator)
+        fill_random(part, device, generator)
         if mode != "bf16":
             quantize_llm_weights(llm, mode)
-    _fill(model, device, generator)  # the query tokens
+    fill_random(model, device, generator)  # the query tokens
     if mode != "bf16":
         quantize_language_model(model, mode)
     return model.to(device)
