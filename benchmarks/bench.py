@@ -28,6 +28,7 @@ from benchmarks.common import (
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.compilation import compile_blocks
+from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
 SEQ, ANSWER, PROMPT_GEN = 209, 120, 63
@@ -60,7 +61,8 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
 
     `cache` is transformers' cache implementation (None = dynamic, "static"), or "ours" / "ours-compiled" /
     "ours-autotuned" for the `GraphDecoder` (static cache, CUDA graphs for encoder, prefill and decode
-    step, decode step eager / compiled / compiled with tuned matmuls; batch 1 only).
+    step, decode step eager / compiled / compiled with tuned matmuls; batch 1 only). `generation_rows` strips a
+    "-fused" suffix after fusing the LLM's projections.
     """
     gc.collect()  # the previous row's decoder and caches
     if device.startswith("cuda"):
@@ -136,15 +138,18 @@ def generation_rows(model, args: argparse.Namespace) -> None:
     print("\n| generation (greedy, 63-token prompt with one image, 128 new tokens) | batch | TTFT ms | decode tok/s "
           "| peak GiB |")
     print("| --- | --- | --- | --- | --- |")
-    for cache in args.caches.split(","):
+    # Fusing is in place and stays: the "-fused" rows run after the others.
+    for row in sorted(args.caches.split(","), key=lambda name: name.endswith("-fused")):
+        if row.endswith("-fused"):
+            fuse_projections(model.language_model)
+        cache = row.removesuffix("-fused")
         cache = None if cache == "dynamic" else cache
         for batch in ((1,) if cache and cache.startswith("ours") else (1, 8, 32)):
             try:
                 ttft, tps, peak = bench_generation(model, args.device, batch, 128 if args.size != "tiny" else 8, cache)
-                print(f"| {cache or 'dynamic'} cache | {batch} | {ttft:.0f} | {tps:.1f} | {peak:.1f} |", flush=True)
+                print(f"| {row} cache | {batch} | {ttft:.0f} | {tps:.1f} | {peak:.1f} |", flush=True)
             except Exception as err:  # a benchmark row failing must not hide the others
-                print(f"| {cache or 'dynamic'} cache | {batch} | failed: {type(err).__name__}: {str(err)[:80]} | |",
-                      flush=True)
+                print(f"| {row} cache | {batch} | failed: {type(err).__name__}: {str(err)[:80]} | |", flush=True)
 
 
 def build_plain(args: argparse.Namespace):
@@ -169,7 +174,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
     parser.add_argument("--caches", default="dynamic,static,ours-compiled",
                         help="generation rows: dynamic, static (transformers), ours, ours-compiled, ours-autotuned, "
-                             "ours-compiled-sampling (top-p 0.8, top-k 50)")
+                             "ours-compiled-sampling (top-p 0.8, top-k 50); any with -fused: q/k/v and gate/up "
+                             "fused first (fuse_projections; those rows run last)")
     parser.add_argument("--compile-vision", action="store_true", help="compile the ViT blocks for generation (TTFT)")
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()

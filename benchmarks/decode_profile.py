@@ -1,6 +1,6 @@
 """Where a batch-1 decode step spends its GPU time: the kernels of one step, grouped, against the weight-read bound.
 
-    python -m benchmarks.decode_profile --size 7b [--compile-mode default]
+    python -m benchmarks.decode_profile --size 7b [--compile-mode default] [--fused]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
+from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.parts import PartDtypes
 
 STEPS = 20
@@ -26,11 +27,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile-mode", default="default", help="inductor mode of the decode step; 'none' for eager")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="let SDPA pick another kernel")
+    parser.add_argument("--fused", action="store_true", help="fuse q/k/v and gate/up (as load_for_inference does)")
     args = parser.parse_args()
     dev = args.device
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_random_model(args.size, dev, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
+    if args.fused:
+        fuse_projections(model.requires_grad_(False).language_model)
     mode = None if args.compile_mode == "none" else args.compile_mode
     decoder = GraphDecoder(model, max_cache_len=256, compile_mode=mode)
     ids = torch.randint(0, 150000, (1, PROMPT_GEN), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -39,7 +43,8 @@ def main() -> None:
     llm = model.language_model
     streamed = sum(p.numel() * p.element_size() for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
     print(f"# decode step profile, MiniGPT4Qwen-{args.size}, compile mode {mode}, cuDNN attention "
-          f"{'off' if args.no_cudnn_attention else 'allowed'} | {machine()}")
+          f"{'off' if args.no_cudnn_attention else 'allowed'}, projections {'fused' if args.fused else 'separate'} "
+          f"| {machine()}")
     print(f"weights read per token: {streamed / 1e9:.2f} GB")
     sync(dev)
     start = time.perf_counter()

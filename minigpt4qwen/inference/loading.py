@@ -195,7 +195,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[MiniGPT4Qwen, PreTrain
         args: parsed options.
 
     Returns:
-        (model in eval mode, tokenizer).
+        (model in eval mode, frozen, its LLM's projections fused for decoding (`fuse_projections`), tokenizer).
 
     Raises:
         FileNotFoundError / CheckpointError: missing or mismatching weights.
@@ -203,6 +203,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[MiniGPT4Qwen, PreTrain
     """
     import torch
 
+    from minigpt4qwen.model.fused_projections import fuse_projections
     from minigpt4qwen.model.parts import parse_dtype
 
     if args.llm_device_map and (args.cpu_only or not torch.cuda.is_available()):
@@ -221,6 +222,10 @@ def load_for_inference(args: argparse.Namespace) -> tuple[MiniGPT4Qwen, PreTrain
                                          device=load_device, quantize=quantize)
     else:
         model, tokenizer = _build(args, dtype, load_device)
+    # Fewer, larger GEMVs per decode step; before spreading, so each layer moves with its fused weights.
+    fuse_projections(model.requires_grad_(False).language_model)
+    if device == "cuda":  # return the unfused weights' blocks: the larger fused weights cannot reuse them
+        torch.cuda.empty_cache()
     if args.llm_device_map:
         spread_language_model(model)
     return model.eval(), tokenizer
