@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench --size 7b --compile --engine both   # one GPU: the whole table, ours and plain
     python -m benchmarks.bench --size tiny --device cpu --steps 2     # a dry run of the script itself
+    python -m benchmarks.bench --size 7b --compile --float8 --skip-generation --cap-every ""  # bf16, then float8
 
 Training workload: one 224x224 image + 209 real tokens per sample (32 placeholders, a ~57-token prompt, a
 120-token supervised answer), no padding; only the projection trains; bf16 towers, fp32 projection, bf16 autocast.
@@ -28,6 +29,7 @@ from benchmarks.common import (
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.compilation import compile_blocks
+from minigpt4qwen.model.float8 import apply_float8
 from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
@@ -160,6 +162,18 @@ def build_plain(args: argparse.Namespace):
     return model.train()
 
 
+def build_ours(args: argparse.Namespace, float8: bool = False):
+    """Our model, projection trainable; with `float8` its LLM blocks' matmuls in float8 (`model.float8`, converted
+    before compiling, as training does; the CPU dry run takes torch's CPU fp8 matmul)."""
+    model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
+    model.set_trainable(TrainableParts())
+    if float8:
+        apply_float8(model, allow_cpu=args.device == "cpu")
+    if args.compile:
+        compile_blocks(model)
+    return model.train()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
@@ -172,6 +186,8 @@ def main() -> None:
                         help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline; both = "
                              "ours, then plain's training rows in the same run")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
+    parser.add_argument("--float8", action="store_true", help="then the training rows again on a fresh model with "
+                        "the LLM blocks' matmuls in float8 (model.float8: sm_89+, torchao)")
     parser.add_argument("--caches", default="dynamic,static,ours-compiled",
                         help="generation rows: dynamic, static (transformers), ours, ours-compiled, ours-autotuned, "
                              "ours-compiled-sampling (top-p 0.8, top-k 50); any with -fused: q/k/v and gate/up "
@@ -186,11 +202,8 @@ def main() -> None:
     if args.engine == "plain":
         training_rows(build_plain(args), args, "plain")
         return
-    model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
-    model.set_trainable(TrainableParts())
-    if args.compile:
-        compile_blocks(model)
-    training_rows(model.train(), args, "ours")
+    model = build_ours(args)
+    training_rows(model, args, "ours")
     if args.device.startswith("cuda") and args.cap_every:
         cap_rows(model, args)
     if not args.skip_generation:
@@ -198,9 +211,14 @@ def main() -> None:
         if args.compile_vision:
             compile_blocks(model, vision=True, language_model=False)
         generation_rows(model, args)
+    del model
+    gc.collect()
+    if args.float8:  # a fresh model: no checkpoint wrappers from the cap rows, its float8 blocks compiled afresh
+        print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
+              "| peak GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        training_rows(build_ours(args, float8=True), args, "ours + float8 LLM blocks")
     if args.engine == "both":
-        del model
-        gc.collect()
         print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
               "| peak GiB |")
         print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -2,6 +2,7 @@
 
     python -m benchmarks.length_mix --size 7b --attn flex_attention     # one GPU: the whole table, plain included
     python -m benchmarks.length_mix --size tiny --device cpu --batches 2 --steps 2 --max-lens 256,512  # smoke test
+    python -m benchmarks.length_mix --size 7b --compile --engine ours --float8   # our rows, LLM matmuls in float8
 
 Rows per max_txt_len and micro-batch, on the same samples: ours padded (random batches: `DataCollator`), ours
 padded with `data.group_by_length` batches (`epoch_plan` with lengths), both with --padded-attn (sdpa, the project's
@@ -54,6 +55,7 @@ from minigpt4qwen.data.collate import DataCollator
 from minigpt4qwen.data.packing import PackingCollator, default_pack_length
 from minigpt4qwen.data.sampler import epoch_plan
 from minigpt4qwen.model.compilation import compile_blocks
+from minigpt4qwen.model.float8 import apply_float8
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
 PAD_ID, IGNORE = 151643, -100
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--pad-to", type=int, default=8, help="pad_to_multiple_of of both collators")
     parser.add_argument("--engine", default="both", choices=["ours", "plain", "both"])
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block (ours)")
+    parser.add_argument("--float8", action="store_true", help="our LLM blocks' matmuls in float8 (model.float8)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -196,7 +199,7 @@ def main() -> None:
     sizes = [int(b) for b in args.batches.split(",")]
     mix = draw_rounds(args.seed)
     print(f"# MiniGPT4Qwen-{args.size}, the original's length mix (18.8k samples){' + compile' if args.compile else ''}"
-          f" | {machine()}")
+          f"{' + float8 (ours)' if args.float8 else ''} | {machine()}")
     describe(mix, max_lens)
     rng = np.random.default_rng(args.seed)
     items = {m: [make_item(f, rng) for f in (fit(s, m) for s in mix) if f is not None] for m in max_lens}
@@ -205,6 +208,8 @@ def main() -> None:
     if args.engine != "plain":
         model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
         model.set_trainable(TrainableParts())
+        if args.float8:  # before compiling, as training does; the CPU smoke test takes torch's CPU fp8 matmul
+            apply_float8(model, allow_cpu=args.device == "cpu")
         if args.compile:
             compile_blocks(model)
         model.train()

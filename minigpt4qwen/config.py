@@ -89,6 +89,10 @@ class ModelConfig:
     # int8 | int4: the LLM's Linear weights quantized by torchao while they load (model/quantization.py); the LLM
     # must be frozen (int8 passes gradients to the projection; int4 is inference only)
     quantize: Optional[str] = None
+    # true: training runs the matmuls of the LLM blocks' Linear layers (forward and gradient to their inputs) in
+    # float8 with torchao (model/float8.py): Ada/Hopper GPUs (sm_89+) only, not with quantize; pair it with
+    # compile_blocks=true, which fuses the casts. Weights stay bf16; inference and export ignore it
+    float8: bool = False
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None, schema: type[T]) -> T:

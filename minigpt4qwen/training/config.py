@@ -123,6 +123,9 @@ class RunConfig:
                              "=false (or disable LoRA to train the whole LLM)")
         if self.model.quantize is not None:
             self._validate_quantized_llm()
+        if self.model.float8 and self.model.quantize is not None:
+            raise ValueError("model.float8 casts the LLM's bf16 weights to fp8 each step and model.quantize stores "
+                             "them quantized: set model.float8=false or model.quantize=null")
         if self.parallel.engine != "ddp" and self.train.save_contents != "trainable":
             raise ValueError("the DeepSpeed engines save trained weights only: use train.save_contents=trainable")
         if self.parallel.engine == "pipeline" and self.data.packing:

@@ -48,6 +48,10 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
     info = distributed.init_distributed()
     cfg.parallel.validate(info.world_size)
     try:
+        if cfg.model.float8:  # before any weight loads
+            from minigpt4qwen.model.float8 import check_float8_support
+
+            check_float8_support(info.device)
         # Same config, same train.seed: the same run. The fresh projection and LoRA adapters draw from the global
         # RNGs, seeded alike on every rank so every replica starts from the same weights.
         set_seed(cfg.train.seed)
@@ -62,6 +66,10 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             from minigpt4qwen.training.lora import apply_lora
 
             logger.info("LoRA: %d trainable adapter parameters", apply_lora(model, cfg.train.lora))
+        if cfg.model.float8:  # after LoRA (its adapters stay in high precision), before compilation
+            from minigpt4qwen.model.float8 import apply_float8
+
+            logger.info("float8: %d LLM Linear layers", apply_float8(model, device=info.device))
         apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
         checkpointing = cfg.model.activation_checkpointing
         if cfg.train.check_memory and not pipeline:  # the estimate is for a whole model on one device
