@@ -50,8 +50,10 @@ def run_server(args: argparse.Namespace) -> None:
 
     from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
     from minigpt4qwen.inference.frontends.server import build_app
+    from minigpt4qwen.model.fused_projections import fuse_projections
 
     model, tokenizer = _model_and_tokenizer(args.size, args.device)
+    fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=())
     app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
 

@@ -385,3 +385,28 @@ def test_the_training_memory_estimate_counts_quantized_weights_packed(project):
     quantized, _ = build(project, "model.quantize=int8")
     saved = sum(m.weight.numel() * 3 for m in reference.language_model.modules() if isinstance(m, torch.nn.Linear))
     assert weights(reference) - weights(quantized) == pytest.approx(saved, rel=0.02)  # 4 bytes -> ~1 a weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_large_int8_weight_on_a_gpu_is_quantized_on_the_host_with_the_same_numbers(monkeypatch):
+    # torchao's int8 scales go through full-size fp32 copies of the weight: for an output head that is GiBs on
+    # the GPU. Quantized on the host instead, the layer computes the same, and the GPU never holds those copies.
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4096, 16384, bias=False, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(3, 4096, dtype=torch.bfloat16, device="cuda")
+
+    def quantized(threshold: int) -> tuple[torch.Tensor, float]:
+        monkeypatch.setattr(quantization, "HOST_INT8_ELEMENTS", threshold)
+        layer = copy.deepcopy(base)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        assert quantization.quantize_llm_weights(layer, "int8") == 1
+        torch.cuda.synchronize()
+        assert is_quantized(layer[0].weight) and layer[0].weight.device.type == "cuda"
+        return layer(x), (torch.cuda.max_memory_allocated() - before) / 2**20
+
+    on_gpu, gpu_extra_mib = quantized(2**40)
+    on_host, host_extra_mib = quantized(1)
+    assert torch.equal(on_host, on_gpu)
+    assert host_extra_mib < 0.25 * gpu_extra_mib, (host_extra_mib, gpu_extra_mib)

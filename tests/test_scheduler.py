@@ -19,6 +19,7 @@ from PIL import Image
 
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
 from minigpt4qwen.inference.frontends.openai_protocol import Conversation
@@ -261,6 +262,34 @@ def test_row_chooser_draws_from_transformers_distribution_per_row_and_independen
     chooser.configure(3, sample=True, seed=1, temperature=1.3, top_p=0.6)
     alone = torch.cat([chooser(logits[1:2], torch.tensor([3]), True, commit[:1]) for _ in range(50)], dim=1)
     assert torch.equal(alone[0], drawn[1, :50])
+
+
+def _decoding_slots(model_and_tokenizer, device="cpu"):
+    """A fresh `SlotDecoder` with two prompts prefilled (slots 0 and 1, greedy)."""
+    model, _ = model_and_tokenizer
+    decoder = SlotDecoder(model, slots=4, capacity=128, check_every=8)
+    for slot, text in enumerate(("what colour is the shape", "square circle red")):
+        prompt = _prompt(model_and_tokenizer, text, "red")
+        features = decoder.encode_images(prompt["pixel_values"].to(device))
+        with torch.no_grad():
+            embeds = model.embed(prompt["input_ids"].reshape(1, -1).to(device), features)[0]
+        decoder.start(slot, sample=False, seed=0, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+        decoder.prefill([Chunk(slot, embeds, 0, True)], sample=False)
+    return decoder, len(embeds)
+
+
+def test_a_chunk_of_decode_steps_ends_early_when_asked(model_and_tokenizer):
+    # Newcomers are admitted between steps: `interrupt` ends the chunk after the step that saw it say True, and
+    # the steps not run are the next chunk's (the same tokens as one uninterrupted chunk).
+    decoder, length = _decoding_slots(model_and_tokenizer)
+    whole = decoder.decode(6, 2, length + 6, sample=False)
+    asked = []
+    decoder, length = _decoding_slots(model_and_tokenizer)
+    first = decoder.decode(6, 2, length + 6, sample=False, interrupt=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and [len(row) for row in first] == [2, 2]
+    rest = decoder.decode(4, 2, length + 6, sample=False, interrupt=lambda: False)
+    assert [a + b for a, b in zip(first, rest, strict=True)] == whole
+    assert len({tuple(row) for row in whole}) == 2  # two different rows: a mix-up would show
 
 
 def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):

@@ -32,6 +32,8 @@ QUANT_MODES = ("int8", "int4")
 INT4_GROUP_SIZE = 128  # tinygemm's usual group; every Qwen / Llama hidden and MLP width is a multiple of it
 # The attribute of the model's Blip2Config naming the LLM's quantization (written into config.json by export).
 CONFIG_ATTRIBUTE = "llm_quantization"
+# int8 weights this large are quantized on the host (`_quantize_layer`): output heads of 0.5B+ parameters.
+HOST_INT8_ELEMENTS = 2**29
 INSTALL_HINT = "pip install 'minigpt4qwen[quant]' (or pip install torchao)"
 
 
@@ -135,12 +137,27 @@ def quantize_llm_weights(llm: nn.Module, mode: str, *, device: torch.device | st
                              f"{module.in_features}: use int8")
         if device is not None:
             module.to(device)
-        config = torchao_config(layer_mode, module.weight.device, module.weight.dtype)
-        from torchao.quantization import quantize_
-
-        quantize_(module, config, filter_fn=lambda m, _fqn, target=module: m is target)
+        _quantize_layer(module, layer_mode)
         done += 1
     return done
+
+
+def _quantize_layer(module: nn.Linear, mode: str) -> None:
+    """Quantizes one Linear in place with torchao, where its weight is; an int8 weight of `HOST_INT8_ELEMENTS` or
+    more that sits on a GPU is quantized on the host and moved back."""
+    from torchao.quantization import quantize_
+
+    device = module.weight.device
+    # torchao computes int8's per-row scales through full-size fp32 copies of the weight: for a 14B model's output
+    # head (152064 x 5120) that is 6 GiB on the GPU for a moment, enough to break a 24 GiB card's load. The
+    # per-row scheme gives the same numbers on the host, where that memory is cheap and brief.
+    on_host = mode == "int8" and device.type == "cuda" and module.weight.numel() >= HOST_INT8_ELEMENTS
+    if on_host:
+        module.to("cpu")
+    config = torchao_config(mode, module.weight.device, module.weight.dtype)
+    quantize_(module, config, filter_fn=lambda m, _fqn, target=module: m is target)
+    if on_host:
+        module.to(device)
 
 
 def quantize_language_model(model: MiniGPT4Qwen, mode: str, *, device: torch.device | str | None = None

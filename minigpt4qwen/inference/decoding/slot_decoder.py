@@ -241,13 +241,32 @@ class SlotDecoder:
         return self._read(self.token[self.chunk_slot[: len(chunks)], 0].where(self.chunk_final[: len(chunks)], -1))
 
     @torch.no_grad()
-    def decode(self, steps: int, rows: int, longest: int, sample: bool) -> list[list[int]]:
-        """Runs `steps` (<= check_every) decode steps over slots 0..rows-1, whose positions stay below `longest`;
-        returns each row's `steps` tokens (meaningless for rows that are not decoding)."""
+    def decode(self, steps: int, rows: int, longest: int, sample: bool,
+               interrupt: Callable[[], bool] | None = None) -> list[list[int]]:
+        """Runs up to `steps` (<= check_every) decode steps over slots 0..rows-1, whose positions stay below
+        `longest`; returns each row's tokens of the steps run (meaningless for rows that are not decoding).
+
+        `interrupt` is asked after each step (on a GPU: once the step before it has finished, so one step stays
+        queued and the GPU never waits): True ends the chunk there, so a request that arrived mid-chunk is
+        admitted after one more step rather than after the whole chunk.
+        """
         bucket = power_of_two(rows)
         key = ("decode", bucket, self.span_for(longest), sample)
         step = self._graph(key, functools.partial(self._decode_step, *key[1:]))
         self.ring_index.zero_()
-        for _ in range(steps):
+        done, previous = 0, None
+        while done < steps:
             step()
-        return self._read(self.ring[:rows, :steps])
+            done += 1
+            if interrupt is None or done == steps:
+                continue
+            if self.device.type == "cuda":
+                finished = torch.cuda.Event()
+                finished.record()
+                if previous is not None:
+                    while not previous.query():
+                        time.sleep(0.0002)  # the GIL is free for the HTTP server meanwhile
+                previous = finished
+            if interrupt():
+                break
+        return self._read(self.ring[:rows, :done])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -53,10 +53,13 @@ class SlotRounds:
         model: the model (embeds the prompts).
         decoder: the batched decoder.
         stop_ids: tokens that end a reply.
+        arrivals: whether new requests wait outside (asked between decode steps: while a slot is free, one ends
+            the chunk of steps early, so newcomers start within about one step).
     """
 
-    def __init__(self, model: MiniGPT4Qwen, decoder: SlotDecoder, stop_ids: set[int]):
-        self.model, self.decoder, self.stop_ids = model, decoder, stop_ids
+    def __init__(self, model: MiniGPT4Qwen, decoder: SlotDecoder, stop_ids: set[int],
+                 arrivals: Callable[[], bool] = lambda: False):
+        self.model, self.decoder, self.stop_ids, self.arrivals = model, decoder, stop_ids, arrivals
         self.waiting: deque[Job] = deque()
         self.slots: list[Job] = []  # index = slot: in-use slots stay packed at the front
         self.produced: deque[tuple[float, int]] = deque()  # (time, tokens) handed out
@@ -190,12 +193,15 @@ class SlotRounds:
         steps = min(self.decoder.check_every, max(job.max_new - len(job.tokens) for job in decoding))
         longest = max(job.columns for job in decoding) + steps  # the last token is written by the first step
         try:
+            room = len(self.slots) < self.decoder.slots
             tokens = self.decoder.decode(steps, len(self.slots), longest,
-                                         sample=any(job.settings.do_sample for job in decoding))
+                                         sample=any(job.settings.do_sample for job in decoding),
+                                         interrupt=self.arrivals if room else None)
         except Exception as err:  # the batch's own step failed: no request can go on
             for job in decoding:
                 self._finish(job, "error", err)
             return
+        steps = len(tokens[0])
         for job in decoding:
             job.columns += steps
         for job, row in [(job, tokens[job.slot]) for job in decoding]:  # before a finish repacks the slots
