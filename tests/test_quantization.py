@@ -30,6 +30,7 @@ from minigpt4qwen.model.configs import (  # noqa: E402
     tiny_vision_config,
 )
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen  # noqa: E402
+from minigpt4qwen.model.parts import TrainableParts  # noqa: E402
 from minigpt4qwen.model.quantization import INT4_GROUP_SIZE, is_quantized, quantize_language_model  # noqa: E402
 from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer  # noqa: E402
 from minigpt4qwen.training.config import RunConfig  # noqa: E402
@@ -410,3 +411,24 @@ def test_a_large_int8_weight_on_a_gpu_is_quantized_on_the_host_with_the_same_num
     on_host, host_extra_mib = quantized(1)
     assert torch.equal(on_host, on_gpu)
     assert host_extra_mib < 0.25 * gpu_extra_mib, (host_extra_mib, gpu_extra_mib)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_scheduler_replays_cuda_graphs_over_int8_weights():
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from tests.conftest import make_tiny_chat_model
+    from tests.test_scheduler import _requests
+
+    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+    model.set_trainable(TrainableParts())
+    quantize_language_model(model.cuda(), "int8")
+    requests = _requests((model, tokenizer))
+    eager = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, cuda_graphs=False)
+    graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4)
+    try:
+        expected = [h.result(60) for h in [eager.submit(**p, settings=s) for p, s in requests]]
+        for _ in range(2):  # captures, then replays
+            assert [h.result(60) for h in [graphs.submit(**p, settings=s) for p, s in requests]] == expected
+    finally:
+        eager.close()
+        graphs.close()
