@@ -174,3 +174,6 @@ def test_load_for_inference_fuses(tmp_path):
     kwargs = dict(pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=12, do_sample=False, pad_token_id=0,
                   eos_token_id=None)
     assert torch.equal(loaded.generate(ids, **kwargs), model.eval().generate(ids, **kwargs))
+    with pytest.raises(ValueError, match="fused for decoding"):  # its weight names are not the checkpoint's
+        export_hf(loaded, tokenizer, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -292,6 +292,21 @@ def test_a_chunk_of_decode_steps_ends_early_when_asked(model_and_tokenizer):
     assert len({tuple(row) for row in whole}) == 2  # two different rows: a mix-up would show
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_an_interrupted_chunk_of_graph_replays_gives_the_uninterrupted_tokens():
+    model_and_tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+    model_and_tokenizer[0].cuda()
+    decoder, length = _decoding_slots(model_and_tokenizer, "cuda")
+    assert decoder.cuda_graphs
+    whole = decoder.decode(6, 2, length + 6, sample=False)
+    asked = []
+    decoder, length = _decoding_slots(model_and_tokenizer, "cuda")
+    first = decoder.decode(6, 2, length + 6, sample=False, interrupt=lambda: asked.append(1) or len(asked) == 3)
+    rest = decoder.decode(3, 2, length + 6, sample=False, interrupt=lambda: False)
+    assert [len(row) for row in first] == [3, 3]
+    assert [a + b for a, b in zip(first, rest, strict=True)] == whole
+
+
 def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
     # Under a capture transformers sees a capturing stream and skips its eager-only shortcuts; mimic that here.
     tracing_module = sys.modules[transformers.masking_utils.is_tracing.__module__]

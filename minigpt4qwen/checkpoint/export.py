@@ -22,6 +22,7 @@ from transformers.utils import is_torchvision_available
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.native import atomic_directory
+from minigpt4qwen.model.fused_projections import FUSED_TYPES
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.quantization import (
     CONFIG_ATTRIBUTE,
@@ -60,9 +61,16 @@ def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: 
         out_dir: target directory (replaced if it exists).
         max_shard_size: safetensors shard size.
 
+    Raises:
+        ValueError: the model's projections are fused for decoding (`model/fused_projections.py`).
+
     A quantized LLM (`model.config.llm_quantization`) is written in torchao's safetensors layout (each quantized
     weight as its parts, described in every shard's metadata); `load_exported` rebuilds it, plain transformers not.
     """
+    if fused := [name for name, module in model.named_modules() if isinstance(module, FUSED_TYPES)][:2]:
+        raise ValueError(f"{fused}: the projections of this model are fused for decoding (as `load_for_inference` "
+                         "loads a model for chat and serving), so its weights are named differently from the "
+                         "checkpoint's: export the model as loaded for training or conversion instead")
     size = model.config.vision_config.image_size
     stops = chat_stop_token_ids(tokenizer)
     with atomic_directory(out_dir) as tmp:

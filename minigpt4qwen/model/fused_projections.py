@@ -9,7 +9,8 @@ each reading one contiguous matrix. The fused modules reuse transformers' own pi
 Inference only: the fused parameters have other names (`qkv_proj`, `gate_up_proj`), so a fused model is neither
 trained nor saved; `inference/loading.py:load_for_inference` applies it. Supported: transformers' Qwen2, Llama and
 Qwen3 attention and MLP modules. Left unfused (and logged): projections wrapped (LoRA) or quantized by torchao,
-weights not loaded yet (meta), and attention written for transformers before its `cache` argument.
+weights not loaded yet (meta), and attention written for transformers before its `cache` argument. transformers
+records attention weights (`output_attentions`) only from its own attention classes: a fused model returns none.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ class FusedMLP(nn.Module):
         """[..., H] -> [..., H]."""
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+FUSED_TYPES = (FusedAttention, FusedMLP)  # the modules `export_hf` refuses to write
 
 
 def fuse_projections(language_model: nn.Module) -> int:

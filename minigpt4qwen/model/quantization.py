@@ -135,29 +135,24 @@ def quantize_llm_weights(llm: nn.Module, mode: str, *, device: torch.device | st
         if layer_mode == "int4" and module.in_features % INT4_GROUP_SIZE:
             raise ValueError(f"{name}: int4 quantizes groups of {INT4_GROUP_SIZE} inputs, but this layer has "
                              f"{module.in_features}: use int8")
-        if device is not None:
-            module.to(device)
-        _quantize_layer(module, layer_mode)
+        _quantize_layer(module, layer_mode, torch.device(device) if device is not None else module.weight.device)
         done += 1
     return done
 
 
-def _quantize_layer(module: nn.Linear, mode: str) -> None:
-    """Quantizes one Linear in place with torchao, where its weight is; an int8 weight of `HOST_INT8_ELEMENTS` or
-    more that sits on a GPU is quantized on the host and moved back."""
+def _quantize_layer(module: nn.Linear, mode: str, device: torch.device) -> None:
+    """Quantizes one Linear in place with torchao for `device` and leaves it there; an int8 weight of
+    `HOST_INT8_ELEMENTS` or more bound for a GPU is quantized on the host first."""
     from torchao.quantization import quantize_
 
-    device = module.weight.device
     # torchao computes int8's per-row scales through full-size fp32 copies of the weight: for a 14B model's output
     # head (152064 x 5120) that is 6 GiB on the GPU for a moment, enough to break a 24 GiB card's load. The
     # per-row scheme gives the same numbers on the host, where that memory is cheap and brief.
     on_host = mode == "int8" and device.type == "cuda" and module.weight.numel() >= HOST_INT8_ELEMENTS
-    if on_host:
-        module.to("cpu")
+    module.to("cpu" if on_host else device)
     config = torchao_config(mode, module.weight.device, module.weight.dtype)
     quantize_(module, config, filter_fn=lambda m, _fqn, target=module: m is target)
-    if on_host:
-        module.to(device)
+    module.to(device)
 
 
 def quantize_language_model(model: MiniGPT4Qwen, mode: str, *, device: torch.device | str | None = None

@@ -81,7 +81,9 @@ class GenerationScheduler:
                                    check_every=check_every, prefill_tokens=prefill_tokens,
                                    rehearse_captures=rehearse_captures)
         stop_ids = set(chat_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
-        self.rounds = SlotRounds(model, self.decoder, stop_ids, arrivals=lambda: bool(self._inbox))
+        # Newcomers and `model_lock` holders (beam search) are let in between steps, not after a whole chunk.
+        self.rounds = SlotRounds(model, self.decoder, stop_ids,
+                                 arrivals=lambda: bool(self._inbox) or self._pausers > 0)
         self.model_lock = _ModelLock(self)
         self._cond = threading.Condition()
         self._inbox: list[Job] = []
