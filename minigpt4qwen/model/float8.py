@@ -3,10 +3,10 @@
 What runs in float8: the forward matmul and the gradient to the input (and, for a trainable LLM, to the weight)
 of every Linear inside the LLM's decoder blocks (attention and MLP projections), with torchao's default recipe:
 one dynamic scale per tensor, e4m3 for activations and weights, e5m2 for gradients. Weights stay stored in their
-own dtype and are cast every step, so
-checkpoints and exports do not change. Left in high precision: the output head (the loss reads its logits), the
-embeddings and norms, the vision tower, the Q-Former, the trained projection, LoRA adapters (rank-wide matmuls
-gain nothing) and any Linear with a dimension that is not a multiple of 16 (what fp8 GEMMs take).
+own dtype and are cast every step, so checkpoints and exports do not change. Left in high precision: the output
+head (the loss reads its logits), the embeddings and norms, the vision tower, the Q-Former, the trained
+projection, LoRA adapters (rank-wide matmuls gain nothing) and any Linear with a dimension that is not a multiple
+of 16 (what fp8 GEMMs take).
 
 What it costs, in torchao 0.18:
 - The weight gradient is computed even for a frozen weight: `matmul_with_hp_or_float8_args.backward`
