@@ -22,6 +22,8 @@ from minigpt4qwen.checkpoint.deepspeed_convert import convert_to_native
 from minigpt4qwen.checkpoint.native import read_native_checkpoint
 from minigpt4qwen.cli.main import main as cli_main
 from minigpt4qwen.config import load_config
+from minigpt4qwen.data.collate import DataCollator
+from minigpt4qwen.data.packing import PackingCollator
 from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.parts import TrainableParts
@@ -30,6 +32,7 @@ from minigpt4qwen.training.trainer import Trainer
 from tests.conftest import IMAGE_TOKEN_ID, NUM_QUERIES
 from tests.test_cli_train import project  # noqa: F401 (a fixture)
 from tests.test_deepspeed import launch
+from tests.test_packing import PAD, PackToy
 from tests.test_trainer import ToyDataset, collate, config, trainable
 
 STEPS = 4
@@ -98,6 +101,19 @@ def test_pipeline_matches_single_process(pp_run, name, tmp_path):
         assert torch.allclose(converted[key], value, atol=1e-5, rtol=1e-4), key
 
 
+def test_packed_rows_through_the_pipeline_equal_one_process(pp_run, tmp_path):
+    # Positions travel between the stages, so each block attends within its samples as the trainer's LLM does.
+    _, results = pp_run
+    model = tiny_family("qwen2", False)
+    data = PackToy()
+    ref = Trainer(model, config(tmp_path / "ref", max_steps=STEPS, **BATCH), data, PackingCollator(PAD, 64),
+                  packed_lengths=data.lengths).fit()
+    assert results["packed"]["losses"] == pytest.approx(ref.losses, rel=1e-4)
+    padded = Trainer(tiny_family("qwen2", False), config(tmp_path / "padded", max_steps=STEPS, **BATCH), data,
+                     DataCollator(PAD)).fit()
+    assert results["packed"]["losses"] == pytest.approx(padded.losses, rel=1e-4)  # the same samples, unpacked
+
+
 def test_pipeline_resume_continues_identically(pp_run):
     _, results = pp_run
     assert results["resumed"]["losses"] == results["qwen2_unfrozen"]["losses"][1:]
@@ -136,6 +152,10 @@ def _worker(out: Path) -> None:
         trainer = PipelineTrainer(model, cfg, ToyDataset(), collate, info=info, parallel=parallel)
         trainer.resume()
         results[name] = {"losses": trainer.fit().losses, "trainable_per_stage": all_gather_objects(len(trainer.params))}
+    data = PackToy()  # rows of up to 64 tokens: several samples each
+    trainer = PipelineTrainer(tiny_family("qwen2", False), config(out / "packed", max_steps=STEPS, **BATCH), data,
+                              PackingCollator(PAD, 64), info=info, parallel=parallel, packed_lengths=data.lengths)
+    results["packed"] = {"losses": trainer.fit().losses}
     if info.is_main:
         torch.save(results, out / "results.pt")
     # The user's path last: it builds the model on the CPU (DeepSpeed moves each stage) and ends the process group.

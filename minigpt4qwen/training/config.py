@@ -128,11 +128,6 @@ class RunConfig:
                              "them quantized: set model.float8=false or model.quantize=null")
         if self.parallel.engine != "ddp" and self.train.save_contents != "trainable":
             raise ValueError("the DeepSpeed engines save trained weights only: use train.save_contents=trainable")
-        if self.parallel.engine == "pipeline" and self.data.packing:
-            # Its stages pass (hidden, attention mask) and rebuild positions 0..T-1 per row: packed rows would need
-            # their per-sample positions to travel between stages too.
-            raise ValueError("data.packing is not supported by parallel.engine=pipeline (its stages rebuild one "
-                             "position sequence per row): set data.packing=false or use ddp/deepspeed")
         if self.data.packing and self.data.pack_length and "flash" in self.model.attn_implementation:
             # transformers reads sample boundaries from position_ids for flash-attention only in a single row.
             raise ValueError(f"model.attn_implementation={self.model.attn_implementation} takes one packed row per "

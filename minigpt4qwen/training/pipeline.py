@@ -1,8 +1,10 @@
 """`parallel.engine: pipeline`: a DeepSpeed `PipelineModule` built from the model's own modules.
 
 Layers: [vision tower + Q-Former + projection + token embedding + placeholder merge] -> one layer per decoder
-block -> [final norm + LM head + masked loss]. Between stages travel (hidden [B, T, H], attention mask [B, T]);
-each block rebuilds its causal mask and rotary embeddings from them, as the LLM's own decoder does. Batches are
+block -> [final norm + LM head + masked loss]. Between stages travel (hidden [B, T, H], attention mask [B, T],
+positions [B, T]); each block rebuilds its causal mask and rotary embeddings from them, as the LLM's own decoder
+does. Packed rows (`data.packing`) send an all-ones mask that the blocks ignore, so transformers finds the samples
+in the positions as it does for the other engines. Batches are
 padded to a multiple of `parallel.seq_bucket` (see entry.py), so only a few activation shapes occur. ZeRO-0 with
 the trainer's own precision (part dtypes + autocast) and its clipping by the norm over all stages; a stage may
 have nothing to train (frozen LLM). No validation pass. Checkpoints: DeepSpeed's `layer_XX-model_states.pt`.
@@ -46,8 +48,8 @@ class EmbedLayer(nn.Module):
         self.embed_tokens = model.language_model.get_input_embeddings()
         self._model = (model,)  # in a tuple: the model's methods are called, its other parts not registered here
 
-    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, attention_mask, pixel_values = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        input_ids, attention_mask, pixel_values, position_ids = inputs
         model = self._model[0]
         features = model.encode_images(pixel_values) if pixel_values.shape[0] else None
         # Text only: this stage's output must still lead back to the trained image path, or its backward has
@@ -56,7 +58,7 @@ class EmbedLayer(nn.Module):
         hidden = model.embed(input_ids, features)
         if anchor is not None:
             hidden = hidden + anchor.to(hidden.dtype)
-        return hidden, attention_mask
+        return hidden, attention_mask, position_ids
 
 
 def _mask_function(config, index: int):
@@ -80,20 +82,33 @@ class BlockLayer(nn.Module):
         # buffers are not persistent, so it adds nothing to the checkpoint.
         self.rotary = language_model.get_decoder().rotary_emb
         self.config = language_model.config
+        # Set per step by the trainer: packed rows, whose mask comes from the positions (no attention mask).
+        self.packed = False
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, attention_mask = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, attention_mask, position_ids = inputs
         rotary, config = self.rotary, self.config
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = self._mask_function(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                                   position_ids=position_ids)
+        mask = self._mask_function(config=config, inputs_embeds=hidden, cache=None, position_ids=position_ids,
+                                   attention_mask=None if self.packed else attention_mask)
         kwargs = {"attention_mask": mask, "position_ids": position_ids,
                   "position_embeddings": rotary(hidden, position_ids)}
         if self.checkpointed and torch.is_grad_enabled():
             hidden = checkpoint(self.block, hidden, use_reentrant=False, **kwargs)
         else:
             hidden = self.block(hidden, **kwargs)
-        return hidden, attention_mask
+        return hidden, attention_mask, position_ids
+
+
+def stage_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
+    """The first stage's inputs of a collated batch: (input ids, attention mask, images, positions [B, T]); a
+    packed batch has its positions and no mask (all ones is sent), a padded one a mask and positions 0..T-1."""
+    input_ids = batch["input_ids"]
+    if "position_ids" in batch:
+        attention_mask, position_ids = torch.ones_like(input_ids), batch["position_ids"]
+    else:
+        attention_mask = batch["attention_mask"]
+        position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids).contiguous()
+    return input_ids, attention_mask, batch.get("pixel_values", torch.zeros(0, 3, 1, 1)), position_ids
 
 
 class HeadLayer(nn.Module):
@@ -106,7 +121,7 @@ class HeadLayer(nn.Module):
         # Set per step: DeepSpeed averages micro-batch losses and ranks, this turns them into the token-weighted mean.
         self.scale = 1.0
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.norm(inputs[0])
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -273,6 +288,7 @@ class PipelineTrainer(DeepSpeedTrainer):
                          module=module, info=view, **kwargs)
         self.cfg, self.autocast = cfg, autocast
         self.head, self.keys = layers[-1], layer_keys(model, layers)
+        self.blocks = [layer for layer in layers if isinstance(layer, BlockLayer)]
         # Every replica holds whole, already averaged gradients: one pipeline's stages make the whole model.
         self.clip = GlobalNormClip(cfg.grad_clip, self.engine.grid.get_pipe_parallel_group(), info.device)
         self.engine.optimizer.register_step_pre_hook(self.clip)  # fp32 ZeRO-0: DeepSpeed steps our AdamW itself
@@ -289,8 +305,10 @@ class PipelineTrainer(DeepSpeedTrainer):
                                                                  self.engine.grid.get_data_parallel_group())
         # DeepSpeed divides each micro-batch loss by grad_accum and averages over replicas.
         self.head.scale = self.cfg.grad_accum * self.info.world_size / max(total_tokens, 1)
-        empty = torch.zeros(0, 3, 1, 1)
-        batches = [((b["input_ids"], b["attention_mask"], b.get("pixel_values", empty)), b["labels"]) for b in micro]
+        packed = "position_ids" in micro[0]  # from data/packing.py's collator
+        for block in self.blocks:
+            block.packed = packed
+        batches = [(stage_inputs(b), b["labels"]) for b in micro]
         loss, grad_norm = float(self.engine.train_batch(iter(batches))), self.clip.norm  # the hook ran in the step
         self._applied = math.isfinite(loss) and math.isfinite(grad_norm) and self.engine.was_step_applied()
         if not math.isfinite(loss) and math.isfinite(grad_norm) and self.engine.was_step_applied():
