@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -12,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from minigpt4qwen.data.sampler import epoch_plan
 from minigpt4qwen.model.parts import TrainableParts
 from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import DistInfo, wrap_ddp
 from minigpt4qwen.training.optim import WarmupCosine
-from minigpt4qwen.data.sampler import epoch_plan
 from minigpt4qwen.training.trainer import Trainer
 from tests.conftest import IMAGE_TOKEN_ID, NUM_QUERIES, make_tiny_model
 
@@ -259,6 +260,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save({"first": (first_loss, grads), "losses": result.losses, "weights": trainable(model)},
                    Path(out) / "ddp.pt")
+    trainer = None  # free DDP's reducer before its process group (as train_main does): see training/entry.py
+    gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -9,6 +9,7 @@ applied from outside the model before the trainer's loop takes over.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 
@@ -120,4 +121,8 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             tokenizer.save_pretrained(f"{cfg.train.output_dir}/tokenizer")
         return result
     finally:
+        # DDP's reducer holds the process group: freed after the group is destroyed, its destructor can wait (with
+        # the GIL) for a gloo thread that waits for the GIL, and the process never exits. Free it first.
+        trainer = model = None
+        gc.collect()
         distributed.destroy()
