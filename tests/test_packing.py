@@ -288,6 +288,7 @@ def _worker(out: Path) -> None:
         results[f"zero{stage}"] = (trainer.fit().losses, _final_weights(trainer))
     if info.is_main:
         torch.save(results, out / "results.pt")
+    trainer = None  # its DDP reducer goes before the process group (see distributed.destroy)
     destroy()
 
 

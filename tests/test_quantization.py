@@ -8,6 +8,7 @@ CPU (int4 through torchao's CPU tinygemm kernel).
 """
 
 import copy
+import gc
 import json
 import math
 import sys
@@ -371,6 +372,8 @@ def test_ddp_leaves_the_quantized_weights_alone(project, tmp_path):
         ids, pixels = prompt(model, tokenizer)
         wrapped(ids, labels=ids, pixel_values=pixels).loss.backward()
     finally:
+        wrapped = None  # DDP's reducer goes before its process group (see distributed.destroy)
+        gc.collect()
         torch.distributed.destroy_process_group()
     assert model.language_projection.weight.grad.abs().sum() > 0
 

@@ -248,6 +248,7 @@ def _worker(out: Path) -> None:
             results[f"{engine}/{kind}"] = record
     if info.is_main:
         torch.save(results, out / "results.pt")
+    model = trainer = None  # the DDP reducer goes before the process group (see distributed.destroy)
     destroy()
 
 

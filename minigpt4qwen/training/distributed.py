@@ -6,6 +6,7 @@ gloo is used on CPU, nccl on GPU.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -108,7 +109,12 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    """Leaves the process group cleanly: a barrier first, so no rank exits while others still communicate."""
+    """Leaves the process group cleanly: a barrier first, so no rank exits while others still communicate.
+
+    Call it once the DDP-wrapped models are released: a DDP reducer freed after its group is destroyed runs the
+    gloo group's destructor with the GIL held, which can wait forever for a gloo thread waiting for the GIL.
+    """
+    gc.collect()  # DDP reducers that only reference cycles still hold
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
