@@ -117,7 +117,8 @@ def test_a_bad_config_is_one_clear_line(project, capsys):
     for override, message in [("data.image_size=56", "image_size"), ("train.log_every=0", "log_every"),
                               ("parallel.zero_stage=2", "engine=deepspeed"),
                               ("train.lora.enabled=true", "model.trainable.language_model"),
-                              ("parallel.engine=deepspeed", "model.dtypes")]:
+                              ("parallel.engine=deepspeed", "model.dtypes"),
+                              ("model.attn_implementation=flex_attention", "CUDA GPUs only")]:
         extra = ["model.trainable.language_model=true"] if "lora" in override else []
         extra += ["train.precision=bf16", "model.dtypes.language_model=bf16"] if "engine=deepspeed" in override else []
         assert main(["train", str(project / "train.yaml"), override, *extra]) == 2, override

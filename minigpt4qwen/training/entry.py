@@ -53,6 +53,10 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             from minigpt4qwen.model.float8 import check_float8_support
 
             check_float8_support(info.device)
+        if cfg.model.attn_implementation == "flex_attention" and info.device.type != "cuda":
+            raise ValueError("model.attn_implementation=flex_attention trains on CUDA GPUs only (torch's "
+                             f"FlexAttention has no backward on the {info.device.type}): set "
+                             "model.attn_implementation=sdpa")
         # Same config, same train.seed: the same run. The fresh projection and LoRA adapters draw from the global
         # RNGs, seeded alike on every rank so every replica starts from the same weights.
         set_seed(cfg.train.seed)
