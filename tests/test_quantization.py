@@ -418,20 +418,9 @@ def test_a_large_int8_weight_on_a_gpu_is_quantized_on_the_host_with_the_same_num
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_scheduler_replays_cuda_graphs_over_int8_weights():
-    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
     from tests.conftest import make_tiny_chat_model
-    from tests.test_scheduler import _requests
+    from tests.test_scheduler import assert_graphs_give_the_eager_answers
 
     model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
     model.set_trainable(TrainableParts())
-    quantize_language_model(model.cuda(), "int8")
-    requests = _requests((model, tokenizer))
-    eager = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, cuda_graphs=False)
-    graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4)
-    try:
-        expected = [h.result(60) for h in [eager.submit(**p, settings=s) for p, s in requests]]
-        for _ in range(2):  # captures, then replays
-            assert [h.result(60) for h in [graphs.submit(**p, settings=s) for p, s in requests]] == expected
-    finally:
-        eager.close()
-        graphs.close()
+    assert_graphs_give_the_eager_answers(quantize_language_model(model.cuda(), "int8"), tokenizer)

@@ -317,18 +317,22 @@ def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
         assert host_syncs(functools.partial(decoder._decode_step, 4, 128, sample)) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_give_the_eager_answers():
-    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
-    model.cuda()
+def assert_graphs_give_the_eager_answers(model, tokenizer) -> None:
+    """`_requests` through a CUDA-graph scheduler, twice (captures, then replays), equal the eager scheduler's."""
     requests = _requests((model, tokenizer))
     eager = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
                                 cuda_graphs=False)
     graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128)
     try:
         expected = [handle.result(60) for handle in [eager.submit(**p, settings=s) for p, s in requests]]
-        for _ in range(2):  # captures, then replays
+        for _ in range(2):
             assert [h.result(60) for h in [graphs.submit(**p, settings=s) for p, s in requests]] == expected
     finally:
         eager.close()
         graphs.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_give_the_eager_answers():
+    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+    assert_graphs_give_the_eager_answers(model.cuda(), tokenizer)
