@@ -181,14 +181,14 @@ def test_a_failed_generation_is_skipped_not_fatal(model_and_tokenizer, data_dir,
     no_image = next(p for p in read_prompts(source, data_dir) if p.index == 2)
     doomed = len(prompt_inputs(model, tokenizer, no_image, [])[0])  # the only prompt of this length
     scheduler = GenerationScheduler(model, tokenizer, slots=3, capacity=100)
-    prefill = scheduler.decoder.prefill
+    prefill = scheduler.decoder.launch_prefill
 
     def prefill_that_runs_out_of_memory(chunks, sample):  # a batch with record 2 fails, then record 2 alone
         if any(len(chunk.embeds) == doomed for chunk in chunks):
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
         return prefill(chunks, sample)
 
-    monkeypatch.setattr(scheduler.decoder, "prefill", prefill_that_runs_out_of_memory)
+    monkeypatch.setattr(scheduler.decoder, "launch_prefill", prefill_that_runs_out_of_memory)
     try:
         report = generate_file(scheduler, source, tmp_path / "out.jsonl", GREEDY, image_root=data_dir,
                                progress=False)

@@ -144,14 +144,14 @@ def test_failed_generations_are_skipped_and_asked_again_by_a_rerun(model_and_tok
     straight, _ = _evaluate(answerer, mme_dir, tmp_path / "straight")
     # Every "square N" question's prefill runs out of memory (their prompts are one token longer than "shape"'s).
     doomed = len(prompt_ids(model, tokenizer, Prompt(0, 0, "what colour is the square 1", images=("image",))))
-    prefill = scheduler.decoder.prefill
+    prefill = scheduler.decoder.launch_prefill
 
     def prefill_that_runs_out_of_memory(chunks, sample):
         if any(len(chunk.embeds) == doomed for chunk in chunks):
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
         return prefill(chunks, sample)
 
-    monkeypatch.setattr(scheduler.decoder, "prefill", prefill_that_runs_out_of_memory)
+    monkeypatch.setattr(scheduler.decoder, "launch_prefill", prefill_that_runs_out_of_memory)
     out = tmp_path / "failed"
     results, made = _evaluate(answerer, mme_dir, out)
     assert made.answered_now == 11 and results["questions"] == {"total": 24, "scored": 11, "skipped": 13}

@@ -19,7 +19,9 @@ from PIL import Image
 
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder
+from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
+from minigpt4qwen.inference.decoding.slot_rounds import Job, SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
 from minigpt4qwen.inference.frontends.openai_protocol import Conversation
@@ -146,8 +148,8 @@ class _Gate:
 def test_joins_leaves_cancels_and_failures_change_nothing_for_the_others(scheduler, alone, model_and_tokenizer,
                                                                           monkeypatch):
     requests, expected = alone
-    gate = _Gate(scheduler.decoder.decode)
-    monkeypatch.setattr(scheduler.decoder, "decode", gate)
+    gate = _Gate(scheduler.decoder.launch_decode)
+    monkeypatch.setattr(scheduler.decoder, "launch_decode", gate)
     submit = functools.partial(scheduler.submit)
     first = [submit(**requests[i][0], settings=requests[i][1]) for i in (0, 2)]
     gate.run(0)
@@ -175,7 +177,7 @@ def test_joins_leaves_cancels_and_failures_change_nothing_for_the_others(schedul
 
 def test_a_bad_image_or_a_failing_prefill_fails_only_its_request(scheduler, alone, monkeypatch):
     requests, expected = alone
-    prefill = scheduler.decoder.prefill
+    prefill = scheduler.decoder.launch_prefill
     lengths = {n for prompt, _ in requests for n in (prompt["input_ids"].shape[1], prompt["input_ids"].shape[1] - 128)}
     doomed_length = min(set(range(20, 60)) - lengths)  # no other prompt or chunk has its length
 
@@ -191,7 +193,7 @@ def test_a_bad_image_or_a_failing_prefill_fails_only_its_request(scheduler, alon
             raise RuntimeError("cannot encode a NaN image (simulated)")
         return encode(pixels)
 
-    monkeypatch.setattr(scheduler.decoder, "prefill", flaky_prefill)
+    monkeypatch.setattr(scheduler.decoder, "launch_prefill", flaky_prefill)
     monkeypatch.setattr(scheduler.decoder, "encode_images", fussy_encode)
     doomed_ids = requests[2][0]["input_ids"][:, :doomed_length]
     with scheduler.model_lock:  # one round: the failures happen inside shared batches
@@ -264,47 +266,43 @@ def test_row_chooser_draws_from_transformers_distribution_per_row_and_independen
     assert torch.equal(alone[0], drawn[1, :50])
 
 
-def _decoding_slots(model_and_tokenizer, device="cpu"):
-    """A fresh `SlotDecoder` with two prompts prefilled (slots 0 and 1, greedy)."""
+def _job(model_and_tokenizer, text, colour, max_new, order=0):
+    _, tokenizer = model_and_tokenizer
+    prompt = _prompt(model_and_tokenizer, text, colour)
+    ids = prompt["input_ids"].reshape(-1)
+    handle = GenerationHandle(tokenizer, GenerationSettings(max_new_tokens=max_new), len(ids), on_cancel=lambda: None)
+    return Job(order, handle, ids, prompt["pixel_values"], None, seed=0, max_new=max_new, stop=None)
+
+
+def test_a_round_queues_its_chunk_before_handing_out_the_previous_one(model_and_tokenizer, alone):
+    # The device stays one chunk ahead of the host: the tokens of a round's own steps are handed out next round.
     model, _ = model_and_tokenizer
-    decoder = SlotDecoder(model, slots=4, capacity=128, check_every=8)
-    for slot, text in enumerate(("what colour is the shape", "square circle red")):
-        prompt = _prompt(model_and_tokenizer, text, "red")
-        features = decoder.encode_images(prompt["pixel_values"].to(device))
-        with torch.no_grad():
-            embeds = model.embed(prompt["input_ids"].reshape(1, -1).to(device), features)[0]
-        decoder.start(slot, sample=False, seed=0, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
-        decoder.prefill([Chunk(slot, embeds, 0, True)], sample=False)
-    return decoder, len(embeds)
+    rounds = SlotRounds(model, SlotDecoder(model, slots=4, capacity=128, check_every=4), stop_ids=set())
+    job = _job(model_and_tokenizer, "what colour is the shape", "red", max_new=10)
+    handed, issued = [], []
+    for newcomers in ([job], [], [], []):
+        rounds.run(newcomers)
+        handed.append(job.handle.num_tokens)
+        issued.append(job.issued)
+    assert handed == [1, 5, 9, 10] and issued == [5, 9, 10, 10] and job.handle.done and not rounds.busy
+    assert job.handle.token_ids == alone[1][0][1][:10]  # requests[0] alone, greedy
 
 
-def test_a_chunk_of_decode_steps_ends_early_when_asked(model_and_tokenizer):
-    # Newcomers are admitted between steps: `interrupt` ends the chunk after the step that saw it say True, and
-    # the steps not run are the next chunk's (the same tokens as one uninterrupted chunk).
-    decoder, length = _decoding_slots(model_and_tokenizer)
-    whole = decoder.decode(6, 2, length + 6, sample=False)
-    asked = []
-    decoder, length = _decoding_slots(model_and_tokenizer)
-    first = decoder.decode(6, 2, length + 6, sample=False, interrupt=lambda: asked.append(1) or len(asked) == 2)
-    assert len(asked) == 2 and [len(row) for row in first] == [2, 2]
-    rest = decoder.decode(4, 2, length + 6, sample=False, interrupt=lambda: False)
-    assert [a + b for a, b in zip(first, rest, strict=True)] == whole
-    assert len({tuple(row) for row in whole}) == 2  # two different rows: a mix-up would show
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_an_interrupted_chunk_of_graph_replays_gives_the_uninterrupted_tokens():
-    model_and_tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
-    model_and_tokenizer[0].cuda()
-    decoder, length = _decoding_slots(model_and_tokenizer, "cuda")
-    assert decoder.cuda_graphs
-    whole = decoder.decode(6, 2, length + 6, sample=False)
-    asked = []
-    decoder, length = _decoding_slots(model_and_tokenizer, "cuda")
-    first = decoder.decode(6, 2, length + 6, sample=False, interrupt=lambda: asked.append(1) or len(asked) == 3)
-    rest = decoder.decode(3, 2, length + 6, sample=False, interrupt=lambda: False)
-    assert [len(row) for row in first] == [3, 3]
-    assert [a + b for a, b in zip(first, rest, strict=True)] == whole
+def test_a_request_ending_while_the_next_chunk_runs_leaves_the_moved_one_intact(model_and_tokenizer, alone):
+    # The short request ends when its tokens are read, with the next chunk already queued over both rows; the long
+    # one then moves into its slot (behind that chunk) and must still get the tokens it gets alone.
+    model, _ = model_and_tokenizer
+    rounds = SlotRounds(model, SlotDecoder(model, slots=4, capacity=128, check_every=4), stop_ids=set())
+    short = _job(model_and_tokenizer, "square circle red", "red", max_new=3)
+    long = _job(model_and_tokenizer, "what colour is the shape", "red", max_new=14, order=1)
+    rounds.run([short, long])
+    assert (short.slot, long.slot) == (0, 1)
+    rounds.run([])  # queues chunk 2 over both rows, then reads chunk 1: the short one is done, the long one moves
+    assert short.handle.finish_reason == "length" and short.handle.num_tokens == 3
+    assert long.slot == 0 and rounds.in_flight.jobs == [short, long] and rounds.in_flight.rows == [0, 1]
+    while rounds.busy:
+        rounds.run([])
+    assert long.handle.token_ids == alone[1][0][1][:14]
 
 
 def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
@@ -336,3 +334,27 @@ def assert_graphs_give_the_eager_answers(model, tokenizer) -> None:
 def test_cuda_graphs_give_the_eager_answers():
     model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
     assert_graphs_give_the_eager_answers(model.cuda(), tokenizer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_after_its_captures_the_loop_waits_for_the_gpu_only_to_read_tokens():
+    # The device stays a chunk ahead only if nothing in a round blocks on it (a copy from pageable memory, an
+    # `.item()`, a synchronize): torch's sync debug mode turns each of those into an error in the loop's thread.
+    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+    requests = _requests((model.cuda(), tokenizer))
+    scheduler = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128)
+
+    def all_at_once():
+        with scheduler.model_lock:  # admitted in one round, as the first time: the same graphs
+            handles = [scheduler.submit(**prompt, settings=settings) for prompt, settings in requests]
+        return [handle.result(60) for handle in handles]
+
+    try:
+        expected = all_at_once()  # captures the graphs these requests need
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert all_at_once() == expected
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        scheduler.close()

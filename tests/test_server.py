@@ -136,8 +136,8 @@ def test_concurrent_clients_get_their_own_answers_decoded_together(app, client, 
     expected = {k: _engine(model_and_tokenizer, [("what colour", [im])], GenerationSettings(max_new_tokens=N))[0]
                 for k, im in images.items()}
     assert len(set(expected.values())) == len(images), "the tiny model must tell these images apart"
-    rows, decode = [], scheduler.decoder.decode
-    monkeypatch.setattr(scheduler.decoder, "decode",
+    rows, decode = [], scheduler.decoder.launch_decode
+    monkeypatch.setattr(scheduler.decoder, "launch_decode",
                         lambda steps, n, *args, **kw: rows.append(n) or decode(steps, n, *args, **kw))
     answers = {}
 
@@ -161,14 +161,14 @@ def test_concurrent_clients_get_their_own_answers_decoded_together(app, client, 
 
 def test_a_dropped_stream_stops_its_generation(app, base_url, monkeypatch):
     scheduler = app.state.scheduler
-    steps, decode = [0], scheduler.decoder.decode
+    steps, decode = [0], scheduler.decoder.launch_decode
 
     def slow_decode(n, *args, **kwargs):
         steps[0] += n
         time.sleep(0.01)
         return decode(n, *args, **kwargs)
 
-    monkeypatch.setattr(scheduler.decoder, "decode", slow_decode)
+    monkeypatch.setattr(scheduler.decoder, "launch_decode", slow_decode)
     request = {"messages": [_user("what", _image("red"))], "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=request) as response:
         for line in response.iter_lines():

@@ -21,7 +21,8 @@ def merge_image_features(
 
     Args:
         inputs_embeds: [B, T, H] token embeddings.
-        input_ids: [B, T] ids; positions equal to `image_token_id` receive image rows.
+        input_ids: [B, T] ids; positions equal to `image_token_id` receive image rows (on the embeddings' device,
+            or on the host, where the checks then run without waiting for the device).
         image_features: [N, Q, H] projected query outputs for the N images of the batch, ordered by row then by
             position in the row; None for a text-only batch.
         image_token_id: the placeholder id.
@@ -47,5 +48,7 @@ def merge_image_features(
     partial = (per_row % num_queries).nonzero().flatten().tolist()
     if partial:
         raise ValueError(f"rows {partial} hold a partial run of image placeholders (not a multiple of {num_queries})")
-    features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)  # [N*Q, H]
+    features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds)  # [N*Q, H]
+    if mask.device != inputs_embeds.device:  # checked on the host: queue the copy rather than wait for the device
+        mask = mask.pin_memory().to(inputs_embeds.device, non_blocking=True)
     return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)

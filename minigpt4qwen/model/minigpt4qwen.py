@@ -121,9 +121,16 @@ class MiniGPT4Qwen(nn.Module):
         return self.language_projection(query_output.to(self.language_projection.weight.dtype))  # [N, Q, H]
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written onto the placeholder positions. [B, T] -> [B, T, H]."""
-        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
-        return merge_image_features(inputs_embeds, input_ids, image_features, self.image_token_id)
+        """Token embeddings with image features written onto the placeholder positions. [B, T] -> [B, T, H].
+
+        `input_ids` may stay on the host while the model is on a GPU: the placeholder checks then run on the host,
+        and nothing waits for the GPU's queued work (the generation scheduler embeds newcomers while it decodes).
+        """
+        table = self.language_model.get_input_embeddings()
+        device_ids = input_ids
+        if input_ids.device != table.weight.device:
+            device_ids = input_ids.pin_memory().to(table.weight.device, non_blocking=True)
+        return merge_image_features(table(device_ids), input_ids, image_features, self.image_token_id)
 
     def forward(
         self,

@@ -6,8 +6,9 @@
     print(handle.result())          # or iterate it for text pieces; handle.cancel() from any thread
 
 Requests join and leave at step boundaries: each round of the loop (`SlotRounds`) frees the slots of finished and
-cancelled requests, gives free slots to waiting ones (their images encoded in one batch), runs one prefill chunk
-and up to `check_every` decode steps of every decoding slot, replayed from CUDA graphs on a GPU.
+cancelled requests, gives free slots to waiting ones (their images encoded in one batch), queues one prefill chunk
+and up to `check_every` decode steps of every decoding slot (replayed from CUDA graphs on a GPU), and hands out the
+tokens of the previous round's steps while these run.
 
 Why not transformers' continuous batching (`generate_batch`, `ContinuousBatchingManager`, paged attention): its
 requests are token ids only, so it cannot take our image rows at the placeholder positions; greedy vs sampling is
@@ -81,9 +82,7 @@ class GenerationScheduler:
                                    check_every=check_every, prefill_tokens=prefill_tokens,
                                    rehearse_captures=rehearse_captures)
         stop_ids = set(chat_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
-        # Newcomers and `model_lock` holders (beam search) are let in between steps, not after a whole chunk.
-        self.rounds = SlotRounds(model, self.decoder, stop_ids,
-                                 arrivals=lambda: bool(self._inbox) or self._pausers > 0)
+        self.rounds = SlotRounds(model, self.decoder, stop_ids)
         self.model_lock = _ModelLock(self)
         self._cond = threading.Condition()
         self._inbox: list[Job] = []
@@ -185,6 +184,7 @@ class GenerationScheduler:
         with self._cond:
             self._cond.wait_for(lambda: self._inbox or self.rounds.busy or self._closed or self._pausers)
             if self._pausers and not self._closed:
+                self.rounds.drain()  # the chunk in flight is handed out before the model is lent
                 self._paused = True
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: not self._pausers or self._closed)

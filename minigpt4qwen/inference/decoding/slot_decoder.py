@@ -8,6 +8,8 @@ first use. Rows that are not decoding (free, or still prefilling) run along but 
 column and keep their state. A prefill forward takes one chunk of prompt embeddings for each of several slots
 (padded to a row bucket and a length bucket); small ones are graphs too (launch-bound), large ones run eagerly.
 Images of several requests are encoded in one batch (padded to a power of two, one graph per size).
+Nothing is waited for while work is queued: prefills and chunks of decode steps return a `Readback` of their
+tokens, copied to pinned host memory behind them, so the caller can queue the next chunk before reading this one.
 Without CUDA graphs (on the CPU) the same step functions run eagerly.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,26 @@ class Chunk:
     embeds: torch.Tensor
     start: int
     final: bool
+
+
+class Readback:
+    """Values copied to the host behind the work queued so far; `tolist()` waits for them (without the GIL, as the
+    HTTP server shares the process). On the CPU the values are ready at once."""
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values.clone()  # the device buffer is reused by the next queued step
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()  # releases the GIL while it waits
+        return self._host.tolist()
 
 
 class SlotDecoder:
@@ -157,17 +178,6 @@ class SlotDecoder:
             self.chunk_final.copy_(final)
         return self._graphs[key]
 
-    def _read(self, values: torch.Tensor) -> list:
-        """`values.tolist()`, waiting for the GPU with the GIL released (the HTTP server shares the process)."""
-        if self.device.type != "cuda":
-            return values.tolist()
-        host = values.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        while not done.query():
-            time.sleep(0.0002)
-        return host.tolist()
-
     # --------------------------------------------------------------------------------------------- API
     def span_for(self, longest: int) -> int:
         """The attention span for rows whose positions are below `longest`."""
@@ -209,9 +219,22 @@ class SlotDecoder:
             state[target] = state[source]
         self.live[source] = False
 
+    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the decoder's device; a host tensor goes through pinned memory, so the copy is queued
+        behind the device's work instead of waiting for it (as a plain copy from pageable memory does)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     @torch.no_grad()
     def prefill(self, chunks: Sequence[Chunk], sample: bool) -> list[int]:
-        """Prefills one chunk per slot in one forward; returns each final chunk's first token (-1 for the others).
+        """`launch_prefill(...).tolist()`: waits for the first tokens."""
+        return self.launch_prefill(chunks, sample).tolist()
+
+    @torch.no_grad()
+    def launch_prefill(self, chunks: Sequence[Chunk], sample: bool) -> Readback:
+        """Queues one forward prefilling one chunk per slot; its readback gives each final chunk's first token (-1
+        for the others).
 
         Raises:
             ValueError: more chunks than slots, a chunk beyond the slot's capacity, or more padded tokens than the
@@ -238,35 +261,26 @@ class SlotDecoder:
         key = ("prefill", rows, length, self.span_for(longest), sample)
         step = functools.partial(self._prefill_step, *key[1:])
         self._graph(key, step, capture=rows * length <= self.graph_prefill_tokens)()
-        return self._read(self.token[self.chunk_slot[: len(chunks)], 0].where(self.chunk_final[: len(chunks)], -1))
+        return Readback(self.token[self.chunk_slot[: len(chunks)], 0].where(self.chunk_final[: len(chunks)], -1))
 
     @torch.no_grad()
-    def decode(self, steps: int, rows: int, longest: int, sample: bool,
-               interrupt: Callable[[], bool] | None = None) -> list[list[int]]:
-        """Runs up to `steps` (<= check_every) decode steps over slots 0..rows-1, whose positions stay below
-        `longest`; returns each row's tokens of the steps run (meaningless for rows that are not decoding).
+    def decode(self, steps: int, rows: int, longest: int, sample: bool) -> list[list[int]]:
+        """`launch_decode(...).tolist()`: waits for the tokens."""
+        return self.launch_decode(steps, rows, longest, sample).tolist()
 
-        `interrupt` is asked after each step (on a GPU: once the step before it has finished, so one step stays
-        queued and the GPU never waits): True ends the chunk there, so a request that arrived mid-chunk is
-        admitted after one more step rather than after the whole chunk.
-        """
+    @torch.no_grad()
+    def launch_decode(self, steps: int, rows: int, longest: int, sample: bool) -> Readback:
+        """Queues `steps` (<= check_every) decode steps over slots 0..rows-1, whose positions stay below `longest`;
+        the readback gives each row's tokens of these steps (meaningless for rows that are not decoding).
+
+        Nothing here waits for the device: the next chunk can be queued before this one's tokens are read, so the
+        GPU never idles while the host hands tokens out."""
+        if not 0 < steps <= self.check_every:
+            raise ValueError(f"a chunk runs 1 to {self.check_every} decode steps, got {steps}")
         bucket = power_of_two(rows)
         key = ("decode", bucket, self.span_for(longest), sample)
         step = self._graph(key, functools.partial(self._decode_step, *key[1:]))
         self.ring_index.zero_()
-        done, previous = 0, None
-        while done < steps:
+        for _ in range(steps):
             step()
-            done += 1
-            if interrupt is None or done == steps:
-                continue
-            if self.device.type == "cuda":
-                finished = torch.cuda.Event()
-                finished.record()
-                if previous is not None:
-                    while not previous.query():
-                        time.sleep(0.0002)  # the GIL is free for the HTTP server meanwhile
-                previous = finished
-            if interrupt():
-                break
-        return self._read(self.ring[:rows, :done])
+        return Readback(self.ring[:rows, :steps])

@@ -3,10 +3,16 @@
 Each round, at a step boundary: cancelled requests leave (their slot is freed and the last slot in use moves into
 it, so the slots stay packed at the front); waiting requests get free slots, their images are encoded in one batch
 and their prompts embedded; one prefill forward runs the next chunk of each admitted prompt (at most
-`prefill_tokens` padded tokens, so the others stall for one chunk at most); then up to `check_every` decode steps
-run over every decoding slot, and their tokens are handed out and checked against the stop tokens, stop strings
-and lengths. A request's failure (its images, its prompt, its prefill) ends that request only; a failure of a
-batched decode step ends the requests in it.
+`prefill_tokens` padded tokens, so the others stall for one chunk at most); then a chunk of up to `check_every`
+decode steps over every decoding slot is queued.
+
+The device is kept one chunk ahead of the host: a round queues its chunk *before* it reads the previous round's
+tokens, hands them out and checks them against the stop tokens, stop strings and lengths. So the GPU decodes while
+the host streams text and admits newcomers, instead of idling through that work after every chunk. The price: a
+request that ends in one chunk has been given a place in the next (its tokens there are dropped), and the host's
+bookkeeping runs on what has been *queued* (`Job.columns`, `Job.issued`), not on what has been read back.
+A request's failure (its images, its prompt, its prefill) ends that request only; a failure of a batched decode
+step ends the requests in it.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
-from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder, padded_length, power_of_two
+from minigpt4qwen.inference.decoding.slot_decoder import Chunk, Readback, SlotDecoder, padded_length, power_of_two
 from minigpt4qwen.inference.generation import StopOnText
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
@@ -37,13 +44,26 @@ class Job:
         self.max_new, self.stop = max_new, stop
         self.settings = handle.settings
         self.embeds: torch.Tensor | None = None
-        self.slot, self.prefilled = -1, 0
-        self.columns = 0  # cache columns the device has written for it (decode steps run ahead of `tokens`)
+        self.slot, self.prefilled = -1, 0  # prefilled: prompt tokens whose prefill is queued
+        self.columns = 0  # cache columns written by the work queued for it
+        self.issued = 0  # tokens the queued work produces for it (ahead of `tokens`, which were read back)
         self.tokens: list[int] = []
+        self.ended = False
 
     @property
     def decoding(self) -> bool:
+        """Its prompt's last chunk is queued: the device decodes it from then on."""
         return self.prefilled == len(self.input_ids)
+
+
+@dataclass
+class _Queued:
+    """Work queued on the device: the readback of its tokens and the jobs of its rows (each row's slot at the time:
+    a job may move to another slot before the tokens are read)."""
+
+    tokens: Readback
+    jobs: list[Job]
+    rows: list[int]
 
 
 class SlotRounds:
@@ -53,30 +73,39 @@ class SlotRounds:
         model: the model (embeds the prompts).
         decoder: the batched decoder.
         stop_ids: tokens that end a reply.
-        arrivals: whether new requests wait outside (asked between decode steps: while a slot is free, one ends
-            the chunk of steps early, so newcomers start within about one step).
     """
 
-    def __init__(self, model: MiniGPT4Qwen, decoder: SlotDecoder, stop_ids: set[int],
-                 arrivals: Callable[[], bool] = lambda: False):
-        self.model, self.decoder, self.stop_ids, self.arrivals = model, decoder, stop_ids, arrivals
+    def __init__(self, model: MiniGPT4Qwen, decoder: SlotDecoder, stop_ids: set[int]):
+        self.model, self.decoder, self.stop_ids = model, decoder, stop_ids
         self.waiting: deque[Job] = deque()
         self.slots: list[Job] = []  # index = slot: in-use slots stay packed at the front
+        self.in_flight: _Queued | None = None  # the chunk of decode steps queued last round, not yet read
         self.produced: deque[tuple[float, int]] = deque()  # (time, tokens) handed out
         self.completed = self.failed = 0
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.slots)
+        return bool(self.waiting or self.slots or self.in_flight)
 
     def run(self, newcomers: Iterable[Job]) -> None:
         """One round: newcomers queue up, cancelled requests leave, free slots are filled, one prefill forward and
-        one chunk of decode steps run."""
+        one chunk of decode steps are queued; then the previous chunk's tokens and the prefill's first tokens are
+        read and handed out while the new chunk runs."""
         self.waiting.extend(newcomers)
         self._drop_cancelled()
         self._admit()
-        self._prefill()
-        self._decode()
+        prefills = self._queue_prefill()
+        previous, self.in_flight = self.in_flight, self._queue_decode()
+        if previous is not None:
+            self._hand_out(previous)
+        for queued in prefills:
+            self._hand_out(queued)
+
+    def drain(self) -> None:
+        """Reads and hands out the chunk in flight (before the model is lent to someone else)."""
+        previous, self.in_flight = self.in_flight, None
+        if previous is not None:
+            self._hand_out(previous)
 
     def fail_all(self, error: BaseException, others: Iterable[Job] = ()) -> None:
         """Ends every request (in slots, waiting, and `others`) with `error`."""
@@ -84,6 +113,7 @@ class SlotRounds:
             job.handle.end("error", error)
         self.slots = []
         self.waiting.clear()
+        self.in_flight = None
 
     def tokens_per_s(self) -> float:
         """Tokens handed out per second over the last 10 seconds (safe from any thread)."""
@@ -91,7 +121,8 @@ class SlotRounds:
         return sum(n for t, n in list(self.produced) if t >= since) / RATE_WINDOW_S
 
     def _finish(self, job: Job, reason: str, error: BaseException | None = None) -> None:
-        """Ends `job` and frees its slot: the last slot in use moves into it, so the slots stay packed."""
+        """Ends `job` and frees its slot: the last slot in use moves into it, so the slots stay packed (the move is
+        queued behind the chunk in flight, so it carries that chunk's keys and values too)."""
         if job.slot >= 0:
             last = self.slots.pop()
             if last is not job:
@@ -104,6 +135,7 @@ class SlotRounds:
             log.warning("request failed: %s", error)
         self.completed += reason in ("stop", "length")
         self.failed += reason == "error"
+        job.ended = True
         job.handle.end(reason, error)
 
     def _drop_cancelled(self) -> None:
@@ -123,12 +155,12 @@ class SlotRounds:
             admitted.append(job)
         self._encode([job for job in admitted if job.pixel_values is not None])
         for job in admitted:
-            if job.slot < 0:
+            if job.ended:
                 continue  # failed while encoding
             try:
-                features = None if job.image_features is None else job.image_features.to(self.decoder.device)
+                features = None if job.image_features is None else self.decoder.upload(job.image_features)
                 with torch.no_grad():
-                    job.embeds = self.model.embed(job.input_ids[None].to(self.decoder.device), features)[0]
+                    job.embeds = self.model.embed(job.input_ids[None], features)[0]  # checked on the host
                 s = job.settings
                 self.decoder.start(job.slot, sample=s.do_sample, seed=job.seed, temperature=s.temperature,
                                    top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty)
@@ -140,7 +172,7 @@ class SlotRounds:
         if not jobs:
             return
         try:
-            pixels = torch.cat([job.pixel_values for job in jobs]).to(self.decoder.device)
+            pixels = self.decoder.upload(torch.cat([job.pixel_values for job in jobs]))
             features = self.decoder.encode_images(pixels).split([len(job.pixel_values) for job in jobs])
         except Exception as err:
             if len(jobs) == 1:
@@ -152,8 +184,8 @@ class SlotRounds:
         for job, feature in zip(jobs, features, strict=True):
             job.image_features, job.pixel_values = feature, None
 
-    def _prefill(self) -> None:
-        """One prefill forward: the next chunk of as many admitted prompts as the token budget allows."""
+    def _queue_prefill(self) -> list[_Queued]:
+        """Queues one prefill forward: the next chunk of as many admitted prompts as the token budget allows."""
         pending = sorted((job for job in self.slots if not job.decoding), key=lambda job: job.order)
         chunks: list[Chunk] = []
         jobs: list[Job] = []
@@ -165,47 +197,58 @@ class SlotRounds:
             end = job.prefilled + size
             chunks.append(Chunk(job.slot, job.embeds[job.prefilled:end], job.prefilled, end == len(job.input_ids)))
             jobs.append(job)
-        if chunks:
-            self._run_prefill(jobs, chunks)
+        return self._try_prefill(jobs, chunks) if chunks else []
 
-    def _run_prefill(self, jobs: list[Job], chunks: list[Chunk]) -> None:
+    def _try_prefill(self, jobs: list[Job], chunks: list[Chunk]) -> list[_Queued]:
         try:
-            first = self.decoder.prefill(chunks, sample=any(job.settings.do_sample for job in jobs))
+            first = self.decoder.launch_prefill(chunks, sample=any(job.settings.do_sample for job in jobs))
         except Exception as err:
             if len(jobs) == 1:
                 self._finish(jobs[0], "error", err)
-            else:  # find the culprit: each chunk alone
-                for job, chunk in zip(jobs, chunks, strict=True):
-                    self._run_prefill([job], [chunk])
-            return
-        for job, chunk, token in zip(jobs, chunks, first, strict=True):
+                return []
+            # find the culprit: each chunk alone
+            return [queued for job, chunk in zip(jobs, chunks, strict=True) for queued in self._try_prefill([job], [chunk])]
+        for job, chunk in zip(jobs, chunks, strict=True):
             job.prefilled += len(chunk.embeds)
             job.columns = job.prefilled
             if chunk.final:
-                job.embeds = None
-                self._take(job, [token])
+                job.embeds, job.issued = None, 1
+        return [_Queued(first, jobs, list(range(len(jobs))))]
 
-    def _decode(self) -> None:
-        """Up to `check_every` decode steps over every decoding slot, then their tokens."""
+    def _queue_decode(self) -> _Queued | None:
+        """Queues up to `check_every` decode steps over every decoding slot (rows whose queued tokens already reach
+        their limit run along when others need steps; their extra tokens are dropped)."""
         decoding = [job for job in self.slots if job.decoding]
-        if not decoding:
-            return
-        steps = min(self.decoder.check_every, max(job.max_new - len(job.tokens) for job in decoding))
+        wanted = [job.max_new - job.issued for job in decoding if job.issued < job.max_new]
+        if not wanted:
+            return None
+        steps = min(self.decoder.check_every, max(wanted))
         longest = max(job.columns for job in decoding) + steps  # the last token is written by the first step
         try:
-            room = len(self.slots) < self.decoder.slots
-            tokens = self.decoder.decode(steps, len(self.slots), longest,
-                                         sample=any(job.settings.do_sample for job in decoding),
-                                         interrupt=self.arrivals if room else None)
+            tokens = self.decoder.launch_decode(steps, len(self.slots), longest,
+                                                sample=any(job.settings.do_sample for job in decoding))
         except Exception as err:  # the batch's own step failed: no request can go on
             for job in decoding:
                 self._finish(job, "error", err)
-            return
-        steps = len(tokens[0])
+            return None
         for job in decoding:
             job.columns += steps
-        for job, row in [(job, tokens[job.slot]) for job in decoding]:  # before a finish repacks the slots
-            self._take(job, row)
+            job.issued += steps
+        return _Queued(tokens, decoding, [job.slot for job in decoding])
+
+    def _hand_out(self, queued: _Queued) -> None:
+        """Reads the tokens of queued work and hands each job its own (none to jobs that have ended since)."""
+        try:
+            rows = queued.tokens.tolist()
+        except Exception as err:  # the device failed while running it
+            for job in queued.jobs:
+                if not job.ended:
+                    self._finish(job, "error", err)
+            return
+        for job, row in zip(queued.jobs, queued.rows, strict=True):
+            tokens = rows[row]
+            if not job.ended and tokens != -1:
+                self._take(job, tokens if isinstance(tokens, list) else [tokens])
 
     def _take(self, job: Job, tokens: list[int]) -> None:
         """Hands `job` its new tokens up to the first stop; ends it when done."""

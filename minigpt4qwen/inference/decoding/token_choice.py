@@ -144,7 +144,8 @@ class RowChooser:
         self.top_p[row] = top_p
         self.top_k[row] = min(top_k, self.vocab_size) if top_k > 0 else self.vocab_size
         self.penalty[row] = repetition_penalty
-        self.key[row] = torch.tensor(seed_words(seed))
+        for word, value in enumerate(seed_words(seed)):  # scalar fills: no copy from the host to wait for
+            self.key[row, word] = value
         self.count[row] = 0
         self.seen[row] = False
 
