@@ -54,7 +54,9 @@ def run_server(args: argparse.Namespace) -> None:
 
     model, tokenizer = _model_and_tokenizer(args.size, args.device)
     fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
-    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=())
+    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
+                                    check_every=args.check_every,
+                                    compile_mode="default" if args.compile_decode else None)
     app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
 
     @app.get("/bench/memory")
@@ -145,7 +147,8 @@ def server_rows(args: argparse.Namespace) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "benchmarks.serve_load", "--role", "server", "--size", args.size, "--device",
-               args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens)]
+               args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
+               "--check-every", str(args.check_every), *(["--compile-decode"] if args.compile_decode else [])]
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -158,7 +161,9 @@ def server_rows(args: argparse.Namespace) -> None:
         question = _question(build_qwen1_tokenizer(TOKENIZER), PROMPT_TOKENS)
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                  {"type": "text", "text": question}]}]
-        print(f"\n| serve, {args.slots} slots x {args.slot_tokens} tokens, streaming | clients | tokens/s | "
+        setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk" + \
+            (", compiled step" if args.compile_decode else "")
+        print(f"\n| serve, {setup}, streaming | clients | tokens/s | "
               "TTFT p50 ms | TTFT p95 ms | errors | peak GiB |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
@@ -210,6 +215,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--slot-tokens", type=int, default=256, help="prompt + reply tokens per slot")
+    parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
+    parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
     parser.add_argument("--role", choices=["driver", "server"], default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

@@ -315,12 +315,14 @@ def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
         assert host_syncs(functools.partial(decoder._decode_step, 4, 128, sample)) == []
 
 
-def assert_graphs_give_the_eager_answers(model, tokenizer) -> None:
-    """`_requests` through a CUDA-graph scheduler, twice (captures, then replays), equal the eager scheduler's."""
+def assert_graphs_give_the_eager_answers(model, tokenizer, compile_mode=None) -> None:
+    """`_requests` through a CUDA-graph scheduler (its decode step compiled in `compile_mode`), twice (captures,
+    then replays), equal the eager scheduler's."""
     requests = _requests((model, tokenizer))
     eager = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
                                 cuda_graphs=False)
-    graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128)
+    graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
+                                 compile_mode=compile_mode)
     try:
         expected = [handle.result(60) for handle in [eager.submit(**p, settings=s) for p, s in requests]]
         for _ in range(2):
@@ -334,6 +336,25 @@ def assert_graphs_give_the_eager_answers(model, tokenizer) -> None:
 def test_cuda_graphs_give_the_eager_answers():
     model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
     assert_graphs_give_the_eager_answers(model.cuda(), tokenizer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_of_a_compiled_decode_step_give_the_eager_answers():
+    model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+    assert_graphs_give_the_eager_answers(model.cuda(), tokenizer, compile_mode="default")
+
+
+def test_a_compiled_decode_step_gives_the_answers_alone(model_and_tokenizer, alone):
+    # One compile serves every batch size but 1 and every span (they are symbolic): these requests use several.
+    requests, expected = alone
+    compiled = GenerationScheduler(*model_and_tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
+                                   compile_mode="default")
+    try:
+        handles = [compiled.submit(**prompt, settings=settings) for prompt, settings in requests]
+        assert [handle.result(300) for handle in handles] == [text for text, _ in expected]
+        assert compiled.submit(**requests[0][0], settings=requests[0][1]).result(300) == expected[0][0]
+    finally:
+        compiled.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

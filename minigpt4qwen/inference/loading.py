@@ -102,6 +102,9 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
                         f"record is skipped and reported), replies stop there; default: up to {MAX_AUTO_SLOT_TOKENS}, "
                         f"as many as fit {KV_CACHE_SHARE:.0%} of the GPU memory free after loading")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
+    g.add_argument("--compile-decode", action="store_true",
+                   help="also compile the decode step: fused kernels, faster decoding, after a minute or two of "
+                        "compiling when the first requests arrive")
 
 
 def build_scheduler(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
@@ -120,7 +123,8 @@ def build_scheduler(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
                          f"{args.slots} and {slot_tokens}")
     logging.getLogger(__name__).info("generation scheduler: %d slots of %d tokens", args.slots, slot_tokens)
     return GenerationScheduler(model, tokenizer, slots=args.slots, capacity=slot_tokens,
-                               cuda_graphs=False if args.no_cuda_graphs else None)
+                               cuda_graphs=False if args.no_cuda_graphs else None,
+                               compile_mode="default" if args.compile_decode else None)
 
 
 def auto_slot_tokens(model: MiniGPT4Qwen, slots: int) -> int:

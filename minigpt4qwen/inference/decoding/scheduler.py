@@ -70,17 +70,19 @@ class GenerationScheduler:
         check_every: decode steps between looks at the tokens (streaming, stops, joins and leaves).
         prefill_tokens: the most padded tokens of one prefill forward (longer prompts are prefilled in chunks).
         stop_token_ids: tokens that end a reply (default: the tokenizer's ChatML stops).
+        compile_mode: compile the decode step (see `SlotDecoder`): fused kernels after a minute or two of
+            compiling when the first requests arrive.
         rehearse_captures: see `SlotDecoder` (tests).
     """
 
     def __init__(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, slots: int = 32,
                  capacity: int = 2048, cuda_graphs: bool | None = None, check_every: int = 8,
                  prefill_tokens: int = 2048, stop_token_ids: Sequence[int] | None = None,
-                 rehearse_captures: bool = False):
+                 compile_mode: str | None = None, rehearse_captures: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.decoder = SlotDecoder(model, slots=slots, capacity=capacity, cuda_graphs=cuda_graphs,
                                    check_every=check_every, prefill_tokens=prefill_tokens,
-                                   rehearse_captures=rehearse_captures)
+                                   compile_mode=compile_mode, rehearse_captures=rehearse_captures)
         stop_ids = set(chat_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
         self.rounds = SlotRounds(model, self.decoder, stop_ids)
         self.model_lock = _ModelLock(self)

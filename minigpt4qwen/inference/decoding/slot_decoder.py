@@ -84,12 +84,14 @@ class SlotDecoder:
         check_every: the most decode steps between two read-backs (the size of the token ring).
         prefill_tokens: the most padded tokens (rows x length) of one prefill forward.
         graph_prefill_tokens: prefill forwards up to this many padded tokens are CUDA graphs.
+        compile_mode: `torch.compile` the decode step's forward in this inductor mode ("default"; see
+            `GraphDecoder`) for fused kernels, before its graphs are captured; None runs eager kernels.
         rehearse_captures: without CUDA graphs, still run each step once where it would be captured (tests).
     """
 
     def __init__(self, model: MiniGPT4Qwen, *, slots: int = 64, capacity: int = 1024, cuda_graphs: bool | None = None,
                  check_every: int = 8, prefill_tokens: int = 2048, graph_prefill_tokens: int = 512,
-                 rehearse_captures: bool = False):
+                 compile_mode: str | None = None, rehearse_captures: bool = False):
         self.model, self.llm = model, model.language_model
         attention = getattr(self.llm.config, "_attn_implementation", None) or "eager"
         if attention not in ("sdpa", "eager"):
@@ -107,6 +109,9 @@ class SlotDecoder:
         self.prefill_tokens, self.graph_prefill_tokens = prefill_tokens, graph_prefill_tokens
         self.rehearse = rehearse_captures
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        # Batch rows and span are symbolic: one compile serves every bucket but 1 (torch specialises sizes of 1).
+        self._decode_forward = self._decode_logits if compile_mode is None else \
+            torch.compile(self._decode_logits, mode=compile_mode, fullgraph=True, dynamic=True)
         self.cache = SlotCache(self.llm.config, slots + 1, capacity, self.dtype, devices)  # + a scratch slot
         self.scratch = slots
         rows, dev = slots + 1, self.device
@@ -152,13 +157,16 @@ class SlotDecoder:
         self.position[slots] = torch.where(final[:, None], start + real, self.position[slots])
         self.live[slots] = self.live[slots] | final
 
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """Next-token logits [R, V] of `tokens` [R, 1] at `positions` [R, 1] over the planned cache rows."""
+        return self.lm_head(self._hidden(None, tokens, positions, span)[:, -1]).to(self.device)
+
     def _decode_step(self, bucket: int, span: int, sample: bool) -> None:
         """One token for each decoding slot among the first `bucket`; recorded in the ring."""
         live, position = self.live[:bucket, None], self.position[:bucket]
         writable = live & (position < self.cache.capacity)
         self.cache.plan_forward(torch.where(writable, position, self.cache.trash), span)
-        hidden = self._hidden(None, self.token[:bucket], position, span)
-        logits = self.lm_head(hidden[:, -1]).to(self.device)
+        logits = self._decode_forward(self.token[:bucket], position, span)
         token = self.chooser(logits, self.slot_ids[:bucket], sample, live[:, 0])
         self.token[:bucket] = torch.where(live, token, self.token[:bucket])
         self.position[:bucket] = position + live.long()
