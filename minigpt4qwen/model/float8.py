@@ -13,8 +13,8 @@ of 16 (what fp8 GEMMs take).
 Why frozen weights do not go through torchao 0.18: its backward (`matmul_with_hp_or_float8_args.backward`,
 torchao/float8/float8_linear.py) never reads `ctx.needs_input_grad`, so a frozen LLM would pay one fp8 matmul of
 three per layer, and two casts of the weight per step, for a gradient autograd drops. The price of casting once:
-2 more bytes per frozen weight (its two fp8 layouts) beside the bf16 one; `cast_frozen_once=False` (ZeRO-3, whose
-point is not to hold whole weights) sends them through torchao too.
+1 more byte per frozen weight (its fp8 copy) beside the bf16 one; `cast_frozen_once=False` (ZeRO-3, whose point is
+not to hold whole weights) sends them through torchao too.
 
 What torchao costs for weights that train:
 - Their gradient matmul runs over the tokens, and CUDA's `torch._scaled_mm` wants its inner dimension a multiple

@@ -10,6 +10,8 @@ column and keep their state. A prefill forward takes one chunk of prompt embeddi
 Images of several requests are encoded in one batch (padded to a power of two, one graph per size).
 Nothing is waited for while work is queued: prefills and chunks of decode steps return a `Readback` of their
 tokens, copied to pinned host memory behind them, so the caller can queue the next chunk before reading this one.
+Host values reach the device as fills or through pinned memory: `tensor[i] = 3` on a CUDA tensor copies from
+pageable memory and waits for every queued step (tests/test_scheduler.py checks with torch's sync debug mode).
 Without CUDA graphs (on the CPU) the same step functions run eagerly.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,7 +71,8 @@ class Readback:
 
     def tolist(self) -> list:
         if self._event is not None:
-            self._event.synchronize()  # releases the GIL while it waits
+            while not self._event.query():
+                time.sleep(0.0002)  # the GIL is free meanwhile, for sure
         return self._host.tolist()
 
 
@@ -211,13 +215,13 @@ class SlotDecoder:
     def start(self, slot: int, *, sample: bool, seed: int, temperature: float, top_p: float, top_k: int,
               repetition_penalty: float) -> None:
         """Prepares `slot` for a new request (not decoding until its prompt is prefilled)."""
-        self.live[slot] = False
+        self.live[slot].fill_(False)
         self.chooser.configure(slot, sample=sample, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
                                repetition_penalty=repetition_penalty)
 
     def release(self, slot: int) -> None:
         """Stops decoding `slot` (it is free from the next step on)."""
-        self.live[slot] = False
+        self.live[slot].fill_(False)
 
     def move(self, source: int, target: int, length: int) -> None:
         """Moves the request in slot `source` (its first `length` cache columns and its state) to slot `target`."""
@@ -225,7 +229,7 @@ class SlotDecoder:
         self.chooser.move(source, target)
         for state in (self.token, self.position, self.live):
             state[target] = state[source]
-        self.live[source] = False
+        self.live[source].fill_(False)
 
     def upload(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` on the decoder's device; a host tensor goes through pinned memory, so the copy is queued
@@ -264,8 +268,12 @@ class SlotDecoder:
         embeds = self.chunk_embeds[: rows * length].view(rows, length, -1)
         for row, chunk in enumerate(chunks):
             embeds[row, : len(chunk.embeds)] = chunk.embeds
-            self.chunk_slot[row], self.chunk_start[row] = chunk.slot, chunk.start
-            self.chunk_length[row], self.chunk_final[row] = len(chunk.embeds), chunk.final
+        plan = self.upload(torch.tensor([[c.slot, c.start, len(c.embeds), c.final] for c in chunks]))
+        count = len(chunks)
+        self.chunk_slot[:count].copy_(plan[:, 0])
+        self.chunk_start[:count, 0].copy_(plan[:, 1])
+        self.chunk_length[:count, 0].copy_(plan[:, 2])
+        self.chunk_final[:count].copy_(plan[:, 3].bool())
         key = ("prefill", rows, length, self.span_for(longest), sample)
         step = functools.partial(self._prefill_step, *key[1:])
         self._graph(key, step, capture=rows * length <= self.graph_prefill_tokens)()

@@ -139,15 +139,16 @@ class RowChooser:
                   top_k: int = 0, repetition_penalty: float = 1.0) -> None:
         """Starts a new reply in `row` (eagerly, outside any graph): its settings (as `TokenChooser.configure`),
         its seed in [0, 2**63), no tokens chosen yet."""
-        self.sample[row] = sample
-        self.temperature[row] = temperature
-        self.top_p[row] = top_p
-        self.top_k[row] = min(top_k, self.vocab_size) if top_k > 0 else self.vocab_size
-        self.penalty[row] = repetition_penalty
-        for word, value in enumerate(seed_words(seed)):  # scalar fills: no copy from the host to wait for
-            self.key[row, word] = value
-        self.count[row] = 0
-        self.seen[row] = False
+        # Fills, not `tensor[row] = value`: that copies from pageable host memory, waiting for the queued steps.
+        self.sample[row].fill_(sample)
+        self.temperature[row].fill_(temperature)
+        self.top_p[row].fill_(top_p)
+        self.top_k[row].fill_(min(top_k, self.vocab_size) if top_k > 0 else self.vocab_size)
+        self.penalty[row].fill_(repetition_penalty)
+        for word, value in enumerate(seed_words(seed)):
+            self.key[row, word].fill_(value)
+        self.count[row].fill_(0)
+        self.seen[row].fill_(False)
 
     def move(self, source: int, target: int) -> None:
         """Copies row `source`'s whole state to row `target` (eagerly)."""
