@@ -49,6 +49,12 @@ def merge_image_features(
     if partial:
         raise ValueError(f"rows {partial} hold a partial run of image placeholders (not a multiple of {num_queries})")
     features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds)  # [N*Q, H]
-    if mask.device != inputs_embeds.device:  # checked on the host: queue the copy rather than wait for the device
-        mask = mask.pin_memory().to(inputs_embeds.device, non_blocking=True)
-    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
+    if mask.device.type != "cpu":
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
+    # Ids on the host: the placeholder positions are found there, and a GPU gets them by a queued copy (a device-side
+    # masked_scatter may wait for the GPU to count the mask). Same rows in the same order as masked_scatter.
+    rows = mask.flatten().nonzero().flatten()
+    device = inputs_embeds.device
+    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
+    flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+    return flat.index_copy(0, rows, features).view_as(inputs_embeds)
