@@ -358,12 +358,15 @@ def test_a_compiled_decode_step_gives_the_answers_alone(model_and_tokenizer, alo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_after_its_captures_the_loop_waits_for_the_gpu_only_to_read_tokens():
+@pytest.mark.parametrize("graph_prefill_tokens", [512, 0])
+def test_after_its_captures_the_loop_waits_for_the_gpu_only_to_read_tokens(graph_prefill_tokens):
     # The device stays a chunk ahead only if nothing in a round blocks on it (a copy from pageable memory, an
     # `.item()`, a synchronize): torch's sync debug mode turns each of those into an error in the loop's thread.
+    # Large prefills run eagerly, through transformers' own code: 0 makes every prefill eager.
     model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
     requests = _requests((model.cuda(), tokenizer))
     scheduler = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128)
+    scheduler.decoder.graph_prefill_tokens = graph_prefill_tokens
 
     def all_at_once():
         with scheduler.model_lock:  # admitted in one round, as the first time: the same graphs
