@@ -164,16 +164,20 @@ def server_rows(args: argparse.Namespace) -> None:
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk" + \
             (", compiled step" if args.compile_decode else "")
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | "
-              "TTFT p50 ms | TTFT p95 ms | errors | peak GiB |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+              "TTFT p50 ms | TTFT p95 ms | errors | peak GiB | loop waiting for the GPU |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(_load(f"{url}/v1", clients, 1, messages, args.new_tokens))  # warm-up: captures graphs
             _get(f"{url}/bench/memory?reset=true")
+            before = _get(f"{url}/health")
             row = asyncio.run(_load(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens))
             peak = _get(f"{url}/bench/memory")["peak_gib"]
+            after = _get(f"{url}/health")
+            rounds = after["round_s"] - before["round_s"]
+            waiting = (after["device_wait_s"] - before["device_wait_s"]) / rounds if rounds > 0 else float("nan")
             print(f"| {row['requests']} requests, {args.new_tokens} new tokens each | {clients} | "
                   f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | {row['errors']} | "
-                  f"{'-' if peak is None else f'{peak:.1f}'} |", flush=True)
+                  f"{'-' if peak is None else f'{peak:.1f}'} | {waiting:.0%} of {rounds:.1f} s |", flush=True)
     finally:
         server.terminate()
         server.wait(60)

@@ -103,7 +103,9 @@ def test_models_and_health(client, base_url):
     health = httpx.get(f"{base_url}/health").json()
     assert health["status"] == "ok" and health["slots"] == 8 and health["active_slots"] == health["queued"] == 0
     client.chat.completions.create(model="tiny", messages=[_user("what")], max_tokens=N)
-    assert httpx.get(f"{base_url}/health").json()["tokens_per_s"] > 0
+    after = httpx.get(f"{base_url}/health").json()
+    assert after["tokens_per_s"] > 0
+    assert after["round_s"] > health["round_s"] and 0 <= after["device_wait_s"] <= after["round_s"]
 
 
 def test_greedy_answers_match_the_engine_across_turns(client, model_and_tokenizer):

@@ -144,11 +144,14 @@ class GenerationScheduler:
         return handle
 
     def stats(self) -> dict[str, Any]:
-        """Slots in use, requests waiting, tokens/s over the last 10 s, requests completed and failed."""
+        """Slots in use, requests waiting, tokens/s over the last 10 s, requests completed and failed, and the loop's
+        seconds in rounds and waiting in them for the GPU's tokens since start (their ratio near 1: the GPU limits
+        the rate; near 0: the host does, and the GPU idles between chunks)."""
         rounds = self.rounds
         return {"slots": self.slots, "active_slots": len(rounds.slots), "capacity": self.capacity,
                 "queued": len(rounds.waiting) + len(self._inbox), "tokens_per_s": round(rounds.tokens_per_s(), 1),
-                "completed": rounds.completed, "failed": rounds.failed}
+                "completed": rounds.completed, "failed": rounds.failed, "round_s": round(rounds.round_s, 3),
+                "device_wait_s": round(rounds.device_wait_s, 3)}
 
     def close(self) -> None:
         """Stops the loop; requests not finished fail."""

@@ -82,6 +82,9 @@ class SlotRounds:
         self.in_flight: _Queued | None = None  # the chunk of decode steps queued last round, not yet read
         self.produced: deque[tuple[float, int]] = deque()  # (time, tokens) handed out
         self.completed = self.failed = 0
+        # Seconds spent in rounds, and in them waiting for the device's tokens: a share near 1 means the GPU is what
+        # limits the rate; near 0, the host (the GPU then idles between chunks).
+        self.round_s = self.device_wait_s = 0.0
 
     @property
     def busy(self) -> bool:
@@ -91,6 +94,7 @@ class SlotRounds:
         """One round: newcomers queue up, cancelled requests leave, free slots are filled, one prefill forward and
         one chunk of decode steps are queued; then the previous chunk's tokens and the prefill's first tokens are
         read and handed out while the new chunk runs."""
+        start = time.perf_counter()
         self.waiting.extend(newcomers)
         self._drop_cancelled()
         self._admit()
@@ -100,6 +104,7 @@ class SlotRounds:
             self._hand_out(previous)
         for queued in prefills:
             self._hand_out(queued)
+        self.round_s += time.perf_counter() - start
 
     def drain(self) -> None:
         """Reads and hands out the chunk in flight (before the model is lent to someone else)."""
@@ -238,8 +243,10 @@ class SlotRounds:
 
     def _hand_out(self, queued: _Queued) -> None:
         """Reads the tokens of queued work and hands each job its own (none to jobs that have ended since)."""
+        start = time.perf_counter()
         try:
             rows = queued.tokens.tolist()
+            self.device_wait_s += time.perf_counter() - start
         except Exception as err:  # the device failed while running it
             for job in queued.jobs:
                 if not job.ended:
