@@ -219,3 +219,26 @@ def test_ddp_leaves_the_fp8_copies_alone():
     apply_float8(model, allow_cpu=True)
     names = float8_buffer_names(model)
     assert len(names) == 2 * 14 and set(names) <= {n for n, _ in model.named_buffers()}
+
+
+def test_the_fp8_copies_survive_a_cast_of_the_whole_module_and_count_in_the_memory_estimate():
+    # Older DeepSpeed releases call module.half() / .bfloat16(): fp8 counts as floating point, bytes do not.
+    from minigpt4qwen.training.memory import estimate_memory
+
+    torch.manual_seed(0)
+    layer = FrozenFloat8Linear(nn.Linear(32, 16).requires_grad_(False))
+    x = torch.randn(3, 32).bfloat16()
+    want = layer(x.float())
+    layer.bfloat16()
+    got = layer(x).float()  # the same fp8 matmul; only the output and the bias are now rounded to bf16
+    assert float((got - want).norm() / want.norm()) < 0.01
+    assert layer.weight_float8.dtype == torch.uint8 and layer.weight_scale.dtype == torch.uint8
+    model = make_tiny_model()
+    model.set_trainable(TrainableParts())
+    before = estimate_memory(model, micro_batch_size=1, max_length=8, activation_bytes=2, checkpointed_llm=False,
+                             device=torch.device("cpu")).weights
+    apply_float8(model, allow_cpu=True)
+    after = estimate_memory(model, micro_batch_size=1, max_length=8, activation_bytes=2, checkpointed_llm=False,
+                             device=torch.device("cpu")).weights
+    fp8 = sum(m.weight.numel() + 4 for m in model.modules() if isinstance(m, FrozenFloat8Linear))
+    assert after - before == fp8

@@ -305,6 +305,59 @@ def test_a_request_ending_while_the_next_chunk_runs_leaves_the_moved_one_intact(
     assert long.handle.token_ids == alone[1][0][1][:14]
 
 
+def test_a_failed_capture_of_a_newcomer_s_prefill_leaves_the_others_decoding(model_and_tokenizer, alone,
+                                                                             monkeypatch):
+    # Capturing a graph zeroes the slots' state for its warm-ups; an out-of-memory capture must put it back.
+    from minigpt4qwen.inference.decoding import slot_decoder
+
+    model, _ = model_and_tokenizer
+    decoder = SlotDecoder(model, slots=4, capacity=128, check_every=4)
+    rounds = SlotRounds(model, decoder, stop_ids=set())
+    first = _job(model_and_tokenizer, "what colour is the shape", "red", max_new=14)
+    rounds.run([first])
+    rounds.run([])
+    capture = slot_decoder.maybe_captured
+
+    def out_of_memory(step, *args, **kwargs):
+        if step.func.__name__ == "_prefill_step":
+            raise RuntimeError("CUDA out of memory (simulated capture)")
+        return capture(step, *args, **kwargs)
+
+    monkeypatch.setattr(slot_decoder, "maybe_captured", out_of_memory)
+    decoder._graphs = {key: graph for key, graph in decoder._graphs.items() if key[0] != "prefill"}
+    newcomer = _job(model_and_tokenizer, "what is it", "blue", max_new=5, order=1)
+    rounds.run([newcomer])
+    monkeypatch.setattr(slot_decoder, "maybe_captured", capture)
+    while rounds.busy:
+        rounds.run([])
+    assert newcomer.handle.finish_reason == "error" and "simulated capture" in str(newcomer.handle.error)
+    assert first.handle.token_ids == alone[1][0][1][:14]
+
+
+def test_a_prefill_retried_alone_goes_to_the_slot_its_request_moved_to(model_and_tokenizer, alone):
+    # A shared prefill fails, then the culprit alone: its slot is freed and the last request moves into it before
+    # its own chunk is retried, which must then be written to the new slot.
+    model, _ = model_and_tokenizer
+    decoder = SlotDecoder(model, slots=4, capacity=128, check_every=4)
+    rounds = SlotRounds(model, decoder, stop_ids=set())
+    doomed = _job(model_and_tokenizer, "what is it", "blue", max_new=5)
+    good = _job(model_and_tokenizer, "what colour is the shape", "red", max_new=12, order=1)
+    assert len(doomed.input_ids) != len(good.input_ids)
+    launch = decoder.launch_prefill
+
+    def out_of_memory(chunks, sample):
+        if len(chunks) > 1 or len(chunks[0].embeds) == len(doomed.input_ids):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return launch(chunks, sample)
+
+    decoder.launch_prefill = out_of_memory
+    rounds.run([doomed, good])
+    assert doomed.handle.finish_reason == "error" and good.slot == 0
+    while rounds.busy:
+        rounds.run([])
+    assert good.handle.token_ids == alone[1][0][1][:12]
+
+
 def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
     # Under a capture transformers sees a capturing stream and skips its eager-only shortcuts; mimic that here.
     tracing_module = sys.modules[transformers.masking_utils.is_tracing.__module__]

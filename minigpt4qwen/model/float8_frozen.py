@@ -23,7 +23,7 @@ from torch import nn
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 AMAX_FLOOR = 1e-12  # an all-zero tensor still gets a finite scale
-BUFFER_NAMES = ("weight_float8", "weight_scale")
+BUFFER_NAMES = ("weight_float8", "weight_scale")  # stored as bytes (see FrozenFloat8Linear)
 
 
 def to_float8(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-        rows = input.reshape(-1, input.shape[-1])
+        rows = input.reshape(-1, input.shape[-1]).contiguous()  # the GEMM's first operand must be row-major
         values, scale = to_float8(rows, E4M3)
         # _scaled_mm wants its second operand column-major: W [out, in] row-major, seen as W^T [in, out].
         out = torch._scaled_mm(values, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=input.dtype)
@@ -52,7 +52,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, weight_scale = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
+        rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         values, scale = to_float8(rows, E5M2)
         column_major = weight.t().contiguous().t()  # W [out, in], laid out as the GEMM's second operand wants
         grad_input = torch._scaled_mm(values, column_major, scale_a=scale, scale_b=weight_scale, out_dtype=grad.dtype)
@@ -77,15 +77,18 @@ class FrozenFloat8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         values, scale = to_float8(linear.weight.detach(), E4M3)
-        self.register_buffer("weight_float8", values, persistent=False)
-        self.register_buffer("weight_scale", scale, persistent=False)
+        # Kept as bytes: `module.half()` / `.to(bfloat16)` (older DeepSpeed releases cast whole modules so) convert every
+        # floating-point buffer, and fp8 counts as one; an fp8 weight or scale turned bf16 would break the GEMM.
+        self.register_buffer("weight_float8", values.view(torch.uint8), persistent=False)
+        self.register_buffer("weight_scale", scale.reshape(1).view(torch.uint8), persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         device = input.device.type
         if torch.is_autocast_enabled(device):
             input = input.to(torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):
-            out = _FrozenFloat8Matmul.apply(input, self.weight_float8, self.weight_scale)
+            out = _FrozenFloat8Matmul.apply(input, self.weight_float8.view(E4M3),
+                                            self.weight_scale.view(torch.float32)[0])
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -185,9 +185,11 @@ class SlotDecoder:
             live, final = self.live.clone(), self.chunk_final.clone()
             self.live.zero_()
             self.chunk_final.zero_()
-            self._graphs[key] = maybe_captured(step, self.cuda_graphs and capture, self._pool, self.rehearse)
-            self.live.copy_(live)
-            self.chunk_final.copy_(final)
+            try:
+                self._graphs[key] = maybe_captured(step, self.cuda_graphs and capture, self._pool, self.rehearse)
+            finally:  # a failed capture (out of memory) fails its requests only: the others keep decoding
+                self.live.copy_(live)
+                self.chunk_final.copy_(final)
         return self._graphs[key]
 
     # --------------------------------------------------------------------------------------------- API

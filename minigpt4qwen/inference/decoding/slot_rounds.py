@@ -17,11 +17,11 @@ step ends the requests in it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
@@ -56,7 +56,7 @@ class Job:
         return self.prefilled == len(self.input_ids)
 
 
-@dataclass
+@dataclasses.dataclass
 class _Queued:
     """Work queued on the device: the readback of its tokens and the jobs of its rows (each row's slot at the time:
     a job may move to another slot before the tokens are read)."""
@@ -211,8 +211,13 @@ class SlotRounds:
             if len(jobs) == 1:
                 self._finish(jobs[0], "error", err)
                 return []
-            # find the culprit: each chunk alone
-            return [queued for job, chunk in zip(jobs, chunks, strict=True) for queued in self._try_prefill([job], [chunk])]
+            # Find the culprit: each chunk alone. A failure frees its slot and the last job moves into it, so each
+            # chunk is re-aimed at its job's slot of the moment.
+            queued: list[_Queued] = []
+            for job, chunk in zip(jobs, chunks, strict=True):
+                if not job.ended:
+                    queued += self._try_prefill([job], [dataclasses.replace(chunk, slot=job.slot)])
+            return queued
         for job, chunk in zip(jobs, chunks, strict=True):
             job.prefilled += len(chunk.embeds)
             job.columns = job.prefilled
