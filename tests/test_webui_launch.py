@@ -60,9 +60,12 @@ def test_the_webui_command_builds_its_scheduler_from_the_options_and_closes_it(m
     monkeypatch.setattr(loading, "load_for_inference", lambda args: make_tiny_chat_model())
     monkeypatch.setattr(loading, "build_scheduler", recorded)
     monkeypatch.setattr(gr.Blocks, "block_thread", serve_then_stop)
-    args = build_parser().parse_args(["webui", "--port", str(_free_port()), "--slots", "2", "--slot-tokens", "300"])
+    args = build_parser().parse_args(["webui", "--port", str(_free_port()), "--slots", "2", "--slot-tokens", "300",
+                                      "--compile-decode"])
     assert args.func(args) == 0
     [scheduler] = built
     assert (scheduler.slots, scheduler.capacity) == (2, 300)
+    decoder = scheduler.decoder  # --compile-decode: the step is wrapped by torch.compile (compiled on first use)
+    assert hasattr(decoder._decode_forward, "_torchdynamo_orig_callable")
     assert len(served) == 1 and scheduler._thread in served[0]  # it ran while the UI served
     assert not scheduler._thread.is_alive()  # and was closed on the way out

@@ -8,8 +8,8 @@ matmul of three thrown away, two casts of an unchanging weight, and one saved ac
 `FrozenFloat8Linear` does what a frozen weight needs: forward `x_fp8 @ W_fp8^T`, backward `grad_fp8 @ W_fp8`, with
 W cast once at conversion, and nothing saved per call. The fp8 GEMM wants its second operand column-major: the
 forward reads the kept [out, in] copy as W^T; the backward transposes it into a temporary (one byte per weight read
-and written: a few milliseconds per step at 7B, against a third of the step's LLM matmuls saved). The recipe is torchao's default: one dynamic
-scale per tensor, e4m3 for activations and weights, e5m2 for gradients.
+and written: a few milliseconds per step at 7B, against a third of the step's LLM matmuls saved). The recipe is
+torchao's default: one dynamic scale per tensor, e4m3 for activations and weights, e5m2 for gradients.
 
 Memory: the fp8 copy adds 1 byte per weight beside the frozen bf16 weight, which stays the module's parameter
 (state dicts, checkpoints and exports read it; the copy is a non-persistent buffer). A weight that
@@ -77,8 +77,8 @@ class FrozenFloat8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         values, scale = to_float8(linear.weight.detach(), E4M3)
-        # Kept as bytes: `module.half()` / `.to(bfloat16)` (older DeepSpeed releases cast whole modules so) convert every
-        # floating-point buffer, and fp8 counts as one; an fp8 weight or scale turned bf16 would break the GEMM.
+        # Kept as bytes: `module.half()` / `.to(bfloat16)` (older DeepSpeed releases cast whole modules so) convert
+        # every floating-point buffer, and fp8 counts as one; an fp8 weight or scale turned bf16 would break the GEMM.
         self.register_buffer("weight_float8", values.view(torch.uint8), persistent=False)
         self.register_buffer("weight_scale", scale.reshape(1).view(torch.uint8), persistent=False)
 
