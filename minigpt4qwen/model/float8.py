@@ -5,10 +5,9 @@ of every Linear inside the LLM's decoder blocks (attention and MLP projections),
 one dynamic scale per tensor, e4m3 for activations and weights, e5m2 for gradients. Frozen weights (the published
 recipe's LLM, LoRA's base layers) become `FrozenFloat8Linear` (`float8_frozen.py`: cast once, no weight gradient);
 weights that train become torchao's `Float8Linear`, cast every step. The weights stay stored in their own dtype,
-so checkpoints and exports do not change. Left in high precision: the output
-head (the loss reads its logits), the embeddings and norms, the vision tower, the Q-Former, the trained
-projection, LoRA adapters (rank-wide matmuls gain nothing) and any Linear with a dimension that is not a multiple
-of 16 (what fp8 GEMMs take).
+so checkpoints and exports do not change. Left in high precision: the output head (the loss reads its logits), the
+embeddings and norms, the vision tower, the Q-Former, the trained projection, LoRA adapters (rank-wide matmuls gain
+nothing) and any Linear with a dimension that is not a multiple of 16 (what fp8 GEMMs take).
 
 Why frozen weights do not go through torchao 0.18: its backward (`matmul_with_hp_or_float8_args.backward`,
 torchao/float8/float8_linear.py) never reads `ctx.needs_input_grad`, so a frozen LLM would pay one fp8 matmul of
@@ -107,8 +106,7 @@ def apply_float8(model: MiniGPT4Qwen, *, device: torch.device | None = None, all
     training = {}
     for name, module in targets.items():
         if cast_frozen_once and not module.weight.requires_grad:
-            parent, _, child = name.rpartition(".")
-            setattr(blocks.get_submodule(parent) if parent else blocks, child, FrozenFloat8Linear(module))
+            blocks.set_submodule(name, FrozenFloat8Linear(module))
         else:
             training[name] = module
     if training:

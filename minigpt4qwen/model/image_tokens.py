@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from minigpt4qwen.model.device_copy import to_device_queued
+
 
 def merge_image_features(
     inputs_embeds: torch.Tensor,
@@ -53,8 +55,6 @@ def merge_image_features(
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
     # Ids on the host: the placeholder positions are found there, and a GPU gets them by a queued copy (a device-side
     # masked_scatter may wait for the GPU to count the mask). Same rows in the same order as masked_scatter.
-    rows = mask.flatten().nonzero().flatten()
-    device = inputs_embeds.device
-    rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
+    rows = to_device_queued(mask.flatten().nonzero().flatten(), inputs_embeds.device)
     flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
     return flat.index_copy(0, rows, features).view_as(inputs_embeds)

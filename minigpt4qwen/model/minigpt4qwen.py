@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
 from minigpt4qwen.model.configs import LN_VISION_EPS
+from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.image_tokens import merge_image_features
 from minigpt4qwen.model.loss import image_path_anchor, masked_lm_loss_sum
 from minigpt4qwen.model.parts import PART_NAMES, PartDtypes, TrainableParts
@@ -127,10 +128,8 @@ class MiniGPT4Qwen(nn.Module):
         and nothing waits for the GPU's queued work (the generation scheduler embeds newcomers while it decodes).
         """
         table = self.language_model.get_input_embeddings()
-        device_ids = input_ids
-        if input_ids.device != table.weight.device:
-            device_ids = input_ids.pin_memory().to(table.weight.device, non_blocking=True)
-        return merge_image_features(table(device_ids), input_ids, image_features, self.image_token_id)
+        inputs_embeds = table(to_device_queued(input_ids, table.weight.device))
+        return merge_image_features(inputs_embeds, input_ids, image_features, self.image_token_id)
 
     def forward(
         self,

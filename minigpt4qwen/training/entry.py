@@ -9,7 +9,6 @@ applied from outside the model before the trainer's loop takes over.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 
@@ -129,7 +128,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         return result
     finally:
         # DDP's reducer holds the process group: freed after the group is destroyed, its destructor can wait (with
-        # the GIL) for a gloo thread that waits for the GIL, and the process never exits. Free it first.
+        # the GIL) for a gloo thread that waits for the GIL, and the process never exits. Drop our references first;
+        # `destroy` collects what they held.
         trainer = model = None
-        gc.collect()
         distributed.destroy()

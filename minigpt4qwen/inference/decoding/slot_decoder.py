@@ -29,6 +29,7 @@ from minigpt4qwen.inference.decoding.cuda_graphs import maybe_captured
 from minigpt4qwen.inference.decoding.graph_decoder import prefill_bucket
 from minigpt4qwen.inference.decoding.slot_cache import SlotCache, visibility_mask
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
+from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 MIN_SPAN = 64
@@ -233,22 +234,10 @@ class SlotDecoder:
             state[target] = state[source]
         self.live[source].fill_(False)
 
-    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` on the decoder's device; a host tensor goes through pinned memory, so the copy is queued
-        behind the device's work instead of waiting for it (as a plain copy from pageable memory does)."""
-        if self.device.type == "cuda" and tensor.device.type == "cpu":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
-
-    @torch.no_grad()
-    def prefill(self, chunks: Sequence[Chunk], sample: bool) -> list[int]:
-        """`launch_prefill(...).tolist()`: waits for the first tokens."""
-        return self.launch_prefill(chunks, sample).tolist()
-
     @torch.no_grad()
     def launch_prefill(self, chunks: Sequence[Chunk], sample: bool) -> Readback:
-        """Queues one forward prefilling one chunk per slot; its readback gives each final chunk's first token (-1
-        for the others).
+        """Queues one forward prefilling one chunk per slot; its readback gives one row per chunk: [its first token]
+        for a final chunk, [-1] for the others.
 
         Raises:
             ValueError: more chunks than slots, a chunk beyond the slot's capacity, or more padded tokens than the
@@ -270,7 +259,8 @@ class SlotDecoder:
         embeds = self.chunk_embeds[: rows * length].view(rows, length, -1)
         for row, chunk in enumerate(chunks):
             embeds[row, : len(chunk.embeds)] = chunk.embeds
-        plan = self.upload(torch.tensor([[c.slot, c.start, len(c.embeds), c.final] for c in chunks]))
+        plan = torch.tensor([[c.slot, c.start, len(c.embeds), c.final] for c in chunks])
+        plan = to_device_queued(plan, self.device)
         count = len(chunks)
         self.chunk_slot[:count].copy_(plan[:, 0])
         self.chunk_start[:count, 0].copy_(plan[:, 1])
@@ -279,12 +269,7 @@ class SlotDecoder:
         key = ("prefill", rows, length, self.span_for(longest), sample)
         step = functools.partial(self._prefill_step, *key[1:])
         self._graph(key, step, capture=rows * length <= self.graph_prefill_tokens)()
-        return Readback(self.token[self.chunk_slot[: len(chunks)], 0].where(self.chunk_final[: len(chunks)], -1))
-
-    @torch.no_grad()
-    def decode(self, steps: int, rows: int, longest: int, sample: bool) -> list[list[int]]:
-        """`launch_decode(...).tolist()`: waits for the tokens."""
-        return self.launch_decode(steps, rows, longest, sample).tolist()
+        return Readback(self.token[self.chunk_slot[:count]].where(self.chunk_final[:count, None], -1))
 
     @torch.no_grad()
     def launch_decode(self, steps: int, rows: int, longest: int, sample: bool) -> Readback:

@@ -28,6 +28,7 @@ import torch
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.decoding.slot_decoder import Chunk, Readback, SlotDecoder, padded_length, power_of_two
 from minigpt4qwen.inference.generation import StopOnText
+from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,9 @@ class SlotRounds:
             if job.ended:
                 continue  # failed while encoding
             try:
-                features = None if job.image_features is None else self.decoder.upload(job.image_features)
+                features = job.image_features
+                if features is not None:  # given by the caller: maybe still on the host
+                    features = to_device_queued(features, self.decoder.device)
                 with torch.no_grad():
                     job.embeds = self.model.embed(job.input_ids[None], features)[0]  # checked on the host
                 s = job.settings
@@ -177,7 +180,7 @@ class SlotRounds:
         if not jobs:
             return
         try:
-            pixels = self.decoder.upload(torch.cat([job.pixel_values for job in jobs]))
+            pixels = to_device_queued(torch.cat([job.pixel_values for job in jobs]), self.decoder.device)
             features = self.decoder.encode_images(pixels).split([len(job.pixel_values) for job in jobs])
         except Exception as err:
             if len(jobs) == 1:
@@ -258,9 +261,8 @@ class SlotRounds:
                     self._finish(job, "error", err)
             return
         for job, row in zip(queued.jobs, queued.rows, strict=True):
-            tokens = rows[row]
-            if not job.ended and tokens != -1:
-                self._take(job, tokens if isinstance(tokens, list) else [tokens])
+            if not job.ended and rows[row][0] != -1:  # -1: a prefill chunk that does not end its prompt
+                self._take(job, rows[row])
 
     def _take(self, job: Job, tokens: list[int]) -> None:
         """Hands `job` its new tokens up to the first stop; ends it when done."""
