@@ -8,8 +8,9 @@ random-weight model of the chosen size, with the Qwen tokenizer from tests/data 
 is forced to its full length. This process drives it with the official `openai` client (asyncio, streaming): for
 each row, N clients each send requests back to back (a 63-token prompt with one 224px image, greedy, 128 new
 tokens), after one warm-up round at the same concurrency (graph captures). Printed per row: aggregate tokens/s
-(all generated tokens over the wall time), time to first text piece (p50 / p95), errors, and the server's peak
-GPU memory. Beside it: transformers' static-cache `generate` on one pre-formed batch of 32 (same workload).
+(all generated tokens over the wall time), time to first text piece (p50 / p95), the scheduler's own medians from
+submission to a slot and to the first token (the rest of the client's wait is HTTP, image decoding and streaming),
+errors, and the server's peak GPU memory. Beside it: transformers' static-cache `generate` on one pre-formed batch of 32 (same workload).
 """
 
 from __future__ import annotations
@@ -59,12 +60,17 @@ def run_server(args: argparse.Namespace) -> None:
                                     compile_mode="default" if args.compile_decode else None)
     app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
 
-    @app.get("/bench/memory")
-    async def memory(reset: bool = False) -> dict[str, float | None]:
+    @app.get("/bench/counters")
+    async def counters(reset: bool = False) -> dict[str, float | None]:
+        """Peak GPU memory and the scheduler's median seconds from submission to a slot and to the first token."""
         peak = peak_gib(args.device) if args.device.startswith("cuda") else None
+        latencies = list(scheduler.rounds.latencies)
         if reset:
             reset_peak(args.device)
-        return {"peak_gib": peak}
+            scheduler.rounds.latencies.clear()
+        waits, firsts = [w for _, w, _ in latencies], [f for _, _, f in latencies]
+        return {"peak_gib": peak, "slot_wait_ms": 1000 * statistics.median(waits) if waits else None,
+                "first_token_ms": 1000 * statistics.median(firsts) if firsts else None}
 
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
@@ -163,20 +169,23 @@ def server_rows(args: argparse.Namespace) -> None:
                                                  {"type": "text", "text": question}]}]
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk" + \
             (", compiled step" if args.compile_decode else "")
-        print(f"\n| serve, {setup}, streaming | clients | tokens/s | "
-              "TTFT p50 ms | TTFT p95 ms | errors | peak GiB | loop waiting for the GPU |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
+              "in the scheduler: p50 to a slot / to the first token, ms | errors | peak GiB | "
+              "loop waiting for the GPU |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(_load(f"{url}/v1", clients, 1, messages, args.new_tokens))  # warm-up: captures graphs
-            _get(f"{url}/bench/memory?reset=true")
+            _get(f"{url}/bench/counters?reset=true")
             before = _get(f"{url}/health")
             row = asyncio.run(_load(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens))
-            peak = _get(f"{url}/bench/memory")["peak_gib"]
+            counters = _get(f"{url}/bench/counters")
+            peak = counters["peak_gib"]
             after = _get(f"{url}/health")
             rounds = after["round_s"] - before["round_s"]
             waiting = (after["device_wait_s"] - before["device_wait_s"]) / rounds if rounds > 0 else float("nan")
             print(f"| {row['requests']} requests, {args.new_tokens} new tokens each | {clients} | "
-                  f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | {row['errors']} | "
+                  f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | "
+                  f"{counters['slot_wait_ms']:.0f} / {counters['first_token_ms']:.0f} | {row['errors']} | "
                   f"{'-' if peak is None else f'{peak:.1f}'} | {waiting:.0%} of {rounds:.1f} s |", flush=True)
     finally:
         server.terminate()
@@ -206,7 +215,7 @@ def baseline_row(args: argparse.Namespace) -> None:
     timed(n)  # warm-up
     first, full = min(timed(1) for _ in range(2)), timed(n)
     print(f"| transformers static-cache generate, one batch | {batch} | {batch * n / full:.0f} "
-          f"(decode {batch * (n - 1) / (full - first):.0f}) | {first * 1000:.0f} | | | {peak_gib(args.device):.1f} |",
+          f"(decode {batch * (n - 1) / (full - first):.0f}) | {first * 1000:.0f} | | | | {peak_gib(args.device):.1f} |",
           flush=True)
 
 

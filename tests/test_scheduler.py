@@ -20,6 +20,7 @@ from PIL import Image
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+from minigpt4qwen.inference.decoding import slot_decoder
 from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
 from minigpt4qwen.inference.decoding.slot_rounds import Job, SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
@@ -286,6 +287,30 @@ def test_a_round_queues_its_chunk_before_handing_out_the_previous_one(model_and_
         issued.append(job.issued)
     assert handed == [1, 5, 9, 10] and issued == [5, 9, 10, 10] and job.handle.done and not rounds.busy
     assert job.handle.token_ids == alone[1][0][1][:10]  # requests[0] alone, greedy
+
+
+def test_the_next_round_starts_two_steps_before_the_chunk_in_flight_ends(model_and_tokenizer, monkeypatch):
+    # A newcomer's prefill is queued behind what the device still has to run when its round starts: the round waits
+    # for a mark LEAD_STEPS before the end of the chunk in flight, not for nothing (a whole chunk ahead) or its end.
+    model, _ = model_and_tokenizer
+    decoder = SlotDecoder(model, slots=4, capacity=128, check_every=4)
+    rounds = SlotRounds(model, decoder, stop_ids=set())
+    marks, waits, make = [], [], slot_decoder.DeviceMark.__init__
+
+    def spy_mark(self, device):
+        make(self, device)
+        marks.append(int(decoder.ring_index))  # steps of the chunk queued before the mark
+        self.steps_before = marks[-1]
+
+    monkeypatch.setattr(slot_decoder.DeviceMark, "__init__", spy_mark)
+    monkeypatch.setattr(slot_decoder.DeviceMark, "wait", lambda self: waits.append(self.steps_before))
+    rounds.run([_job(model_and_tokenizer, "what colour is the shape", "red", max_new=10)])
+    marks.clear()
+    waits.clear()
+    rounds.wait_for_device()
+    assert waits == [slot_decoder.LEAD_STEPS] and rounds.in_flight.tokens.nearly.steps_before == 2
+    rounds.run([])
+    assert marks == [2, 0]  # the new chunk's `nearly` mark after 2 of its 4 steps, then its tokens' after all 4
 
 
 def test_a_request_ending_while_the_next_chunk_runs_leaves_the_moved_one_intact(model_and_tokenizer, alone):

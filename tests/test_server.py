@@ -106,6 +106,7 @@ def test_models_and_health(client, base_url):
     after = httpx.get(f"{base_url}/health").json()
     assert after["tokens_per_s"] > 0
     assert after["round_s"] > health["round_s"] and 0 <= after["device_wait_s"] <= after["round_s"]
+    assert health["first_token_ms_p50"] is None and 0 <= after["slot_wait_ms_p50"] <= after["first_token_ms_p50"]
 
 
 def test_greedy_answers_match_the_engine_across_turns(client, model_and_tokenizer):

@@ -144,14 +144,15 @@ class GenerationScheduler:
         return handle
 
     def stats(self) -> dict[str, Any]:
-        """Slots in use, requests waiting, tokens/s over the last 10 s, requests completed and failed, and the loop's
-        seconds in rounds and waiting in them for the GPU's tokens since start (their ratio near 1: the GPU limits
-        the rate; near 0: the host does, and the GPU idles between chunks)."""
+        """Slots in use, requests waiting, tokens/s over the last 10 s, requests completed and failed, the loop's
+        seconds in rounds and waiting in them for the GPU since start (their ratio near 1: the GPU limits the rate;
+        near 0: the host does, and the GPU idles between chunks), and the median milliseconds from submission to a
+        slot and to the first token over the last 10 s (None without requests)."""
         rounds = self.rounds
         return {"slots": self.slots, "active_slots": len(rounds.slots), "capacity": self.capacity,
                 "queued": len(rounds.waiting) + len(self._inbox), "tokens_per_s": round(rounds.tokens_per_s(), 1),
                 "completed": rounds.completed, "failed": rounds.failed, "round_s": round(rounds.round_s, 3),
-                "device_wait_s": round(rounds.device_wait_s, 3)}
+                "device_wait_s": round(rounds.device_wait_s, 3), **rounds.first_token_ms()}
 
     def close(self) -> None:
         """Stops the loop; requests not finished fail."""
@@ -186,6 +187,7 @@ class GenerationScheduler:
             raise
 
     def _round(self) -> bool:
+        self.rounds.wait_for_device()  # newcomers that arrive meanwhile join this round
         with self._cond:
             self._cond.wait_for(lambda: self._inbox or self.rounds.busy or self._closed or self._pausers)
             if self._pausers and not self._closed:

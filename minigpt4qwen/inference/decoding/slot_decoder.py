@@ -33,6 +33,10 @@ from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 MIN_SPAN = 64
+# Steps of a chunk still queued when the host is told to queue the next round's work: enough to cover the host's
+# round (admissions, prefill and decode launches, a few ms) so the device never idles, few enough that a newcomer's
+# prefill waits behind these steps only, not behind a whole chunk queued ahead.
+LEAD_STEPS = 2
 
 
 def padded_length(length: int) -> int:
@@ -56,24 +60,37 @@ class Chunk:
     final: bool
 
 
-class Readback:
-    """Values copied to the host behind the work queued so far; `tolist()` waits for them (without the GIL, as the
-    HTTP server shares the process). On the CPU the values are ready at once."""
+class DeviceMark:
+    """A point in the work queued so far; `wait()` returns once the device has passed it (without the GIL, as the
+    HTTP server shares the process). On the CPU every point is passed at once."""
 
-    def __init__(self, values: torch.Tensor):
+    def __init__(self, device: torch.device):
         self._event = None
-        if values.device.type == "cuda":
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
+        if device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = values.clone()  # the device buffer is reused by the next queued step
 
-    def tolist(self) -> list:
+    def wait(self) -> None:
         if self._event is not None:
             while not self._event.query():
                 time.sleep(0.0002)  # the GIL is free meanwhile, for sure
+
+
+class Readback:
+    """Values copied to the host behind the work queued so far; `tolist()` waits for them. `nearly` (decode chunks)
+    marks the point `LEAD_STEPS` steps before their end."""
+
+    def __init__(self, values: torch.Tensor, nearly: DeviceMark | None = None):
+        self.nearly = nearly
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+        else:
+            self._host = values.clone()  # the device buffer is reused by the next queued step
+        self._done = DeviceMark(values.device)
+
+    def tolist(self) -> list:
+        self._done.wait()
         return self._host.tolist()
 
 
@@ -274,7 +291,8 @@ class SlotDecoder:
     @torch.no_grad()
     def launch_decode(self, steps: int, rows: int, longest: int, sample: bool) -> Readback:
         """Queues `steps` (<= check_every) decode steps over slots 0..rows-1, whose positions stay below `longest`;
-        the readback gives each row's tokens of these steps (meaningless for rows that are not decoding).
+        the readback gives each row's tokens of these steps (meaningless for rows that are not decoding), and its
+        `nearly` mark the point `LEAD_STEPS` steps before their end.
 
         Nothing here waits for the device: the next chunk can be queued before this one's tokens are read, so the
         GPU never idles while the host hands tokens out."""
@@ -284,6 +302,9 @@ class SlotDecoder:
         key = ("decode", bucket, self.span_for(longest), sample)
         step = self._graph(key, functools.partial(self._decode_step, *key[1:]))
         self.ring_index.zero_()
-        for _ in range(steps):
+        nearly = None
+        for index in range(steps):
+            if index == max(steps - LEAD_STEPS, 0):
+                nearly = DeviceMark(self.device)
             step()
-        return Readback(self.ring[:rows, :steps])
+        return Readback(self.ring[:rows, :steps], nearly)

@@ -8,7 +8,9 @@ decode steps over every decoding slot is queued.
 
 The device is kept one chunk ahead of the host: a round queues its chunk *before* it reads the previous round's
 tokens, hands them out and checks them against the stop tokens, stop strings and lengths. So the GPU decodes while
-the host streams text and admits newcomers, instead of idling through that work after every chunk. The price: a
+the host streams text and admits newcomers, instead of idling through that work after every chunk. A round starts
+when the chunk in flight is `LEAD_STEPS` steps from its end (`wait_for_device`), not at once: a newcomer's prefill
+then waits behind those steps only, not behind a whole chunk queued ahead of it. The price: a
 request that ends in one chunk has been given a place in the next (its tokens there are dropped), and the host's
 bookkeeping runs on what has been *queued* (`Job.columns`, `Job.issued`), not on what has been read back.
 A request's failure (its images, its prompt, its prefill) ends that request only; a failure of a batched decode
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -41,6 +44,7 @@ class Job:
     def __init__(self, order: int, handle: GenerationHandle, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                  image_features: torch.Tensor | None, seed: int, max_new: int, stop: StopOnText | None):
         self.order, self.handle, self.input_ids = order, handle, input_ids
+        self.submitted = self.admitted = time.perf_counter()
         self.pixel_values, self.image_features, self.seed = pixel_values, image_features, seed
         self.max_new, self.stop = max_new, stop
         self.settings = handle.settings
@@ -82,6 +86,9 @@ class SlotRounds:
         self.slots: list[Job] = []  # index = slot: in-use slots stay packed at the front
         self.in_flight: _Queued | None = None  # the chunk of decode steps queued last round, not yet read
         self.produced: deque[tuple[float, int]] = deque()  # (time, tokens) handed out
+        # Per request, when its first token was handed out (monotonic), and seconds from its submission to getting a
+        # slot and to its first token: where the time to first token goes.
+        self.latencies: deque[tuple[float, float, float]] = deque(maxlen=4096)
         self.completed = self.failed = 0
         # Seconds spent in rounds, and in them waiting for the device's tokens: a share near 1 means the GPU is what
         # limits the rate; near 0, the host (the GPU then idles between chunks).
@@ -106,6 +113,26 @@ class SlotRounds:
         for queued in prefills:
             self._hand_out(queued)
         self.round_s += time.perf_counter() - start
+
+    def wait_for_device(self) -> None:
+        """Waits until the chunk in flight is `LEAD_STEPS` steps from its end: the next round, queued then, keeps the
+        device busy, and a newcomer admitted in it waits for those steps only."""
+        if self.in_flight is not None and self.in_flight.tokens.nearly is not None:
+            start = time.perf_counter()
+            self.in_flight.tokens.nearly.wait()
+            waited = time.perf_counter() - start
+            self.round_s += waited
+            self.device_wait_s += waited
+
+    def first_token_ms(self) -> dict[str, float | None]:
+        """Medians over the last 10 seconds (safe from any thread): milliseconds from submission to a slot and to
+        the first token."""
+        since = time.monotonic() - RATE_WINDOW_S
+        recent = [(wait, first) for t, wait, first in list(self.latencies) if t >= since]
+        if not recent:
+            return {"slot_wait_ms_p50": None, "first_token_ms_p50": None}
+        return {"slot_wait_ms_p50": round(1000 * statistics.median(w for w, _ in recent), 1),
+                "first_token_ms_p50": round(1000 * statistics.median(f for _, f in recent), 1)}
 
     def drain(self) -> None:
         """Reads and hands out the chunk in flight (before the model is lent to someone else)."""
@@ -156,7 +183,7 @@ class SlotRounds:
         admitted: list[Job] = []
         while self.waiting and len(self.slots) < self.decoder.slots:
             job = self.waiting.popleft()
-            job.slot = len(self.slots)
+            job.slot, job.admitted = len(self.slots), time.perf_counter()
             self.slots.append(job)
             admitted.append(job)
         self._encode([job for job in admitted if job.pixel_values is not None])
@@ -266,6 +293,9 @@ class SlotRounds:
 
     def _take(self, job: Job, tokens: list[int]) -> None:
         """Hands `job` its new tokens up to the first stop; ends it when done."""
+        if not job.tokens:
+            now = time.perf_counter()
+            self.latencies.append((time.monotonic(), job.admitted - job.submitted, now - job.submitted))
         reason = None
         for count, token in enumerate(tokens, 1):
             job.tokens.append(token)
