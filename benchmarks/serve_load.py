@@ -10,7 +10,8 @@ each row, N clients each send requests back to back (a 63-token prompt with one 
 tokens), after one warm-up round at the same concurrency (graph captures). Printed per row: aggregate tokens/s
 (all generated tokens over the wall time), time to first text piece (p50 / p95), the scheduler's own medians from
 submission to a slot and to the first token (the rest of the client's wait is HTTP, image decoding and streaming),
-errors, and the server's peak GPU memory. Beside it: transformers' static-cache `generate` on one pre-formed batch of 32 (same workload).
+errors, and the server's peak GPU memory. Beside it: transformers' static-cache `generate` on one pre-formed batch
+of 32 (same workload).
 """
 
 from __future__ import annotations

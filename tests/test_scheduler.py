@@ -17,10 +17,10 @@ import torch
 import transformers.masking_utils
 from PIL import Image
 
+from minigpt4qwen.inference.decoding import slot_decoder
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-from minigpt4qwen.inference.decoding import slot_decoder
 from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
 from minigpt4qwen.inference.decoding.slot_rounds import Job, SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
