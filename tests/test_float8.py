@@ -25,7 +25,6 @@ from minigpt4qwen.model.configs import (  # noqa: E402
     tiny_vision_config,
 )
 from minigpt4qwen.model.float8 import apply_float8, check_float8_support, float8_targets  # noqa: E402
-from minigpt4qwen.model.float8_frozen import FrozenFloat8Linear, float8_buffer_names  # noqa: E402
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen  # noqa: E402
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts  # noqa: E402
 from minigpt4qwen.training.config import LoraConfig, RunConfig  # noqa: E402
@@ -36,8 +35,8 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def converted(model: nn.Module, kind: type | tuple[type, ...] = (Float8Linear, FrozenFloat8Linear)) -> set[str]:
-    return {name for name, module in model.named_modules() if isinstance(module, kind)}
+def converted(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, Float8Linear)}
 
 
 def test_config_key_parses_and_is_refused_with_quantized_weights(project):  # noqa: F811
@@ -60,7 +59,6 @@ def test_exactly_the_llm_block_linears_are_converted():
     assert all(m.in_features % 16 == 0 and m.out_features % 16 == 0 for m in linears)
     assert apply_float8(model, allow_cpu=True) == 14
     assert converted(model) == {f"language_model.model.layers.{i}.{n}" for i in range(2) for n in BLOCK_LINEARS}
-    assert converted(model) == converted(model, Float8Linear)  # weights that train go through torchao
     # A 72-wide MLP cannot go to the fp8 GEMM: only the attention projections convert.
     text = tiny_qwen2_config(vocab_size=64)
     text.intermediate_size = 72
@@ -78,7 +76,7 @@ def test_lora_adapters_stay_in_high_precision():
     model.set_trainable(TrainableParts())
     apply_lora(model, LoraConfig(enabled=True, r=16))  # 32 -> 16 -> 32 adapters: fp8-sized, still skipped
     assert apply_float8(model, allow_cpu=True) == 14
-    names = converted(model, FrozenFloat8Linear)  # LoRA's base layers are frozen: cast once
+    names = converted(model)
     assert all(n.endswith(".base_layer") for n in names) and len(names) == 14
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.language_model.named_parameters())
 
@@ -122,14 +120,13 @@ def loss_and_gradient(model: MiniGPT4Qwen, data: dict, autocast: bool) -> tuple[
     return loss.item(), model.language_projection.weight.grad.clone()
 
 
-@pytest.mark.parametrize("llm_dtype,cast_frozen_once", [("fp32", True), ("bf16", True), ("bf16", False)])
-def test_projection_gradient_through_a_float8_llm_tracks_full_precision(llm_dtype, cast_frozen_once, monkeypatch):
+@pytest.mark.parametrize("llm_dtype", ["fp32", "bf16"])
+def test_projection_gradient_through_a_float8_llm_tracks_full_precision(llm_dtype, monkeypatch):
     reference = make_tiny_model()
     reference.set_trainable(TrainableParts())  # the published recipe: only the projection trains
     reference.cast_parts(PartDtypes("fp32", "fp32", "fp32", "fp32", llm_dtype))
     model = copy.deepcopy(reference)
-    apply_float8(model, allow_cpu=True, cast_frozen_once=cast_frozen_once)
-    assert len(converted(model, FrozenFloat8Linear if cast_frozen_once else Float8Linear)) == 14
+    apply_float8(model, allow_cpu=True)
     calls = []
     original = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -137,9 +134,9 @@ def test_projection_gradient_through_a_float8_llm_tracks_full_precision(llm_dtyp
     want_loss, want_grad = loss_and_gradient(reference, data, autocast)
     assert not calls
     loss, grad = loss_and_gradient(model, data, autocast)
-    # Forward and gradient to the input in fp8: two fp8 matmuls per frozen layer. torchao 0.18 also computes the
-    # frozen weights' gradient: three (when that fails, torchao skips the wasted one: update model/float8.py).
-    assert len(calls) == (2 if cast_frozen_once else 3) * 14
+    # Forward and gradient to the input in fp8, and torchao 0.18 also computes the frozen weights' gradient: three
+    # fp8 matmuls per layer (when this fails, torchao skips the wasted one: update model/float8.py's docstring).
+    assert len(calls) == 3 * 14
     assert {n for n, p in model.named_parameters() if p.grad is not None} == {"language_projection.weight",
                                                                                 "language_projection.bias"}
     # The loss is a smooth function of the logits (|d loss| <= 2 max |d logit|): e4m3's rounding (2^-4 at most,
@@ -183,62 +180,3 @@ def test_training_converts_before_compiling_and_refuses_the_cpu(project, tmp_pat
     # The project's LLM is 64 wide with an 88-wide MLP: its one block converts the attention projections only.
     assert seen["converted"] == {f"language_model.model.layers.0.self_attn.{n}_proj" for n in "qkvo"}
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
-
-
-def test_a_frozen_float8_linear_matches_a_float8_reference_and_trains_its_input_only():
-    # Reference: the same recipe written out (per-tensor scales, e4m3 forward, e5m2 gradient, weight e4m3), in fp32
-    # on the dequantised values. The module must give those numbers and never a weight gradient.
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 48, bias=True).requires_grad_(False)
-    layer = FrozenFloat8Linear(linear)
-    x = (torch.randn(5, 7, 64) * 3).requires_grad_(True)
-
-    def fp8(t, dtype):
-        scale = torch.finfo(dtype).max / t.abs().amax().clamp(min=1e-12)
-        return (t * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype).float() / scale
-
-    out = layer(x)
-    want = fp8(x.detach(), torch.float8_e4m3fn) @ fp8(linear.weight, torch.float8_e4m3fn).T + linear.bias
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    want_grad = fp8(grad.reshape(-1, 48), torch.float8_e5m2) @ fp8(linear.weight, torch.float8_e4m3fn)
-    torch.testing.assert_close(x.grad, want_grad.reshape(5, 7, 64), rtol=1e-5, atol=1e-5)
-    assert linear.weight.grad is None and layer.weight is linear.weight
-    # fp8 rounding only: within a few percent of the full-precision layer
-    with torch.no_grad():
-        assert float((out - linear(x)).norm() / linear(x).norm()) < 0.08
-    assert set(layer.state_dict()) == {"weight", "bias"}  # the fp8 copies are not saved
-    with pytest.raises(ValueError, match="frozen weights only"):
-        FrozenFloat8Linear(nn.Linear(16, 16))
-
-
-def test_ddp_leaves_the_fp8_copies_alone():
-    model = make_tiny_model()
-    model.set_trainable(TrainableParts())
-    apply_float8(model, allow_cpu=True)
-    names = float8_buffer_names(model)
-    assert len(names) == 2 * 14 and set(names) <= {n for n, _ in model.named_buffers()}
-
-
-def test_the_fp8_copies_survive_a_cast_of_the_whole_module_and_count_in_the_memory_estimate():
-    # Older DeepSpeed releases call module.half() / .bfloat16(): fp8 counts as floating point, bytes do not.
-    from minigpt4qwen.training.memory import estimate_memory
-
-    torch.manual_seed(0)
-    layer = FrozenFloat8Linear(nn.Linear(32, 16).requires_grad_(False))
-    x = torch.randn(3, 32).bfloat16()
-    want = layer(x.float())
-    layer.bfloat16()
-    got = layer(x).float()  # the same fp8 matmul; only the output and the bias are now rounded to bf16
-    assert float((got - want).norm() / want.norm()) < 0.01
-    assert layer.weight_float8.dtype == torch.uint8 and layer.weight_scale.dtype == torch.uint8
-    model = make_tiny_model()
-    model.set_trainable(TrainableParts())
-    before = estimate_memory(model, micro_batch_size=1, max_length=8, activation_bytes=2, checkpointed_llm=False,
-                             device=torch.device("cpu")).weights
-    apply_float8(model, allow_cpu=True)
-    after = estimate_memory(model, micro_batch_size=1, max_length=8, activation_bytes=2, checkpointed_llm=False,
-                             device=torch.device("cpu")).weights
-    fp8 = sum(m.weight.numel() + 4 for m in model.modules() if isinstance(m, FrozenFloat8Linear))
-    assert after - before == fp8

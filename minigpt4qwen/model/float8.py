@@ -1,24 +1,23 @@
-"""Float8 matmuls in the LLM's decoder blocks for training (`model.float8`).
+"""Float8 matmuls in the LLM's decoder blocks for training (`model.float8`), by torchao's float8 training.
 
 What runs in float8: the forward matmul and the gradient to the input (and, for a trainable LLM, to the weight)
 of every Linear inside the LLM's decoder blocks (attention and MLP projections), with torchao's default recipe:
-one dynamic scale per tensor, e4m3 for activations and weights, e5m2 for gradients. Frozen weights (the published
-recipe's LLM, LoRA's base layers) become `FrozenFloat8Linear` (`float8_frozen.py`: cast once, no weight gradient);
-weights that train become torchao's `Float8Linear`, cast every step. The weights stay stored in their own dtype,
-so checkpoints and exports do not change. Left in high precision: the output head (the loss reads its logits), the
-embeddings and norms, the vision tower, the Q-Former, the trained projection, LoRA adapters (rank-wide matmuls gain
-nothing) and any Linear with a dimension that is not a multiple of 16 (what fp8 GEMMs take).
+one dynamic scale per tensor, e4m3 for activations and weights, e5m2 for gradients. Weights stay stored in their
+own dtype and are cast every step, so checkpoints and exports do not change. Left in high precision: the output
+head (the loss reads its logits), the embeddings and norms, the vision tower, the Q-Former, the trained
+projection, LoRA adapters (rank-wide matmuls gain nothing) and any Linear with a dimension that is not a multiple
+of 16 (what fp8 GEMMs take).
 
-Why frozen weights do not go through torchao 0.18: its backward (`matmul_with_hp_or_float8_args.backward`,
-torchao/float8/float8_linear.py) never reads `ctx.needs_input_grad`, so a frozen LLM would pay one fp8 matmul of
-three per layer, and two casts of the weight per step, for a gradient autograd drops. The price of casting once:
-1 more byte per frozen weight (its fp8 copy) beside the bf16 one; `cast_frozen_once=False` (ZeRO-3, whose point is
-not to hold whole weights) sends them through torchao too.
-
-What torchao costs for weights that train:
-- Their gradient matmul runs over the tokens, and CUDA's `torch._scaled_mm` wants its inner dimension a multiple
-  of 16: `pad_inner_dim` zero-pads it, so any micro-batch shape trains (in eager mode at the price of one copy of
-  each fp8 operand).
+What it costs, in torchao 0.18:
+- In eager mode the weight gradient is computed even for a frozen weight: `matmul_with_hp_or_float8_args.backward`
+  (torchao/float8/float8_linear.py) never reads `ctx.needs_input_grad`, so a frozen LLM pays one fp8 matmul of
+  three per layer (and two casts) whose result autograd drops. Compiled blocks do not: the compiler drops the
+  unused matmul. A layer that cast frozen weights once and skipped that matmul was measured (one H100, 7B,
+  compiled, micro-batch 64: 103.3 samples/s vs torchao's 105.0, peak 73.1 vs 67.1 GiB for the fp8 copies) and
+  removed: no faster, 1 byte per weight larger.
+- That weight-gradient matmul runs over the tokens, and CUDA's `torch._scaled_mm` wants its inner dimension a
+  multiple of 16: `pad_inner_dim` zero-pads it, so any micro-batch shape trains (in eager mode at the price of one
+  copy of each fp8 operand).
 - Casts and scales are separate kernels in eager mode; torchao's speed-ups assume torch.compile, so pair it with
   `model.compile_blocks=true` (the training entry converts before it compiles).
 
@@ -32,7 +31,6 @@ import torch
 from torch import nn
 
 from minigpt4qwen.model.activation_checkpointing import decoder_layers
-from minigpt4qwen.model.float8_frozen import FrozenFloat8Linear
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.quantization import INSTALL_HINT, is_quantized
 
@@ -71,18 +69,14 @@ def float8_targets(model: MiniGPT4Qwen) -> dict[str, nn.Linear]:
     return targets
 
 
-def apply_float8(model: MiniGPT4Qwen, *, device: torch.device | None = None, allow_cpu: bool = False,
-                 cast_frozen_once: bool = True) -> int:
-    """Swaps the LLM blocks' Linear layers (`float8_targets`) for fp8 ones, in place: `FrozenFloat8Linear` where the
-    weight is frozen (with `cast_frozen_once`), torchao's `Float8Linear` where it trains. Call it after loading the
-    weights, `set_trainable` and LoRA, and before `compile_blocks`. Parameters stay the same objects (an optimizer
-    built before still holds them).
+def apply_float8(model: MiniGPT4Qwen, *, device: torch.device | None = None, allow_cpu: bool = False) -> int:
+    """Swaps the LLM blocks' Linear layers (`float8_targets`) for torchao's `Float8Linear`, in place; call it after
+    LoRA and before `compile_blocks`. Parameters stay the same objects (an optimizer built before still holds them).
 
     Args:
         model: the model, LLM weights in bf16 (or fp32), not quantized.
         device: where it trains (the pipeline engine builds the model on the CPU); None: where the LLM's weights are.
         allow_cpu: accept the CPU (see `check_float8_support`).
-        cast_frozen_once: frozen weights as `FrozenFloat8Linear` (else through torchao, cast every step).
 
     Returns:
         The number of Linear layers converted.
@@ -102,15 +96,7 @@ def apply_float8(model: MiniGPT4Qwen, *, device: torch.device | None = None, all
     if not targets:
         raise ValueError(f"model.float8: no Linear layer in the LLM's blocks is left to convert (none unconverted "
                          f"with both dimensions multiples of {FP8_ALIGNMENT}): set model.float8=false")
-    blocks = decoder_layers(model.language_model)
-    training = {}
-    for name, module in targets.items():
-        if cast_frozen_once and not module.weight.requires_grad:
-            blocks.set_submodule(name, FrozenFloat8Linear(module))
-        else:
-            training[name] = module
-    if training:
-        chosen = {id(module) for module in training.values()}
-        convert_to_float8_training(blocks, config=Float8LinearConfig(pad_inner_dim=True),
-                                   module_filter_fn=lambda module, _fqn: id(module) in chosen)
+    chosen = {id(module) for module in targets.values()}
+    convert_to_float8_training(decoder_layers(model.language_model), config=Float8LinearConfig(pad_inner_dim=True),
+                               module_filter_fn=lambda module, _fqn: id(module) in chosen)
     return len(targets)

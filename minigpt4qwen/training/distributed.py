@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt4qwen.model.float8_frozen import float8_buffer_names
 from minigpt4qwen.model.quantization import quantized_parameter_names
 
 
@@ -68,10 +67,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    # A quantized LLM (model.quantize) is frozen and loaded alike on every rank; DDP could not broadcast it. The fp8
-    # copies of frozen weights (model.float8) are alike on every rank too, and DDP would broadcast them every step.
-    ignored = quantized_parameter_names(model) + float8_buffer_names(model)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    # A quantized LLM (model.quantize) is frozen and loaded alike on every rank; DDP could not broadcast it.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized_parameter_names(model))
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 

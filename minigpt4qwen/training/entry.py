@@ -73,10 +73,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         if cfg.model.float8:  # after LoRA (its adapters stay in high precision), before compilation
             from minigpt4qwen.model.float8 import apply_float8
 
-            # ZeRO-3 partitions every weight: whole fp8 copies of the frozen ones would undo that.
-            zero3 = cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3
-            logger.info("float8: %d LLM Linear layers", apply_float8(model, device=info.device,
-                                                                     cast_frozen_once=not zero3))
+            logger.info("float8: %d LLM Linear layers", apply_float8(model, device=info.device))
         apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
         checkpointing = cfg.model.activation_checkpointing
         if cfg.train.check_memory and not pipeline:  # the estimate is for a whole model on one device

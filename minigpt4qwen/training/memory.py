@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minigpt4qwen.model.float8_frozen import float8_buffer_names
 from minigpt4qwen.model.quantization import stored_bytes
 
 GiB = 1024**3
@@ -69,8 +68,6 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
         A `MemoryEstimate`.
     """
     weights = sum(stored_bytes(p) for p in model.parameters())  # quantized weights: their packed size
-    buffers = dict(model.named_buffers())
-    weights += sum(buffers[name].nbytes for name in float8_buffer_names(model))  # model.float8's fp8 copies
     # fp32 master state per trainable parameter: its gradient (in its own dtype) + AdamW's two moments (fp32).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = sum(p.numel() * (p.element_size() + 8) for p in trainable)
