@@ -17,12 +17,13 @@ import torch
 import transformers.masking_utils
 from PIL import Image
 
-from minigpt4qwen.inference.decoding import slot_decoder
+from minigpt4qwen.inference.decoding import readback, slot_decoder
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+from minigpt4qwen.inference.decoding.job import Job
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
-from minigpt4qwen.inference.decoding.slot_rounds import Job, SlotRounds
+from minigpt4qwen.inference.decoding.slot_rounds import SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
 from minigpt4qwen.inference.frontends.openai_protocol import Conversation
@@ -295,15 +296,15 @@ def test_the_next_round_starts_two_steps_before_the_chunk_in_flight_ends(model_a
     model, _ = model_and_tokenizer
     decoder = SlotDecoder(model, slots=4, capacity=128, check_every=4)
     rounds = SlotRounds(model, decoder, stop_ids=set())
-    marks, waits, make = [], [], slot_decoder.DeviceMark.__init__
+    marks, waits, make = [], [], readback.DeviceMark.__init__
 
     def spy_mark(self, device):
         make(self, device)
         marks.append(int(decoder.ring_index))  # steps of the chunk queued before the mark
         self.steps_before = marks[-1]
 
-    monkeypatch.setattr(slot_decoder.DeviceMark, "__init__", spy_mark)
-    monkeypatch.setattr(slot_decoder.DeviceMark, "wait", lambda self: waits.append(self.steps_before))
+    monkeypatch.setattr(readback.DeviceMark, "__init__", spy_mark)
+    monkeypatch.setattr(readback.DeviceMark, "wait", lambda self: waits.append(self.steps_before))
     rounds.run([_job(model_and_tokenizer, "what colour is the shape", "red", max_new=10)])
     marks.clear()
     waits.clear()

@@ -32,8 +32,9 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+from minigpt4qwen.inference.decoding.job import Job
 from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
-from minigpt4qwen.inference.decoding.slot_rounds import Job, SlotRounds
+from minigpt4qwen.inference.decoding.slot_rounds import SlotRounds
 from minigpt4qwen.inference.generation import GenerationSettings, StopOnText
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 

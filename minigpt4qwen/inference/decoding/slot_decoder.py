@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 
 from minigpt4qwen.inference.decoding.cuda_graphs import maybe_captured
 from minigpt4qwen.inference.decoding.graph_decoder import prefill_bucket
+from minigpt4qwen.inference.decoding.readback import DeviceMark, Readback
 from minigpt4qwen.inference.decoding.slot_cache import SlotCache, visibility_mask
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.model.device_copy import to_device_queued
@@ -58,40 +58,6 @@ class Chunk:
     embeds: torch.Tensor
     start: int
     final: bool
-
-
-class DeviceMark:
-    """A point in the work queued so far; `wait()` returns once the device has passed it (without the GIL, as the
-    HTTP server shares the process). On the CPU every point is passed at once."""
-
-    def __init__(self, device: torch.device):
-        self._event = None
-        if device.type == "cuda":
-            self._event = torch.cuda.Event()
-            self._event.record()
-
-    def wait(self) -> None:
-        if self._event is not None:
-            while not self._event.query():
-                time.sleep(0.0002)  # the GIL is free meanwhile, for sure
-
-
-class Readback:
-    """Values copied to the host behind the work queued so far; `tolist()` waits for them. `nearly` (decode chunks)
-    marks the point `LEAD_STEPS` steps before their end."""
-
-    def __init__(self, values: torch.Tensor, nearly: DeviceMark | None = None):
-        self.nearly = nearly
-        if values.device.type == "cuda":
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-        else:
-            self._host = values.clone()  # the device buffer is reused by the next queued step
-        self._done = DeviceMark(values.device)
-
-    def tolist(self) -> list:
-        self._done.wait()
-        return self._host.tolist()
 
 
 class SlotDecoder:
