@@ -96,7 +96,10 @@ class SlotRounds:
         device busy, and a newcomer admitted in it waits for those steps only."""
         if self.in_flight is not None and self.in_flight.tokens.nearly is not None:
             start = time.perf_counter()
-            self.in_flight.tokens.nearly.wait()
+            try:
+                self.in_flight.tokens.nearly.wait()
+            except Exception:  # the device failed: reading the chunk's tokens fails its requests (`_hand_out`)
+                pass
             waited = time.perf_counter() - start
             self.round_s += waited
             self.device_wait_s += waited
