@@ -49,7 +49,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="auto: fp32 on the CPU; on a GPU the config's dtypes (bf16 LLM) or the export's")
     g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantize the LLM's weights with torchao while they load (int4: CUDA in bf16, or the CPU); "
-                        "an export written with --quantize is already quantized")
+                        "an export written with --quantize is already quantized. On a GPU int4 decodes fastest; "
+                        "int8 is slower than bf16 unless the step is compiled (--compile-decode)")
 
 
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,9 @@ def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> GraphDecoder 
     devices = {p.device for p in model.parameters()}
     if args.no_cuda_graphs or len(devices) != 1 or next(iter(devices)).type != "cuda":
         return None
+    if getattr(args, "quantize", None) == "int8" and not args.compile_decode:
+        print("[note] int8 weights decode slower than bf16 without --compile-decode (torchao's eager int8 linear "
+              "casts each weight to bf16 on every call); int4 is the fast setting", file=sys.stderr)
     try:
         return GraphDecoder(model, compile_mode="default" if args.compile_decode else None)
     except ValueError as err:  # e.g. an LLM with sliding-window layers
