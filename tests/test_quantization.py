@@ -424,3 +424,23 @@ def test_the_scheduler_replays_cuda_graphs_over_int8_weights():
     model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
     model.set_trainable(TrainableParts())
     assert_graphs_give_the_eager_answers(quantize_language_model(model.cuda(), "int8"), tokenizer)
+
+
+def test_quantizing_leaves_inductor_alone_and_the_decode_step_compiles_tuned(monkeypatch):
+    # torchao would turn coordinate-descent tuning on for the whole process (every later compile, training's too,
+    # would pay for it); here only a quantized model's decode-step compiles run under it.
+    import torch._inductor.config as inductor_config
+
+    from minigpt4qwen.model.compilation import compile_decode_step
+
+    before = inductor_config.coordinate_descent_tuning
+    reference, _ = tiny_chat_model()
+    quantized = quantize_language_model(copy.deepcopy(reference), "int8")
+    assert inductor_config.coordinate_descent_tuning == before
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda step, **_: lambda *a: seen.append(
+        inductor_config.coordinate_descent_tuning) or step(*a))
+    for model in (quantized, reference):
+        step = compile_decode_step(lambda x: x + 1, model, mode="default", dynamic=False)
+        assert step(torch.ones(1)).item() == 2
+    assert seen == [True, before] and inductor_config.coordinate_descent_tuning == before

@@ -1,4 +1,5 @@
-"""Regional `torch.compile`: each transformer block is compiled on its own, applied from outside the model.
+"""`torch.compile` applied from outside the model: regional (each transformer block on its own, for training)
+and of a decoder's step (inference).
 
 Compiling blocks (not the whole model) keeps compile time to one block's worth, tolerates the data-dependent
 placeholder merge between the towers and the LLM, and fuses each block's norms, RoPE and activations.
@@ -6,10 +7,22 @@ placeholder merge between the towers and the LLM, and fuses each block's norms, 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
 from torch import nn
 
 from minigpt4qwen.model.activation_checkpointing import decoder_layers
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+from minigpt4qwen.model.quantization import is_quantized
+
+# What torchao recommends for weight-only quantized layers: under coordinate-descent tuning inductor turns a
+# one-row matmul over int8 weights into a tuned reduction that reads each weight once (without it, it casts the
+# whole weight to bf16 first, as eager mode does). The tuning makes compiles much slower, so it is applied to the
+# compiles of a quantized model's decode step only.
+QUANTIZED_DECODE_INDUCTOR = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 
 def compile_blocks(model: MiniGPT4Qwen, *, vision: bool = True, language_model: bool = True,
@@ -31,3 +44,27 @@ def compile_blocks(model: MiniGPT4Qwen, *, vision: bool = True, language_model: 
     for block in blocks:
         block.compile(mode=mode, dynamic=dynamic)
     return len(blocks)
+
+
+def compile_decode_step(step: Callable[..., Any], model: nn.Module, *, mode: str,
+                        dynamic: bool) -> Callable[..., Any]:
+    """`torch.compile(step, fullgraph=True)` for a decoder of `model`; with quantized weights, every compile of it
+    (the first call's and any recompile) runs under `QUANTIZED_DECODE_INDUCTOR`.
+
+    Args:
+        step: the decode step's forward.
+        model: the model it runs (checked for torchao's quantized weights).
+        mode: the inductor mode ("default", "max-autotune", ...).
+        dynamic: `torch.compile`'s dynamic-shape setting.
+    """
+    compiled = torch.compile(step, mode=mode, fullgraph=True, dynamic=dynamic)
+    if not any(is_quantized(p) for p in model.parameters()):
+        return compiled
+    import torch._inductor.config as inductor_config
+
+    @functools.wraps(step)
+    def tuned(*args: Any, **kwargs: Any) -> Any:
+        with inductor_config.patch(QUANTIZED_DECODE_INDUCTOR):
+            return compiled(*args, **kwargs)
+
+    return tuned

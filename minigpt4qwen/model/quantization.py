@@ -16,6 +16,10 @@ and the projection. Activations stay in the LLM's dtype.
 Quantizing is idempotent per weight: weights still on meta (not loaded yet) or already quantized are skipped, so
 loaders call `quantize_llm_weights` after each shard (a streamed load never holds the whole model in bf16) and
 `quantize_language_model` finishes whatever is left. torchao is imported only when a function needs it.
+
+torchao's configs would also switch inductor's coordinate-descent tuning on for the whole process; here they do
+not (`set_inductor_config=False`): only the compiled decode steps of a quantized model turn it on, for their own
+compiles (`model/compilation.py::compile_decode_step`), so quantizing changes nothing else that compiles.
 """
 
 from __future__ import annotations
@@ -79,17 +83,18 @@ def torchao_config(mode: str, device: torch.device | str, dtype: torch.dtype) ->
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     if mode == "int8":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     device = torch.device(device)
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             raise ValueError(f"int4 on CUDA (tinygemm) runs in bf16, not {dtype}: use --dtype auto or bf16 "
                              "(model.dtypes.language_model=bf16)")
-        return Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
+        return Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d",
+                                    set_inductor_config=False)
     if device.type == "cpu":
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-        return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE)
+        return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
     raise ValueError(f"int4 weights run on CUDA or the CPU, not {device.type}: use int8")
 
 

@@ -28,6 +28,7 @@ from transformers.cache_utils import StaticLayer
 
 from minigpt4qwen.inference.decoding.cuda_graphs import maybe_captured
 from minigpt4qwen.inference.decoding.token_choice import TokenChooser
+from minigpt4qwen.model.compilation import compile_decode_step
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 SMALL_BUCKET = 64  # prompts up to SMALL_BUCKETS_UP_TO tokens pad to a multiple of this
@@ -77,7 +78,7 @@ class GraphDecoder:
         # transformers renamed `past_key_values` to `cache` (5.2x); pass the cache under the name this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
         self._decode_forward = self._decode_logits if compile_mode is None else \
-            torch.compile(self._decode_logits, mode=compile_mode, fullgraph=True, dynamic=False)
+            compile_decode_step(self._decode_logits, model, mode=compile_mode, dynamic=False)
         self.chooser = TokenChooser(self.llm.get_output_embeddings().weight.shape[0], self.device)
         self._encoders: dict[tuple[int, ...], tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
         self.lock = threading.Lock()

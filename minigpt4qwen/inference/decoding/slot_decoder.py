@@ -29,6 +29,7 @@ from minigpt4qwen.inference.decoding.graph_decoder import prefill_bucket
 from minigpt4qwen.inference.decoding.readback import DeviceMark, Readback
 from minigpt4qwen.inference.decoding.slot_cache import SlotCache, visibility_mask
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
+from minigpt4qwen.model.compilation import compile_decode_step
 from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
@@ -99,7 +100,7 @@ class SlotDecoder:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         # Batch rows and span are symbolic: one compile serves every bucket but 1 (torch specialises sizes of 1).
         self._decode_forward = self._decode_logits if compile_mode is None else \
-            torch.compile(self._decode_logits, mode=compile_mode, fullgraph=True, dynamic=True)
+            compile_decode_step(self._decode_logits, model, mode=compile_mode, dynamic=True)
         self.cache = SlotCache(self.llm.config, slots + 1, capacity, self.dtype, devices)  # + a scratch slot
         self.scratch = slots
         rows, dev = slots + 1, self.device
