@@ -273,9 +273,9 @@ class SlotRounds:
 
     def _take(self, job: Job, tokens: list[int]) -> None:
         """Hands `job` its new tokens up to the first stop; ends it when done."""
-        if not job.tokens:
-            now = time.perf_counter()
-            self.latencies.append((time.monotonic(), job.admitted - job.submitted, now - job.submitted))
+        if not job.tokens:  # its first token
+            first = time.perf_counter() - job.submitted
+            self.latencies.append((time.monotonic(), job.admitted - job.submitted, first))
         reason = None
         for count, token in enumerate(tokens, 1):
             job.tokens.append(token)
