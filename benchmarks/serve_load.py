@@ -129,6 +129,10 @@ async def _load(base_url: str, clients: int, per_client: int, messages: list, ne
             "errors": errors[0], "requests": clients * per_client}
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
@@ -186,7 +190,7 @@ def server_rows(args: argparse.Namespace) -> None:
             waiting = (after["device_wait_s"] - before["device_wait_s"]) / rounds if rounds > 0 else float("nan")
             print(f"| {row['requests']} requests, {args.new_tokens} new tokens each | {clients} | "
                   f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | "
-                  f"{counters['slot_wait_ms']:.0f} / {counters['first_token_ms']:.0f} | {row['errors']} | "
+                  f"{_ms(counters['slot_wait_ms'])} / {_ms(counters['first_token_ms'])} | {row['errors']} | "
                   f"{'-' if peak is None else f'{peak:.1f}'} | {waiting:.0%} of {rounds:.1f} s |", flush=True)
     finally:
         server.terminate()

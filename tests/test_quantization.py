@@ -428,7 +428,7 @@ def test_the_scheduler_replays_cuda_graphs_over_int8_weights():
 
 def test_quantizing_leaves_inductor_alone_and_the_decode_step_compiles_tuned(monkeypatch):
     # torchao would turn coordinate-descent tuning on for the whole process (every later compile, training's too,
-    # would pay for it); here only a quantized model's decode-step compiles run under it.
+    # would pay for it); here only a quantized model's batch-1 decode-step compiles run under it.
     import torch._inductor.config as inductor_config
 
     from minigpt4qwen.model.compilation import compile_decode_step
@@ -440,7 +440,8 @@ def test_quantizing_leaves_inductor_alone_and_the_decode_step_compiles_tuned(mon
     seen = []
     monkeypatch.setattr(torch, "compile", lambda step, **_: lambda *a: seen.append(
         inductor_config.coordinate_descent_tuning) or step(*a))
-    for model in (quantized, reference):
-        step = compile_decode_step(lambda x: x + 1, model, mode="default", dynamic=False)
+    for model, dynamic in ((quantized, False), (reference, False), (quantized, True)):
+        step = compile_decode_step(lambda x: x + 1, model, mode="default", dynamic=dynamic)
         assert step(torch.ones(1)).item() == 2
-    assert seen == [True, before] and inductor_config.coordinate_descent_tuning == before
+    # Tuned: the quantized batch-1 decoder's step only (the rewrite it enables needs a one-row matmul at compile time).
+    assert seen == [True, before, before] and inductor_config.coordinate_descent_tuning == before

@@ -50,7 +50,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantize the LLM's weights with torchao while they load (int4: CUDA in bf16, or the CPU); "
                         "an export written with --quantize is already quantized. On a GPU int4 decodes fastest; "
-                        "int8 is slower than bf16 unless the step is compiled (--compile-decode)")
+                        "int8 decodes slower than bf16 (each weight is cast to bf16 per step), except a chat "
+                        "with --compile-decode, whose one-row steps compile (for minutes) to fused int8 kernels")
 
 
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,9 @@ from minigpt4qwen.model.quantization import is_quantized
 
 # What torchao recommends for weight-only quantized layers: under coordinate-descent tuning inductor turns a
 # one-row matmul over int8 weights into a tuned reduction that reads each weight once (without it, it casts the
-# whole weight to bf16 first, as eager mode does). The tuning makes compiles much slower, so it is applied to the
-# compiles of a quantized model's decode step only.
+# whole weight to bf16 first, as eager mode does). The tuning makes compiles much slower, and the rewrite applies
+# to matmuls of one row known when compiling, so it is used for the batch-1 decoder's compiles only (static
+# shapes), not the scheduler's (its batch size is symbolic).
 QUANTIZED_DECODE_INDUCTOR = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 
@@ -48,8 +49,8 @@ def compile_blocks(model: MiniGPT4Qwen, *, vision: bool = True, language_model: 
 
 def compile_decode_step(step: Callable[..., Any], model: nn.Module, *, mode: str,
                         dynamic: bool) -> Callable[..., Any]:
-    """`torch.compile(step, fullgraph=True)` for a decoder of `model`; with quantized weights, every compile of it
-    (the first call's and any recompile) runs under `QUANTIZED_DECODE_INDUCTOR`.
+    """`torch.compile(step, fullgraph=True)` for a decoder of `model`; with quantized weights and static shapes,
+    every compile of it (the first call's and any recompile) runs under `QUANTIZED_DECODE_INDUCTOR`.
 
     Args:
         step: the decode step's forward.
@@ -58,7 +59,7 @@ def compile_decode_step(step: Callable[..., Any], model: nn.Module, *, mode: str
         dynamic: `torch.compile`'s dynamic-shape setting.
     """
     compiled = torch.compile(step, mode=mode, fullgraph=True, dynamic=dynamic)
-    if not any(is_quantized(p) for p in model.parameters()):
+    if dynamic or not any(is_quantized(p) for p in model.parameters()):
         return compiled
     import torch._inductor.config as inductor_config
 

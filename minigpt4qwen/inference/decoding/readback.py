@@ -15,9 +15,9 @@ class DeviceMark:
 
     def __init__(self, device: torch.device):
         self._event = None
-        if device.type == "cuda":
+        if device.type == "cuda":  # on the device's own stream: the thread's current device may be another GPU
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(device))
 
     def wait(self) -> None:
         if self._event is not None:
