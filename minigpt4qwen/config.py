@@ -91,9 +91,8 @@ class ModelConfig:
     quantize: Optional[str] = None
     # true: training runs the matmuls of the LLM blocks' Linear layers (forward and gradient to their inputs) in
     # float8 with torchao (model/float8.py): Ada/Hopper GPUs (sm_89+) only, not with quantize; pair it with
-    # compile_blocks=true, which fuses the casts. Frozen weights are cast to fp8 once (1 byte per weight more); a
-    # trainable LLM's are cast every step and its weight gradients are float8 matmuls too. Weights stay bf16;
-    # inference and export ignore it
+    # compile_blocks=true, which fuses the casts. A trainable LLM's weight gradients are float8 matmuls too.
+    # Weights stay bf16; inference and export ignore it
     float8: bool = False
 
 
