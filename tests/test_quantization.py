@@ -323,6 +323,43 @@ def test_front_ends_quantize_an_unquantized_export(project, tmp_path, monkeypatc
     assert seen[0].quantize == "int4"  # built (streamed) quantized
 
 
+def test_row_blocked_linear_equals_the_linear_it_shares_parameters_with():
+    from minigpt4qwen.model.row_blocked_linear import RowBlockedLinear
+
+    linear = torch.nn.Linear(16, 23)
+    blocked = RowBlockedLinear.from_linear(linear, block_rows=5)  # 5 blocks, the last of 3 rows
+    assert blocked.weight is linear.weight and blocked.bias is linear.bias
+    assert blocked.state_dict().keys() == linear.state_dict().keys()
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    want = linear(x)
+    (want_dx,) = torch.autograd.grad(want.square().sum(), x)
+    got = blocked(x)
+    (got_dx,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_dx, want_dx, rtol=0, atol=1e-5)
+
+
+def test_a_quantized_head_is_computed_in_blocks_of_rows_with_the_same_logits(project, tmp_path, monkeypatch):
+    from minigpt4qwen.model import row_blocked_linear
+    from minigpt4qwen.model.row_blocked_linear import RowBlockedLinear
+
+    whole, tokenizer = build(project, "model.quantize=int8")
+    assert type(whole.language_model.lm_head) is torch.nn.Linear  # the tiny head is one block: left as it is
+    monkeypatch.setattr(row_blocked_linear, "BLOCK_BYTES", 7 * 128 * 4)  # 7 fp32 rows of 128 inputs a block
+    blocked, _ = build(project, "model.quantize=int8")
+    head = blocked.language_model.lm_head
+    assert isinstance(head, RowBlockedLinear) and head.block_rows == 7 and is_quantized(head.weight)
+    assert blocked.state_dict().keys() == whole.state_dict().keys()
+    ids, pixels = prompt(blocked, tokenizer)
+    with torch.no_grad():
+        want, got = whole(ids, pixel_values=pixels).logits, blocked(ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # A quantized export loads with its head blocked again; an unquantized model's head is never blocked.
+    loaded, _ = load_exported(export_hf(blocked, tokenizer, tmp_path / "int8"))
+    assert isinstance(loaded.language_model.lm_head, RowBlockedLinear)
+    assert type(build(project)[0].language_model.lm_head) is torch.nn.Linear
+
+
 def test_unsupported_cases_fail_clearly(project, tmp_path, monkeypatch):
     model, tokenizer = build(project, "model.quantize=int4")
     with pytest.raises(ValueError, match="int4 models are exported from a CUDA GPU"):
