@@ -8,10 +8,13 @@ random-weight model of the chosen size, with the Qwen tokenizer from tests/data 
 is forced to its full length. This process drives it with the official `openai` client (asyncio, streaming): for
 each row, N clients each send requests back to back (a 63-token prompt with one 224px image, greedy, 128 new
 tokens), after one warm-up round at the same concurrency (graph captures). Printed per row: aggregate tokens/s
-(all generated tokens over the wall time), time to first text piece (p50 / p95), the scheduler's own medians from
-submission to a slot and to the first token (the rest of the client's wait is HTTP, image decoding and streaming),
-errors, and the server's peak GPU memory. Beside it: transformers' static-cache `generate` on one pre-formed batch
-of 32 (same workload).
+(all generated tokens over the wall time), time to first text piece (p50 / p95), the server's medians from a
+request's arrival to its submission to the scheduler (reading, parsing, image decoding, tokenizing) and to its first
+text piece, the scheduler's own from submission to a slot and to the first token (so each part of the client's wait
+is accounted for: the rest is the client and the network), errors, and the server's peak GPU memory. `--loop`,
+`--http` and `--switch-interval` set the server's uvicorn event loop, HTTP parser and Python thread switch interval
+(the scheduler's thread and the HTTP server's share one interpreter). Beside it: transformers' static-cache
+`generate` on one pre-formed batch of 32 (same workload).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import io
 import json
 import socket
@@ -46,14 +50,30 @@ def _model_and_tokenizer(size: str, device: str):
     return build_random_model(size, device, dtypes).eval(), build_qwen1_tokenizer(TOKENIZER)
 
 
+class _ArrivalStamp:
+    """ASGI wrapper noting when each HTTP request reached the server (in a context variable the handler sees)."""
+
+    def __init__(self, app, arrival: contextvars.ContextVar):
+        self.app, self.arrival = app, arrival
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.arrival.set(time.perf_counter())
+        await self.app(scope, receive, send)
+
+
 def run_server(args: argparse.Namespace) -> None:
-    """The server role: what `minigpt4qwen serve` runs, plus /bench/memory (peak GPU memory, reset on request)."""
+    """The server role: what `minigpt4qwen serve` runs, plus /bench/counters (peak GPU memory and where a request's
+    wait for its first text goes on the server, reset on request)."""
     import uvicorn
 
+    from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
     from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
     from minigpt4qwen.inference.frontends.server import build_app
     from minigpt4qwen.model.fused_projections import fuse_projections
 
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     model, tokenizer = _model_and_tokenizer(args.size, args.device)
     fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
@@ -61,19 +81,48 @@ def run_server(args: argparse.Namespace) -> None:
                                     compile_mode="default" if args.compile_decode else None)
     app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
 
+    # Per request, milliseconds from its arrival to its submission to the scheduler (reading, parsing, image
+    # decoding, tokenizing) and to its first text piece leaving the handle for the HTTP stream.
+    arrival: contextvars.ContextVar[float] = contextvars.ContextVar("arrival")
+    intake_ms, first_text_ms = [], []
+    submit = scheduler.submit
+
+    def timed_submit(*submit_args, **kwargs):
+        handle = submit(*submit_args, **kwargs)
+        handle.bench_arrival = arrival.get()
+        intake_ms.append(1000 * (time.perf_counter() - handle.bench_arrival))
+        return handle
+
+    pieces = GenerationHandle.__aiter__
+
+    async def timed_pieces(handle):
+        first = True
+        async for piece in pieces(handle):
+            if first:
+                first_text_ms.append(1000 * (time.perf_counter() - handle.bench_arrival))
+                first = False
+            yield piece
+
+    scheduler.submit, GenerationHandle.__aiter__ = timed_submit, timed_pieces
+
     @app.get("/bench/counters")
     async def counters(reset: bool = False) -> dict[str, float | None]:
-        """Peak GPU memory and the scheduler's median seconds from submission to a slot and to the first token."""
+        """Peak GPU memory, the scheduler's median milliseconds from submission to a slot and to the first token,
+        and the server's from arrival to submission and to the first text piece."""
         peak = peak_gib(args.device) if args.device.startswith("cuda") else None
         latencies = list(scheduler.rounds.latencies)
+        medians = {"slot_wait_ms": [1000 * w for _, w, _ in latencies],
+                   "first_token_ms": [1000 * f for _, _, f in latencies],
+                   "intake_ms": list(intake_ms), "first_text_ms": list(first_text_ms)}
         if reset:
             reset_peak(args.device)
             scheduler.rounds.latencies.clear()
-        waits, firsts = [w for _, w, _ in latencies], [f for _, _, f in latencies]
-        return {"peak_gib": peak, "slot_wait_ms": 1000 * statistics.median(waits) if waits else None,
-                "first_token_ms": 1000 * statistics.median(firsts) if firsts else None}
+            intake_ms.clear()
+            first_text_ms.clear()
+        return {"peak_gib": peak, **{k: statistics.median(v) if v else None for k, v in medians.items()}}
 
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(_ArrivalStamp(app, arrival), host="127.0.0.1", port=args.port, log_level="warning",
+                loop=args.loop, http=args.http)
 
 
 def _question(tokenizer, target: int) -> str:
@@ -160,6 +209,8 @@ def server_rows(args: argparse.Namespace) -> None:
     command = [sys.executable, "-m", "benchmarks.serve_load", "--role", "server", "--size", args.size, "--device",
                args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
                "--check-every", str(args.check_every), *(["--compile-decode"] if args.compile_decode else [])]
+    server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]
+    command += ["--loop", args.loop, "--http", args.http, "--switch-interval", str(args.switch_interval)]
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -173,11 +224,13 @@ def server_rows(args: argparse.Namespace) -> None:
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                  {"type": "text", "text": question}]}]
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk" + \
-            (", compiled step" if args.compile_decode else "")
+            (", compiled step" if args.compile_decode else "") + \
+            "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
+              "server p50 from arrival: submitted / first text, ms | "
               "in the scheduler: p50 to a slot / to the first token, ms | errors | peak GiB | "
               "loop waiting for the GPU |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
             asyncio.run(_load(f"{url}/v1", clients, 1, messages, args.new_tokens))  # warm-up: captures graphs
             _get(f"{url}/bench/counters?reset=true")
@@ -190,6 +243,7 @@ def server_rows(args: argparse.Namespace) -> None:
             waiting = (after["device_wait_s"] - before["device_wait_s"]) / rounds if rounds > 0 else float("nan")
             print(f"| {row['requests']} requests, {args.new_tokens} new tokens each | {clients} | "
                   f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | "
+                  f"{_ms(counters['intake_ms'])} / {_ms(counters['first_text_ms'])} | "
                   f"{_ms(counters['slot_wait_ms'])} / {_ms(counters['first_token_ms'])} | {row['errors']} | "
                   f"{'-' if peak is None else f'{peak:.1f}'} | {waiting:.0%} of {rounds:.1f} s |", flush=True)
     finally:
@@ -236,6 +290,10 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn's HTTP parser")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="the server's sys.setswitchinterval in seconds (0: Python's default, 5 ms)")
     parser.add_argument("--role", choices=["driver", "server"], default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
