@@ -89,6 +89,27 @@ class Admission:
         return release
 
 
+class ApiKeyGuard:
+    """ASGI middleware: `/v1/*` requests need `Authorization: Bearer <api_key>`, or get 401 with their body unread.
+
+    A plain ASGI wrapper rather than Starlette's `BaseHTTPMiddleware`, which relays every chunk of a streamed reply
+    through an extra task and queue: work on the event loop that the scheduler's thread competes with for the GIL.
+    """
+
+    def __init__(self, app: Callable, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                refusal = _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the "
+                                 "openai client's api_key)", code="invalid_api_key")
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _location(loc: tuple) -> str:
     """A pydantic error location as a field path, without union branch names ("str", "list[...]", a part's tag)."""
     names = [str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in ("str", "list"))]
@@ -156,14 +177,8 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
     async def request_error(_: Request, err: RequestError) -> JSONResponse:
         return _error(err.status, err.message, err.param)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable) -> Any:
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the "
-                              "openai client's api_key)", code="invalid_api_key")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
