@@ -206,10 +206,17 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
             release()
             raise
 
-    async def _start(conversation: Conversation, settings: GenerationSettings) -> tuple[Any, Callable[[], int]]:
+    def _prepare(chat: ChatRequest, settings: GenerationSettings) -> tuple[Conversation, Any]:
+        """The conversation and, unless beam search runs, its prompt ids and pixels: CPU work (image decoding,
+        tokenizing) done in one worker-thread hop, so a request costs the event loop one round trip."""
+        conversation = build_conversation(chat, limits)
+        return conversation, conversation.prompt(model, tokenizer, window) if settings.num_beams == 1 else None
+
+    async def _start(chat: ChatRequest, settings: GenerationSettings) -> tuple[Any, Callable[[], int]]:
         """The reply (async-iterable text pieces with `num_tokens` and `finish_reason`) and its prompt length."""
-        if settings.num_beams == 1:
-            ids, pixels = await run_in_threadpool(conversation.prompt, model, tokenizer, window)
+        conversation, prompt = await run_in_threadpool(_prepare, chat, settings)
+        if prompt is not None:
+            ids, pixels = prompt
             try:
                 handle = scheduler.submit(ids, pixel_values=pixels, settings=settings)
             except ValueError as err:
@@ -230,8 +237,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
     async def _complete(chat: ChatRequest, settings: GenerationSettings,
                         release: Callable[[], None]) -> JSONResponse | StreamingResponse:
         """Answers an admitted request; `release` ends its admission once the reply is complete or abandoned."""
-        conversation = await run_in_threadpool(build_conversation, chat, limits)  # image decoding is CPU work
-        reply, prompt_tokens = await _start(conversation, settings)
+        reply, prompt_tokens = await _start(chat, settings)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage_dict() -> dict[str, int]:
