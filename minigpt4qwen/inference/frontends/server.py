@@ -12,10 +12,8 @@ OpenAI clients send). `/health` reports the slots in use, the queue and the toke
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.frontends.admission import Admission, ApiKeyGuard, error_response, read_body
 from minigpt4qwen.inference.frontends.openai_protocol import (
     ChatRequest,
     Conversation,
@@ -44,70 +43,6 @@ from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (checked as it arrives, whatever Content-Length says)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"request body of {int(declared)} bytes is above the limit of {limit} bytes", status=413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"request body is above the limit of {limit} bytes", status=413)
-    return bytes(body)
-
-
-class Admission:
-    """Counts the chat requests admitted (generating or waiting for the model); refuses more than `limit`."""
-
-    def __init__(self, limit: int):
-        self.limit, self.admitted = limit, 0
-        self._lock = threading.Lock()
-
-    def enter(self) -> Callable[[], None] | None:
-        """A release function for an admitted request (idempotent), or None when `limit` are in already."""
-        with self._lock:
-            if self.admitted >= self.limit:
-                return None
-            self.admitted += 1
-        released = threading.Event()
-
-        def release() -> None:
-            with self._lock:
-                if not released.is_set():
-                    released.set()
-                    self.admitted -= 1
-
-        return release
-
-
-class ApiKeyGuard:
-    """ASGI middleware: `/v1/*` requests need `Authorization: Bearer <api_key>`, or get 401 with their body unread.
-
-    A plain ASGI wrapper rather than Starlette's `BaseHTTPMiddleware`, which relays every chunk of a streamed reply
-    through an extra task and queue: work on the event loop that the scheduler's thread competes with for the GIL.
-    """
-
-    def __init__(self, app: Callable, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                refusal = _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' (the "
-                                 "openai client's api_key)", code="invalid_api_key")
-                await refusal(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def _location(loc: tuple) -> str:
@@ -175,7 +110,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, err: RequestError) -> JSONResponse:
-        return _error(err.status, err.message, err.param)
+        return error_response(err.status, err.message, err.param)
 
     if api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
@@ -193,13 +128,13 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        body = await _read_body(request, max_body_bytes)
+        body = await read_body(request, max_body_bytes)
         chat = _parse(body)
         settings = chat.settings(default_max_tokens, max_tokens_limit)
         release = admission.enter()
         if release is None:
-            return _error(429, f"the server is busy: {max_queue} requests are generating or waiting; retry later",
-                          kind="server_busy", code="queue_full", headers={"Retry-After": "1"})
+            return error_response(429, f"the server is busy: {max_queue} requests are generating or waiting; retry "
+                                  "later", kind="server_busy", code="queue_full", headers={"Retry-After": "1"})
         try:
             return await _complete(chat, settings, release)
         except BaseException:
@@ -249,7 +184,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
                 text = "".join([piece async for piece in reply])
             except Exception as err:  # a bug, an out-of-memory, a bad image: the client gets a 500, the rest go on
                 log.exception("generation failed")
-                return _error(500, f"generation failed: {err}", kind="server_error")
+                return error_response(500, f"generation failed: {err}", kind="server_error")
             finally:
                 release()
             return JSONResponse({
