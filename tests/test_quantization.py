@@ -337,6 +337,10 @@ def test_row_blocked_linear_equals_the_linear_it_shares_parameters_with():
     (got_dx,) = torch.autograd.grad(got.square().sum(), x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(got_dx, want_dx, rtol=0, atol=1e-5)
+    with torch.no_grad():  # without autograd the blocks are copied into one output as they come
+        torch.testing.assert_close(blocked(x), want, rtol=0, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the logits keep the dtype autocast gives
+            assert blocked(x).dtype == linear(x).dtype == torch.bfloat16
 
 
 def test_a_quantized_head_is_computed_in_blocks_of_rows_with_the_same_logits(project, tmp_path, monkeypatch):
@@ -354,6 +358,10 @@ def test_a_quantized_head_is_computed_in_blocks_of_rows_with_the_same_logits(pro
     with torch.no_grad():
         want, got = whole(ids, pixel_values=pixels).logits, blocked(ids, pixel_values=pixels).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    hidden = torch.randn(3, head.in_features, requires_grad=True)  # training: gradients reach the hidden states
+    (want_dh,) = torch.autograd.grad(whole.language_model.lm_head(hidden).square().sum(), hidden)
+    (got_dh,) = torch.autograd.grad(head(hidden).square().sum(), hidden)
+    torch.testing.assert_close(got_dh, want_dh, rtol=1e-4, atol=0)  # summed over blocks: fp32 reordering
     # A quantized export loads with its head blocked again; an unquantized model's head is never blocked.
     loaded, _ = load_exported(export_hf(blocked, tokenizer, tmp_path / "int8"))
     assert isinstance(loaded.language_model.lm_head, RowBlockedLinear)

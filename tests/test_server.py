@@ -197,6 +197,35 @@ def test_api_key_is_required_when_set(model_and_tokenizer):
         assert httpx.get(f"{url}/health").json()["status"] == "ok"  # health needs no key
 
 
+def test_the_api_key_is_required_under_a_root_path_too():
+    import asyncio
+
+    from minigpt4qwen.inference.frontends.admission import ApiKeyGuard
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        raise AssertionError("the body of a refused request is not read")
+
+    guard = ApiKeyGuard(app, "s3cret")
+    for root in ("", "/api"):  # behind uvicorn --root-path /api (or a Mount) ASGI's path includes the root
+        scope = {"type": "http", "path": f"{root}/v1/models", "root_path": root, "headers": []}
+        asyncio.run(guard(scope, receive, send))
+        assert sent[-2]["status"] == 401 and not reached
+    scope["headers"] = [(b"authorization", b"Bearer s3cret")]
+    asyncio.run(guard(scope, receive, send))
+    asyncio.run(guard({**scope, "path": "/api/health", "headers": []}, receive, send))
+    assert reached == ["/api/v1/models", "/api/health"]
+
+
 def test_a_full_queue_gets_429_and_frees_up(model_and_tokenizer):
     app = build_app(*model_and_tokenizer, "tiny", max_queue=1, slots=2, slot_tokens=128)
     with _serving(app) as url:

@@ -68,7 +68,7 @@ class ApiKeyGuard:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and _route(scope).startswith("/v1/"):
             given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
                 refusal = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
@@ -76,3 +76,10 @@ class ApiKeyGuard:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route(scope: dict) -> str:
+    """The request's path below the app's mount point (ASGI's `path` includes `root_path`, e.g. behind a proxy
+    with uvicorn's --root-path or under a Starlette Mount)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
