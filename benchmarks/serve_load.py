@@ -10,11 +10,11 @@ each row, N clients each send requests back to back (a 63-token prompt with one 
 tokens), after one warm-up round at the same concurrency (graph captures). Printed per row: aggregate tokens/s
 (all generated tokens over the wall time), time to first text piece (p50 / p95), the server's medians from a
 request's arrival to its submission to the scheduler (reading, parsing, image decoding, tokenizing) and to its first
-text piece, the scheduler's own from submission to a slot and to the first token (so each part of the client's wait
-is accounted for: the rest is the client and the network), errors, and the server's peak GPU memory. `--loop`,
-`--http` and `--switch-interval` set the server's uvicorn event loop, HTTP parser and Python thread switch interval
-(the scheduler's thread and the HTTP server's share one interpreter). Beside it: transformers' static-cache
-`generate` on one pre-formed batch of 32 (same workload).
+text piece (lower bounds: see `serve_load_server.py`), the scheduler's own from submission to a slot and to the
+first token (so each part of the client's wait is accounted for: the rest is the client and the network), errors,
+and the server's peak GPU memory. `--loop`, `--http` and `--switch-interval` set the server's uvicorn event loop,
+HTTP parser and Python thread switch interval (the scheduler's thread and the HTTP server's share one
+interpreter). Beside it: transformers' static-cache `generate` on one pre-formed batch of 32 (same workload).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextvars
 import io
 import json
 import socket
@@ -31,98 +30,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import build_random_model, machine, peak_gib, reset_peak, sync
-from minigpt4qwen.model.parts import PartDtypes
+from benchmarks.common import machine, peak_gib, reset_peak, sync
+from benchmarks.serve_load_server import TOKENIZER, model_and_tokenizer, run_server
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen7b" / "qwen.tiktoken"
 PROMPT_TOKENS = 63
-DTYPES = PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16")
-
-
-def _model_and_tokenizer(size: str, device: str):
-    from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
-
-    dtypes = DTYPES if device.startswith("cuda") else PartDtypes.uniform("fp32")
-    return build_random_model(size, device, dtypes).eval(), build_qwen1_tokenizer(TOKENIZER)
-
-
-class _ArrivalStamp:
-    """ASGI wrapper noting when each HTTP request reached the server (in a context variable the handler sees)."""
-
-    def __init__(self, app, arrival: contextvars.ContextVar):
-        self.app, self.arrival = app, arrival
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            self.arrival.set(time.perf_counter())
-        await self.app(scope, receive, send)
-
-
-def run_server(args: argparse.Namespace) -> None:
-    """The server role: what `minigpt4qwen serve` runs, plus /bench/counters (peak GPU memory and where a request's
-    wait for its first text goes on the server, reset on request)."""
-    import uvicorn
-
-    from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
-    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-    from minigpt4qwen.inference.frontends.server import build_app
-    from minigpt4qwen.model.fused_projections import fuse_projections
-
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
-    model, tokenizer = _model_and_tokenizer(args.size, args.device)
-    fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
-    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
-                                    check_every=args.check_every,
-                                    compile_mode="default" if args.compile_decode else None)
-    app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
-
-    # Per request, milliseconds from its arrival to its submission to the scheduler (reading, parsing, image
-    # decoding, tokenizing) and to its first text piece leaving the handle for the HTTP stream.
-    arrival: contextvars.ContextVar[float] = contextvars.ContextVar("arrival")
-    intake_ms, first_text_ms = [], []
-    submit = scheduler.submit
-
-    def timed_submit(*submit_args, **kwargs):
-        handle = submit(*submit_args, **kwargs)
-        handle.bench_arrival = arrival.get()
-        intake_ms.append(1000 * (time.perf_counter() - handle.bench_arrival))
-        return handle
-
-    pieces = GenerationHandle.__aiter__
-
-    async def timed_pieces(handle):
-        first = True
-        async for piece in pieces(handle):
-            if first:
-                first_text_ms.append(1000 * (time.perf_counter() - handle.bench_arrival))
-                first = False
-            yield piece
-
-    scheduler.submit, GenerationHandle.__aiter__ = timed_submit, timed_pieces
-
-    @app.get("/bench/counters")
-    async def counters(reset: bool = False) -> dict[str, float | None]:
-        """Peak GPU memory, the scheduler's median milliseconds from submission to a slot and to the first token,
-        and the server's from arrival to submission and to the first text piece."""
-        peak = peak_gib(args.device) if args.device.startswith("cuda") else None
-        latencies = list(scheduler.rounds.latencies)
-        medians = {"slot_wait_ms": [1000 * w for _, w, _ in latencies],
-                   "first_token_ms": [1000 * f for _, _, f in latencies],
-                   "intake_ms": list(intake_ms), "first_text_ms": list(first_text_ms)}
-        if reset:
-            reset_peak(args.device)
-            scheduler.rounds.latencies.clear()
-            intake_ms.clear()
-            first_text_ms.clear()
-        return {"peak_gib": peak, **{k: statistics.median(v) if v else None for k, v in medians.items()}}
-
-    uvicorn.run(_ArrivalStamp(app, arrival), host="127.0.0.1", port=args.port, log_level="warning",
-                loop=args.loop, http=args.http)
 
 
 def _question(tokenizer, target: int) -> str:
@@ -208,7 +122,8 @@ def server_rows(args: argparse.Namespace) -> None:
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "benchmarks.serve_load", "--role", "server", "--size", args.size, "--device",
                args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
-               "--check-every", str(args.check_every), *(["--compile-decode"] if args.compile_decode else [])]
+               "--check-every", str(args.check_every), "--prefill-tokens", str(args.prefill_tokens),
+               *(["--compile-decode"] if args.compile_decode else [])]
     server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]
     command += ["--loop", args.loop, "--http", args.http, "--switch-interval", str(args.switch_interval)]
     server = subprocess.Popen(command)
@@ -223,7 +138,8 @@ def server_rows(args: argparse.Namespace) -> None:
         question = _question(build_qwen1_tokenizer(TOKENIZER), PROMPT_TOKENS)
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                  {"type": "text", "text": question}]}]
-        setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk" + \
+        setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
+            f"prefills of {args.prefill_tokens} tokens" + \
             (", compiled step" if args.compile_decode else "") + \
             "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
@@ -255,7 +171,7 @@ def baseline_row(args: argparse.Namespace) -> None:
     """transformers' static-cache `generate` on one batch of `--baseline-batch` (63-token prompts, one image)."""
     from benchmarks.bench import EXTRA_0, PROMPT_GEN
 
-    model, _ = _model_and_tokenizer(args.size, args.device)
+    model, _ = model_and_tokenizer(args.size, args.device)
     batch, n = args.baseline_batch, args.new_tokens
     ids = torch.randint(0, 150000, (batch, PROMPT_GEN), generator=torch.Generator().manual_seed(0))
     ids[:, 5:37] = EXTRA_0
@@ -274,8 +190,8 @@ def baseline_row(args: argparse.Namespace) -> None:
     timed(n)  # warm-up
     first, full = min(timed(1) for _ in range(2)), timed(n)
     print(f"| transformers static-cache generate, one batch | {batch} | {batch * n / full:.0f} "
-          f"(decode {batch * (n - 1) / (full - first):.0f}) | {first * 1000:.0f} | | | | {peak_gib(args.device):.1f} |",
-          flush=True)
+          f"(decode {batch * (n - 1) / (full - first):.0f}) | {first * 1000:.0f} | | | | | "
+          f"{peak_gib(args.device):.1f} |", flush=True)
 
 
 def main() -> None:
@@ -288,6 +204,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--slot-tokens", type=int, default=256, help="prompt + reply tokens per slot")
     parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
+    parser.add_argument("--prefill-tokens", type=int, default=2048,
+                        help="the most padded tokens of one prefill forward (the scheduler's prefill_tokens)")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")

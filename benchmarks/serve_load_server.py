@@ -1,0 +1,108 @@
+"""The server role of `benchmarks/serve_load.py`: what `minigpt4qwen serve` runs on a random-weight model, plus
+`/bench/counters` (peak GPU memory and where a request's wait for its first text goes on the server).
+
+The arrival stamp is taken when uvicorn starts a request's ASGI task, after its headers are parsed: event-loop
+delay before that counts as the client's, so the server-side intake times are lower bounds. The timing wrapper
+around `GenerationHandle.__aiter__` adds one async-generator layer per text piece (microseconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import build_random_model, peak_gib, reset_peak
+from minigpt4qwen.model.parts import PartDtypes
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen7b" / "qwen.tiktoken"
+DTYPES = PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16")
+
+
+def model_and_tokenizer(size: str, device: str):
+    """A random-weight model of `size` on `device` (bf16 on a GPU, fp32 on the CPU) and the Qwen tokenizer."""
+    from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
+
+    dtypes = DTYPES if device.startswith("cuda") else PartDtypes.uniform("fp32")
+    return build_random_model(size, device, dtypes).eval(), build_qwen1_tokenizer(TOKENIZER)
+
+
+class _ArrivalStamp:
+    """ASGI wrapper noting when each HTTP request reached the server (in a context variable the handler sees)."""
+
+    def __init__(self, app, arrival: contextvars.ContextVar):
+        self.app, self.arrival = app, arrival
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.arrival.set(time.perf_counter())
+        await self.app(scope, receive, send)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """The server role: what `minigpt4qwen serve` runs, plus /bench/counters (peak GPU memory and where a request's
+    wait for its first text goes on the server, reset on request)."""
+    import uvicorn
+
+    from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.frontends.server import build_app
+    from minigpt4qwen.model.fused_projections import fuse_projections
+
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    model, tokenizer = model_and_tokenizer(args.size, args.device)
+    fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
+    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
+                                    check_every=args.check_every, prefill_tokens=args.prefill_tokens,
+                                    compile_mode="default" if args.compile_decode else None)
+    app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
+
+    # Per request, milliseconds from its arrival to its submission to the scheduler (reading, parsing, image
+    # decoding, tokenizing) and to its first text piece leaving the handle for the HTTP stream.
+    arrival: contextvars.ContextVar[float] = contextvars.ContextVar("arrival")
+    intake_ms, first_text_ms = [], []
+    submit = scheduler.submit
+
+    def timed_submit(*submit_args, **kwargs):
+        arrived = arrival.get(None)  # None: not submitted by an HTTP request
+        handle = submit(*submit_args, **kwargs)
+        handle.bench_arrival = arrived
+        if arrived is not None:
+            intake_ms.append(1000 * (time.perf_counter() - arrived))
+        return handle
+
+    pieces = GenerationHandle.__aiter__
+
+    async def timed_pieces(handle):
+        first = True
+        async for piece in pieces(handle):
+            arrived = getattr(handle, "bench_arrival", None)
+            if first and arrived is not None:
+                first_text_ms.append(1000 * (time.perf_counter() - arrived))
+            first = False
+            yield piece
+
+    scheduler.submit, GenerationHandle.__aiter__ = timed_submit, timed_pieces
+
+    @app.get("/bench/counters")
+    async def counters(reset: bool = False) -> dict[str, float | None]:
+        """Peak GPU memory, the scheduler's median milliseconds from submission to a slot and to the first token,
+        and the server's from arrival to submission and to the first text piece."""
+        peak = peak_gib(args.device) if args.device.startswith("cuda") else None
+        latencies = list(scheduler.rounds.latencies)
+        medians = {"slot_wait_ms": [1000 * w for _, w, _ in latencies],
+                   "first_token_ms": [1000 * f for _, _, f in latencies],
+                   "intake_ms": list(intake_ms), "first_text_ms": list(first_text_ms)}
+        if reset:
+            reset_peak(args.device)
+            scheduler.rounds.latencies.clear()
+            intake_ms.clear()
+            first_text_ms.clear()
+        return {"peak_gib": peak, **{k: statistics.median(v) if v else None for k, v in medians.items()}}
+
+    uvicorn.run(_ArrivalStamp(app, arrival), host="127.0.0.1", port=args.port, log_level="warning",
+                loop=args.loop, http=args.http)
