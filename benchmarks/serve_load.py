@@ -123,6 +123,7 @@ def server_rows(args: argparse.Namespace) -> None:
     command = [sys.executable, "-m", "benchmarks.serve_load", "--role", "server", "--size", args.size, "--device",
                args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
                "--check-every", str(args.check_every), "--prefill-tokens", str(args.prefill_tokens),
+               "--graph-prefill-tokens", str(args.graph_prefill_tokens),
                *(["--compile-decode"] if args.compile_decode else [])]
     server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]
     command += ["--loop", args.loop, "--http", args.http, "--switch-interval", str(args.switch_interval)]
@@ -139,7 +140,7 @@ def server_rows(args: argparse.Namespace) -> None:
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                  {"type": "text", "text": question}]}]
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
-            f"prefills of {args.prefill_tokens} tokens" + \
+            f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
             "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
@@ -206,6 +207,8 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
     parser.add_argument("--prefill-tokens", type=int, default=2048,
                         help="the most padded tokens of one prefill forward (the scheduler's prefill_tokens)")
+    parser.add_argument("--graph-prefill-tokens", type=int, default=512,
+                        help="prefill forwards up to this many padded tokens replay CUDA graphs")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")

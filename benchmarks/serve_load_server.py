@@ -58,6 +58,7 @@ def run_server(args: argparse.Namespace) -> None:
     fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
                                     check_every=args.check_every, prefill_tokens=args.prefill_tokens,
+                                    graph_prefill_tokens=args.graph_prefill_tokens,
                                     compile_mode="default" if args.compile_decode else None)
     app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
 

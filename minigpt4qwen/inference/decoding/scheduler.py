@@ -70,6 +70,8 @@ class GenerationScheduler:
         cuda_graphs: replay steps from CUDA graphs (default: on a GPU).
         check_every: decode steps between looks at the tokens (streaming, stops, joins and leaves).
         prefill_tokens: the most padded tokens of one prefill forward (longer prompts are prefilled in chunks).
+        graph_prefill_tokens: prefill forwards up to this many padded tokens replay CUDA graphs (larger ones launch
+            their kernels from the loop's thread, which holds the GIL meanwhile).
         stop_token_ids: tokens that end a reply (default: the tokenizer's ChatML stops).
         compile_mode: compile the decode step (see `SlotDecoder`): fused kernels after a minute or two of
             compiling when the first requests arrive.
@@ -78,11 +80,13 @@ class GenerationScheduler:
 
     def __init__(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, *, slots: int = 32,
                  capacity: int = 2048, cuda_graphs: bool | None = None, check_every: int = 8,
-                 prefill_tokens: int = 2048, stop_token_ids: Sequence[int] | None = None,
+                 prefill_tokens: int = 2048, graph_prefill_tokens: int = 512,
+                 stop_token_ids: Sequence[int] | None = None,
                  compile_mode: str | None = None, rehearse_captures: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.decoder = SlotDecoder(model, slots=slots, capacity=capacity, cuda_graphs=cuda_graphs,
                                    check_every=check_every, prefill_tokens=prefill_tokens,
+                                   graph_prefill_tokens=graph_prefill_tokens,
                                    compile_mode=compile_mode, rehearse_captures=rehearse_captures)
         stop_ids = set(chat_stop_token_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
         self.rounds = SlotRounds(model, self.decoder, stop_ids)
