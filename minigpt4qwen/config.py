@@ -71,7 +71,8 @@ class ModelConfig:
     llm: Optional[str] = None  # LLM directory: Qwen1 (model_type qwen) or any transformers causal LM
     vision_weights: Optional[str] = None  # LAVIS eva_vit_g.pth, or a Hugging Face BLIP-2 directory
     qformer_weights: Optional[str] = None  # LAVIS blip2_pretrained_flant5xxl.pth, or a Hugging Face BLIP-2 directory
-    checkpoint: Optional[str] = None  # ours (incl. LoRA), the original project's model.pth / checkpoint_N.pth / pipeline dir
+    # ours (incl. LoRA), the original project's model.pth / checkpoint_N.pth / pipeline dir
+    checkpoint: Optional[str] = None
     vision_arch: str = "eva_vit_g"  # sizes neither the config nor the weights give: eva_vit_g | tiny (tests, demo)
     vision: VisionSizes = field(default_factory=VisionSizes)  # explicit ViT sizes (null: from the weights)
     qformer: QFormerSizes = field(default_factory=QFormerSizes)  # explicit Q-Former sizes (null: from the weights)

@@ -10,7 +10,8 @@ import os
 
 from minigpt4qwen.cli.eval_command import add_eval
 
-OVERRIDES_HELP = "dotted key=value overrides of the config, e.g. train.max_steps=100 model.trainable.language_model=true"
+OVERRIDES_HELP = ("dotted key=value overrides of the config, e.g. train.max_steps=100 "
+                  "model.trainable.language_model=true")
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +53,9 @@ def run_train(args: argparse.Namespace) -> int:
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the whole model as a Hugging Face Blip2ForConditionalGeneration directory",
                        description="Assemble the model of CONFIG (LLM + vision + Q-Former + checkpoint) and write "
-                                   "OUT_DIR: config, safetensors shards, tokenizer with chat template, image processor. "
-                                   "It reloads with transformers' Blip2ForConditionalGeneration.from_pretrained(OUT_DIR)."
+                                   "OUT_DIR: config, safetensors shards, tokenizer with chat template, image "
+                                   "processor. It reloads with transformers' "
+                                   "Blip2ForConditionalGeneration.from_pretrained(OUT_DIR)."
                                    " With --model-dir DIR instead of CONFIG, DIR (an export, or the demo's model) is "
                                    "written again, e.g. with other shard sizes.")
     p.add_argument("config", nargs="?", help="YAML with a model section (omit with --model-dir)")
@@ -89,10 +91,12 @@ def run_export(args: argparse.Namespace) -> int:
 def add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = data_sub.add_parser("check", help="read every record and image of the config's datasets and report problems",
+    check = data_sub.add_parser("check",
+                                help="read every record and image of the config's datasets and report problems",
                                 description="Validates the data section of CONFIG before any GPU time is spent: "
                                             "missing/corrupt images, malformed records, samples left without "
-                                            "supervised tokens after truncation; prints per-file counts and length stats.")
+                                            "supervised tokens after truncation; prints per-file counts and "
+                                            "length stats.")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     check.add_argument("--no-images", action="store_true", help="skip decoding the images (faster)")

@@ -56,7 +56,8 @@ class ParallelConfig:
         if self.partition not in PARTITIONS:
             raise ValueError(f"parallel.partition must be one of {PARTITIONS}, not {self.partition!r}")
         if self.partition == "balance" and len(self.balance) != self.num_stages:
-            raise ValueError(f"parallel.balance needs one layer count per stage ({self.num_stages}), got {self.balance}")
+            raise ValueError(f"parallel.balance needs one layer count per stage ({self.num_stages}), "
+                             f"got {self.balance}")
         if self.num_stages < 1 or self.seq_bucket < 1:
             raise ValueError("parallel.num_stages and parallel.seq_bucket must be >= 1")
         if world_size is not None and self.engine == "pipeline" and world_size % self.num_stages:
