@@ -196,7 +196,8 @@ def main() -> None:
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{' + compile' if args.compile else ''} | {machine()}")
+    compiled = " + compile" if args.compile else ""
+    print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{compiled} | {machine()}")
     print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     if args.engine == "plain":

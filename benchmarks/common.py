@@ -112,7 +112,8 @@ def timed_training(model: nn.Module, step_batches: list[dict], warmup: int, devi
 
 def machine() -> str:
     """GPU name, versions and date: printed with every table."""
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     return (f"{gpu} | torch {torch.__version__} | transformers {transformers.__version__} | "
             f"python {platform.python_version()} | {time.strftime('%Y-%m-%d')}")
 

@@ -43,8 +43,10 @@ def main() -> None:
     agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     same_prefix = int((tokens[0] == ref_tokens[0]).long().cumprod(0).sum())
     print(f"# bf16 vs fp32, MiniGPT4Qwen-{args.size}, random weights | {machine()}")
-    print(f"loss fp32 {ref_loss.item():.5f} | bf16 {loss.item():.5f} | rel diff {abs(loss - ref_loss).item() / ref_loss.item():.2e}")
-    print(f"logits: max |logit| {scale:.3f} | max abs err {err.max().item():.4f} | mean abs err {err.mean().item():.5f}")
+    relative = abs(loss - ref_loss).item() / ref_loss.item()
+    print(f"loss fp32 {ref_loss.item():.5f} | bf16 {loss.item():.5f} | rel diff {relative:.2e}")
+    print(f"logits: max |logit| {scale:.3f} | max abs err {err.max().item():.4f} | "
+          f"mean abs err {err.mean().item():.5f}")
     print(f"next-token argmax agreement {agree:.4f} | greedy 32-token prefix identical for {same_prefix}/32 tokens")
 
 
