@@ -246,6 +246,38 @@ def _warped_probs(logits, temperature, top_k, top_p):
     return scores.softmax(-1)[0]
 
 
+def test_streamed_pieces_decode_incrementally_to_the_whole_reply():
+    """Random Qwen ids (Chinese byte fragments split characters across tokens) fed in chunks of 1 to 9: the pieces
+    concatenate to the whole reply's text, and decoding stays linear in the reply's length."""
+    from pathlib import Path
+
+    from minigpt4qwen.inference.decoding.generation_handle import _Pieces
+    from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
+
+    tokenizer = build_qwen1_tokenizer(Path(__file__).parent / "data" / "qwen7b" / "qwen.tiktoken")
+    decoded = [0]
+    decode = tokenizer.decode
+
+    class Counting:
+        def decode(self, ids, **kwargs):
+            decoded[0] += len(ids)
+            return decode(ids, **kwargs)
+
+    generator = torch.Generator().manual_seed(0)
+    held_back = 0
+    for _ in range(20):
+        ids = torch.randint(0, 151643, (200,), generator=generator).tolist()
+        pieces, fed, out = _Pieces(Counting(), ()), 0, []
+        decoded[0] = 0
+        while fed < len(ids):
+            fed = min(len(ids), fed + int(torch.randint(1, 10, (), generator=generator)))
+            out.append(pieces.feed(ids[:fed], final=fed == len(ids)))
+            held_back += out[-1] == ""
+        assert "".join(out) == tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert decoded[0] <= 8 * len(ids)  # whole-reply decoding each time would be ~20x the length here
+    assert held_back  # some chunks ended inside a character (or in blanks) and waited
+
+
 def test_row_chooser_draws_from_transformers_distribution_per_row_and_independently():
     vocab, draws = 40, 3000
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * 2

@@ -12,6 +12,7 @@ stop string, stripped (`StopTrimmer` holds back what a later token may still cut
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -23,18 +24,30 @@ from minigpt4qwen.inference.generation import GenerationSettings, decode_reply
 
 
 class _Pieces:
-    """Turns a growing token list into new text pieces (decoded whole each time, so the pieces concatenate to the
-    decoded reply exactly; a trailing incomplete character waits for its next bytes)."""
+    """Turns a growing token list into new text pieces that concatenate to the decoded reply exactly.
+
+    Decoding is incremental (as vLLM and TGI do it): each call decodes the tokens from the start of the last piece
+    on, twice (without and with the new tokens) and hands out the difference, so a reply of n tokens costs O(n)
+    decoding rather than O(n^2), and the shared first token keeps tokenizers that drop a leading space on the
+    first token of a decode (SentencePiece) from changing the text at the boundary. A piece ending in an
+    incomplete character waits for its next bytes; the last piece is what the whole reply's text adds to the
+    pieces so far."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]):
-        self.tokenizer, self.trimmer, self.decoded = tokenizer, StopTrimmer(stop), ""
+        self.tokenizer, self.trimmer = tokenizer, StopTrimmer(stop)
+        self.start = 0  # where the tokens of the last piece handed out begin
+        self.end = 0  # tokens handed out so far
 
     def feed(self, ids: list[int], final: bool) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        if final:  # the rest of the whole reply's text, exactly
+            whole, fed = decode(ids), self.trimmer.text
+            return self.trimmer.feed(whole[len(fed):] if whole.startswith(fed) else "", final=True)
+        before, after = decode(ids[self.start:self.end]), decode(ids[self.start:])
         piece = ""
-        if text.startswith(self.decoded) and (final or not text.endswith("\ufffd")):
-            piece, self.decoded = text[len(self.decoded):], text
-        return self.trimmer.feed(piece, final=final)
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            piece, self.start, self.end = after[len(before):], self.end, len(ids)
+        return self.trimmer.feed(piece)
 
 
 class GenerationHandle:
