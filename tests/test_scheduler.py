@@ -11,6 +11,7 @@ import functools
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from PIL import Image
 
 from minigpt4qwen.inference.decoding import readback, slot_decoder
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
-from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle, _Pieces
 from minigpt4qwen.inference.decoding.job import Job
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
@@ -27,7 +28,9 @@ from minigpt4qwen.inference.decoding.slot_rounds import SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
 from minigpt4qwen.inference.frontends.openai_protocol import Conversation
-from minigpt4qwen.inference.generation import GenerationSettings
+from minigpt4qwen.inference.frontends.streaming import StopTrimmer
+from minigpt4qwen.inference.generation import GenerationSettings, trim_at_stop
+from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
 from tests.conftest import make_tiny_chat_model
 
 MARGIN = 1e-5  # batched vs batch-1 float32 rounding of these logits is ~1e-6
@@ -249,11 +252,6 @@ def _warped_probs(logits, temperature, top_k, top_p):
 def test_streamed_pieces_decode_incrementally_to_the_whole_reply():
     """Random Qwen ids (Chinese byte fragments split characters across tokens) fed in chunks of 1 to 9: the pieces
     concatenate to the whole reply's text, and decoding stays linear in the reply's length."""
-    from pathlib import Path
-
-    from minigpt4qwen.inference.decoding.generation_handle import _Pieces
-    from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
-
     tokenizer = build_qwen1_tokenizer(Path(__file__).parent / "data" / "qwen7b" / "qwen.tiktoken")
     decoded = [0]
     decode = tokenizer.decode
@@ -276,6 +274,37 @@ def test_streamed_pieces_decode_incrementally_to_the_whole_reply():
         assert "".join(out) == tokenizer.decode(ids, skip_special_tokens=True).strip()
         assert decoded[0] <= 8 * len(ids)  # whole-reply decoding each time would be ~20x the length here
     assert held_back  # some chunks ended inside a character (or in blanks) and waited
+    # A U+FFFD that is text (Qwen's token 5691), not a character cut short, is held back a bounded while only.
+    pieces, ids = _Pieces(tokenizer, ()), [5691] * 40
+    assert any(pieces.feed(ids[:n], final=False) for n in range(1, 40))
+
+
+@pytest.mark.parametrize("pieces, stops", [
+    (["a", " ", "b"], ("a b", " ")),  # the longer stop began first and completes after the shorter one is seen
+    (["x", "a", " ", "c"], ("a b", " ")),  # it does not complete: the cut is at the shorter one
+    (["Hel", "lo <|e", "nd|> more"], ("<|end|>",)),
+    (["  lead", "ing ", " ", "trail  "], ()),
+])
+def test_stop_trimmer_streams_what_trim_at_stop_cuts(pieces, stops):
+    trimmer = StopTrimmer(stops)
+    out = [trimmer.feed(piece) for piece in pieces] + [trimmer.feed("", final=True)]
+    assert "".join(out) == trim_at_stop("".join(pieces), stops).strip()
+
+
+def test_a_tokenizer_that_rewrites_earlier_text_still_gets_the_reply_s_tail():
+    """Byte fallback (Llama 2 style) turns a byte run into U+FFFDs once it proves invalid, rewriting text handed out
+    earlier: the pieces keep coming and end with the whole reply's tail."""
+
+    class Rewriting:
+        texts = {1: "Hello", 2: "Hello\n", 3: "Hello\ufffd\ufffd", 4: "Hello\ufffd\ufffd world"}
+
+        def decode(self, ids, **kwargs):
+            return self.texts[len(ids)] if ids and ids[0] == 0 else "".join(
+                self.texts[i + 1][len(self.texts[i]) if i else 0:] for i in ids)
+
+    pieces = _Pieces(Rewriting(), ())
+    out = [pieces.feed(list(range(n)), final=n == 4) for n in (1, 2, 3, 4)]
+    assert out[0] == "Hello" and "".join(out).endswith(" world")
 
 
 def test_row_chooser_draws_from_transformers_distribution_per_row_and_independently():

@@ -12,7 +12,7 @@ stop string, stripped (`StopTrimmer` holds back what a later token may still cut
 from __future__ import annotations
 
 import asyncio
-import functools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -24,28 +24,36 @@ from minigpt4qwen.inference.generation import GenerationSettings, decode_reply
 
 
 class _Pieces:
-    """Turns a growing token list into new text pieces that concatenate to the decoded reply exactly.
+    """Turns a growing token list into new text pieces, decoded incrementally as vLLM and TGI do.
 
-    Decoding is incremental (as vLLM and TGI do it): each call decodes the tokens from the start of the last piece
-    on, twice (without and with the new tokens) and hands out the difference, so a reply of n tokens costs O(n)
-    decoding rather than O(n^2), and the shared first token keeps tokenizers that drop a leading space on the
-    first token of a decode (SentencePiece) from changing the text at the boundary. A piece ending in an
-    incomplete character waits for its next bytes; the last piece is what the whole reply's text adds to the
-    pieces so far."""
+    Each call decodes the tokens from the start of the last piece handed out, without and with the tokens not yet
+    handed out, and hands out the difference; the shared first token keeps tokenizers that drop a leading space
+    at the start of a decode (SentencePiece) from changing the text at the boundary. A piece ending in U+FFFD (an
+    incomplete character, most often) waits for the next tokens, up to `HOLD_TOKENS` of them. The last piece is
+    the rest of the whole reply's decoded text, so for byte-level tokenizers (Qwen, Llama 3) the pieces
+    concatenate to it exactly; a tokenizer whose decode rewrites earlier text (byte fallback, clean-up of
+    spaces) keeps streaming, and only then may the pieces differ from the whole decode where it was rewritten.
+    While pieces come out, a reply of n tokens costs O(n) decoding (decoding it whole each time: O(n^2))."""
+
+    HOLD_TOKENS = 16  # a character spans at most 4 byte tokens; more held tokens mean a U+FFFD in the text itself
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]):
         self.tokenizer, self.trimmer = tokenizer, StopTrimmer(stop)
         self.start = 0  # where the tokens of the last piece handed out begin
         self.end = 0  # tokens handed out so far
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def feed(self, ids: list[int], final: bool) -> str:
-        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
-        if final:  # the rest of the whole reply's text, exactly
-            whole, fed = decode(ids), self.trimmer.text
-            return self.trimmer.feed(whole[len(fed):] if whole.startswith(fed) else "", final=True)
-        before, after = decode(ids[self.start:self.end]), decode(ids[self.start:])
+        if final:  # the rest of the whole reply's text (a stopped trimmer ignores it)
+            whole, fed = self._decode(ids), self.trimmer.text
+            common = len(fed) if whole.startswith(fed) else len(os.path.commonprefix([whole, fed]))
+            return self.trimmer.feed(whole[common:], final=True)
+        before, after = self._decode(ids[self.start:self.end]), self._decode(ids[self.start:])
+        settled = not after.endswith("\ufffd") or len(ids) - self.end > self.HOLD_TOKENS
         piece = ""
-        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+        if len(after) > len(before) and settled:
             piece, self.start, self.end = after[len(before):], self.end, len(ids)
         return self.trimmer.feed(piece)
 

@@ -43,12 +43,13 @@ class StopTrimmer:
             return ""
         self.text += piece
         cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
+        pending = len(self.text) - self._partial_stop_length()  # where an unfinished stop string may begin
+        # A stop found after the start of an unfinished one is not final yet: the earlier one may still complete,
+        # and the reply is cut at the earliest stop (`trim_at_stop`).
+        if cuts and (final or min(cuts) <= pending):
             self.stopped, end = True, min(cuts)
-        elif final:
-            end = len(self.text)
         else:
-            end = len(self.text) - self._partial_stop_length()
+            end = len(self.text) if final else pending
         end = len(self.text[:end].rstrip())
         start = max(self.emitted, len(self.text) - len(self.text.lstrip()))
         self.emitted = max(self.emitted, end)
