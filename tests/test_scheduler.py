@@ -291,6 +291,18 @@ def test_stop_trimmer_streams_what_trim_at_stop_cuts(pieces, stops):
     assert "".join(out) == trim_at_stop("".join(pieces), stops).strip()
 
 
+def test_a_stop_string_is_seen_when_its_character_comes_as_byte_tokens_and_specials_sit_between():
+    from minigpt4qwen.inference.generation import StopOnText
+
+    tokenizer = build_qwen1_tokenizer(Path(__file__).parent / "data" / "qwen7b" / "qwen.tiktoken")
+    stop = StopOnText(tokenizer, ("中",))
+    as_bytes = [160, 116, 255]  # the three UTF-8 bytes of 中, one token each
+    assert tokenizer.decode(as_bytes) == "中"
+    for ids in (as_bytes, [15946], [160, 116, 151646, 151646, 255], [11, 12, *as_bytes]):
+        assert bool(stop(torch.tensor([ids]), None)[0]), ids
+    assert not bool(stop(torch.tensor([[11, 12, 13]]), None)[0])
+
+
 def test_a_tokenizer_that_rewrites_earlier_text_still_gets_the_reply_s_tail():
     """Byte fallback (Llama 2 style) turns a byte run into U+FFFDs once it proves invalid, rewriting text handed out
     earlier: the pieces keep coming and end with the whole reply's tail."""

@@ -22,6 +22,7 @@ from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
+SPECIAL_TOKENS_ALLOWED = 8  # skipped special tokens a stop string may span and still be seen (`StopOnText`)
 
 
 @dataclass
@@ -188,8 +189,9 @@ class StopOnText(StoppingCriteria):
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...], prompt_length: int = 0) -> None:
         self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
-        # A token decodes to at least one character, so this many last tokens cover the longest stop string.
-        self.tail = max(len(s) for s in stops) + 1
+        # Enough last tokens to cover the longest stop string: a byte-level token may hold one byte of a character
+        # (4 at most in UTF-8), and skipped special tokens decode to nothing (a few are allowed for).
+        self.tail = 4 * max(len(s) for s in stops) + SPECIAL_TOKENS_ALLOWED
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         generated = input_ids[:, self.prompt_length:]
