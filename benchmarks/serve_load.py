@@ -124,6 +124,7 @@ def server_rows(args: argparse.Namespace) -> None:
                args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
                "--check-every", str(args.check_every), "--prefill-tokens", str(args.prefill_tokens),
                "--graph-prefill-tokens", str(args.graph_prefill_tokens),
+               *(["--quantize", args.quantize] if args.quantize else []),
                *(["--compile-decode"] if args.compile_decode else [])]
     server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]
     command += ["--loop", args.loop, "--http", args.http, "--switch-interval", str(args.switch_interval)]
@@ -142,6 +143,7 @@ def server_rows(args: argparse.Namespace) -> None:
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
             f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
+            (f", LLM {args.quantize}" if args.quantize else "") + \
             "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
               "server p50 from arrival: submitted / first text, ms | "
@@ -209,6 +211,7 @@ def main() -> None:
                         help="the most padded tokens of one prefill forward (the scheduler's prefill_tokens)")
     parser.add_argument("--graph-prefill-tokens", type=int, default=512,
                         help="prefill forwards up to this many padded tokens replay CUDA graphs")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="serve the LLM quantized (torchao)")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")

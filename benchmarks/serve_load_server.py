@@ -55,7 +55,12 @@ def run_server(args: argparse.Namespace) -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     model, tokenizer = model_and_tokenizer(args.size, args.device)
-    fuse_projections(model.requires_grad_(False).language_model)  # as `load_for_inference` does for `serve`
+    model.requires_grad_(False)
+    if args.quantize:  # as `serve --quantize` loads it (quantized projections then stay unfused)
+        from minigpt4qwen.model.quantization import quantize_language_model
+
+        quantize_language_model(model, args.quantize)
+    fuse_projections(model.language_model)  # as `load_for_inference` does for `serve`
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
                                     check_every=args.check_every, prefill_tokens=args.prefill_tokens,
                                     graph_prefill_tokens=args.graph_prefill_tokens,
