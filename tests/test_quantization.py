@@ -187,6 +187,28 @@ def test_greedy_replies_are_equal_while_the_margins_exceed_the_error():
     assert certified["int8"] >= 12 and certified["int4"] >= 1, certified
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_scheduler_decodes_quantized_weights_as_each_request_alone(mode):
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.generation import GenerationSettings
+
+    reference, tokenizer = tiny_chat_model()
+    model = quantize_language_model(reference, mode)
+    placeholder, settings = model.image_token_id, GenerationSettings(max_new_tokens=6)
+    prompts = [(torch.tensor([placeholder] * model.num_query_tokens + tokenizer(q)["input_ids"]),
+                torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(i)))
+               for i, q in enumerate(QUESTIONS[:4])]
+    scheduler = GenerationScheduler(model, tokenizer, slots=4, capacity=64, stop_token_ids=())
+    try:
+        alone = [scheduler.submit(ids, pixel_values=px, settings=settings).result(60) for ids, px in prompts]
+        together = [scheduler.submit(ids, pixel_values=px, settings=settings) for ids, px in prompts]
+        assert [handle.result(60) for handle in together] == alone
+        assert all(len(handle.token_ids) == 6 for handle in together)
+        assert len(set(alone)) > 1 and all(alone), alone  # distinct, non-empty replies: the check has teeth
+    finally:
+        scheduler.close()
+
+
 def test_native_llm_directories_quantize_through_transformers(tmp_path):
     from minigpt4qwen.checkpoint.llm import load_llm
     from tests.llm_families import write_llm_dir
