@@ -1,6 +1,7 @@
 """Where the time to first token goes: image encoder, embedding merge, LLM prefill; eager and from CUDA graphs.
 
     python -m benchmarks.ttft --size 7b      # one GPU; batch 1, a 63-token prompt with one image
+    python -m benchmarks.ttft --size 14b --quantize int4   # the LLM quantized in place first (torchao)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder, prefill_bucket
 from minigpt4qwen.model.parts import PartDtypes
+from minigpt4qwen.model.quantization import quantize_language_model
 
 
 def timed(fn, device: str, repeats: int = 10) -> float:
@@ -35,14 +37,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="quantize the LLM's weights first (torchao)")
     args = parser.parse_args()
     dev = args.device
     model = build_random_model(args.size, dev, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
+    if args.quantize:
+        quantize_language_model(model.requires_grad_(False), args.quantize)
     ids = torch.randint(0, 150000, (1, PROMPT_GEN), generator=torch.Generator().manual_seed(0)).to(dev)
     ids[:, 5:37] = EXTRA_0
     px = torch.randn(1, 3, 224, 224, device=dev, dtype=torch.bfloat16)
     feats = model.encode_images(px)
-    print(f"# time to first token, MiniGPT4Qwen-{args.size}, batch 1, {PROMPT_GEN}-token prompt | {machine()}")
+    llm = f", LLM {args.quantize}" if args.quantize else ""
+    print(f"# time to first token, MiniGPT4Qwen-{args.size}{llm}, batch 1, {PROMPT_GEN}-token prompt | {machine()}")
     vit = timed(lambda: model.vision_model(pixel_values=px), dev)
     enc = timed(lambda: model.encode_images(px), dev)
     emb = timed(lambda: model.embed(ids, feats), dev)
