@@ -46,7 +46,8 @@ def test_assembled_model_matches_the_original_math(files):
     expected = torch.nn.functional.linear(ref_qformer(blip2, image), proj["llm_proj.weight"], proj["llm_proj.bias"])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_images(pixels), expected, rtol=1e-4, atol=1e-5)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"language_projection.weight", "language_projection.bias"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"language_projection.weight", "language_projection.bias"}
 
 
 def test_our_checkpoint_round_trips_through_the_config(files, tmp_path):
@@ -67,8 +68,9 @@ def test_preset_finds_the_original_cache_layout(files, tmp_path):
     (cache / "eva" / "eva_vit_g.pth").symlink_to(root / "eva_vit_g.pth")
     (cache / "blip2" / "blip2_pretrained_flant5xxl.pth").symlink_to(root / "blip2_pretrained_flant5xxl.pth")
     (cache / "Qwen7B-chat").symlink_to(root / "Qwen7B-chat")
-    cfg = load_config(None, ["model.preset=qwen7b_chat", f"model.cache_root={tmp_path / 'cache'}", "model.vision_arch=tiny",
-                             "model.image_size=28", f"model.num_query_tokens={QUERIES}"], _Wrapper).model
+    cfg = load_config(None, ["model.preset=qwen7b_chat", f"model.cache_root={tmp_path / 'cache'}",
+                             "model.vision_arch=tiny", "model.image_size=28", f"model.num_query_tokens={QUERIES}"],
+                      _Wrapper).model
     model, _ = build_model(cfg)
     assert model.vision_model.post_layernorm.eps == 1e-5
 

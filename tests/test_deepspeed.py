@@ -120,7 +120,8 @@ def _final_weights(trainer) -> dict[str, torch.Tensor]:
 
     params = dict(trainer.engine.module.named_parameters())
     wanted = {k: p for k, p in params.items() if p.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(wanted.values()), enabled=trainer.engine.zero_optimization_stage() == 3):
+    zero3 = trainer.engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(list(wanted.values()), enabled=zero3):
         return {k.replace("_checkpoint_wrapped_module.", ""): p.detach().clone() for k, p in wanted.items()}
 
 

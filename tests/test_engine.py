@@ -61,7 +61,8 @@ def test_streaming_delivers_the_reply(model_and_tokenizer):
     session.add_image(_image("green"))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(reply=session.ask("what", GenerationSettings(max_new_tokens=5), streamer)))
+    settings = GenerationSettings(max_new_tokens=5)
+    worker = threading.Thread(target=lambda: result.update(reply=session.ask("what", settings, streamer)))
     worker.start()
     streamed = "".join(streamer)
     worker.join()

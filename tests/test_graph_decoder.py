@@ -61,7 +61,8 @@ def test_should_stop_ends_after_the_current_chunk(model):
     ids, px = _prompt()
     decoder = GraphDecoder(model, max_cache_len=64, check_every=4)
     calls = []
-    out = decoder.generate(ids, pixel_values=px, max_new_tokens=20, should_stop=lambda: calls.append(1) or len(calls) > 1)
+    out = decoder.generate(ids, pixel_values=px, max_new_tokens=20,
+                           should_stop=lambda: calls.append(1) or len(calls) > 1)
     assert out.shape[1] == 1 + 4  # the prefill's token, then one chunk
 
 

@@ -101,7 +101,8 @@ def test_generation_with_kv_cache_equals_no_cache_and_stops_at_eos(tiny_model):
     assert torch.equal(out, ref)
     eos = int(ref[0, 3])
     first = int((ref[0] == eos).nonzero()[0])
-    stopped = tiny_model.generate(ids, image_features=feats, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    stopped = tiny_model.generate(ids, image_features=feats, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0)
     assert stopped[0].tolist() == ref[0, : first + 1].tolist()
 
 
@@ -123,5 +124,6 @@ def test_cast_parts_keeps_the_projection_in_fp32(tiny_model):
     assert tiny_model.part_dtype("vision_model") == torch.bfloat16
     assert tiny_model.language_projection.weight.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tiny_model(torch.tensor([[2, *P, 7]]), labels=torch.tensor([[-100, *[-100] * 4, 7]]), pixel_values=_images(1))
+        out = tiny_model(torch.tensor([[2, *P, 7]]), labels=torch.tensor([[-100, *[-100] * 4, 7]]),
+                         pixel_values=_images(1))
     assert torch.isfinite(out.loss)
