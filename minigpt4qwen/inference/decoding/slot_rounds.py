@@ -283,7 +283,7 @@ class SlotRounds:
                 reason = "stop"
             elif len(job.tokens) >= job.max_new:
                 reason = "length"
-            elif job.stop is not None and bool(job.stop(torch.tensor([job.tokens]), None)[0]):
+            elif job.stop is not None and bool(job.stop(torch.tensor([job.tokens[-job.stop.tail:]]), None)[0]):
                 reason = "stop"
             if reason is not None:
                 tokens = tokens[:count]
