@@ -5,27 +5,26 @@
 
 A server process runs what `minigpt4qwen serve` runs (`build_app` over a `GenerationScheduler`, uvicorn) on a
 random-weight model of the chosen size, with the Qwen tokenizer from tests/data and no stop tokens, so every reply
-is forced to its full length. This process drives it with the official `openai` client (asyncio, streaming): for
-each row, N clients each send requests back to back (a 63-token prompt with one 224px image, greedy, 128 new
-tokens), after one warm-up round at the same concurrency (graph captures). Printed per row: aggregate tokens/s
-(all generated tokens over the wall time), time to first text piece (p50 / p95), the server's medians from a
-request's arrival to its submission to the scheduler (reading, parsing, image decoding, tokenizing) and to its first
-text piece (lower bounds: see `serve_load_server.py`), the scheduler's own from submission to a slot and to the
-first token (so each part of the client's wait is accounted for: the rest is the client and the network), errors,
-and the server's peak GPU memory. `--loop`, `--http` and `--switch-interval` set the server's uvicorn event loop,
-HTTP parser and Python thread switch interval (the scheduler's thread and the HTTP server's share one
-interpreter). Beside it: transformers' static-cache `generate` on one pre-formed batch of 32 (same workload).
+is forced to its full length. Clients of the official `openai` client (asyncio, streaming, spread over --client-
+processes processes: `serve_load_clients.py`) drive it: for each row, N clients each send requests back to back (a
+63-token prompt with one 224px image, greedy, 128 new tokens), after one warm-up round at the same concurrency
+(graph captures). Printed per row: aggregate tokens/s (all generated tokens over the wall time), time to first text
+piece (p50 / p95), the server's medians from a request's arrival to its submission to the scheduler (reading,
+parsing, image decoding, tokenizing) and to its first text piece (lower bounds: see `serve_load_server.py`), the
+scheduler's own from submission to a slot and to the first token (so each part of the client's wait is accounted
+for: the rest is the client and the network), errors, and the server's peak GPU memory. `--loop`, `--http` and
+`--switch-interval` set the server's uvicorn event loop, HTTP parser and Python thread switch interval (the
+scheduler's thread and the HTTP server's share one interpreter). Beside it: transformers' static-cache `generate` on
+one pre-formed batch of 32 (same workload).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import urllib.request
 import torch
 
 from benchmarks.common import machine, peak_gib, reset_peak, sync
+from benchmarks.serve_load_clients import run_clients
 from benchmarks.serve_load_server import TOKENIZER, model_and_tokenizer, run_server
 
 PROMPT_TOKENS = 63
@@ -53,43 +53,6 @@ def _question(tokenizer, target: int) -> str:
     while length(" ".join(words)) < target:
         words.append("please")
     return " ".join(words)
-
-
-async def _load(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int) -> dict:
-    """`clients` concurrent clients, each streaming `per_client` requests back to back."""
-    import httpx
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600,
-                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8)))
-    ttfts, tokens, errors = [], [0], [0]
-
-    async def one_client() -> None:
-        for _ in range(per_client):
-            start = time.perf_counter()
-            try:
-                stream = await client.chat.completions.create(
-                    model="bench", messages=messages, max_tokens=new_tokens, temperature=0, stream=True,
-                    stream_options={"include_usage": True})
-                first = None
-                async for chunk in stream:
-                    if first is None and chunk.choices and chunk.choices[0].delta.content:
-                        first = time.perf_counter() - start
-                    if chunk.usage is not None:
-                        tokens[0] += chunk.usage.completion_tokens
-                ttfts.append(first if first is not None else time.perf_counter() - start)
-            except Exception as err:  # counted, reported; the row goes on
-                errors[0] += 1
-                print(f"  request failed: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
-    wall = time.perf_counter() - start
-    await client.close()
-    ttfts.sort()
-    return {"tokens_per_s": tokens[0] / wall, "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
-            "errors": errors[0], "requests": clients * per_client}
 
 
 def _ms(value: float | None) -> str:
@@ -151,10 +114,11 @@ def server_rows(args: argparse.Namespace) -> None:
               "loop waiting for the GPU |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
-            asyncio.run(_load(f"{url}/v1", clients, 1, messages, args.new_tokens))  # warm-up: captures graphs
+            run_clients(f"{url}/v1", clients, 1, messages, args.new_tokens, args.client_processes)  # warm-up
             _get(f"{url}/bench/counters?reset=true")
             before = _get(f"{url}/health")
-            row = asyncio.run(_load(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens))
+            row = run_clients(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens,
+                              args.client_processes)
             counters = _get(f"{url}/bench/counters")
             peak = counters["peak_gib"]
             after = _get(f"{url}/health")
@@ -213,6 +177,8 @@ def main() -> None:
                         help="prefill forwards up to this many padded tokens replay CUDA graphs")
     parser.add_argument("--quantize", choices=["int8", "int4"], help="serve the LLM quantized (torchao)")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
+    parser.add_argument("--client-processes", type=int, default=8,
+                        help="processes the clients are spread over (1: all on one asyncio loop, as before)")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn's HTTP parser")

@@ -1,0 +1,82 @@
+"""The client side of `benchmarks/serve_load.py`: N concurrent clients of the official `openai` client (asyncio,
+streaming), spread over several processes.
+
+One Python process serialises its clients' requests: with 32 clients each sending a ~200 KB JSON body (the image
+as a data URL), the last request of a burst leaves ~100 ms after the first, and that wait would be counted in its
+time to first token although the server never saw it. So the clients are split over `processes` (spawned)
+processes, which start together at a barrier; each process runs its share on one asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import time
+
+
+async def _clients(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int) -> dict:
+    """`clients` concurrent clients on this loop, each streaming `per_client` requests back to back."""
+    import httpx
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600,
+                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8)))
+    ttfts, tokens, errors = [], [0], [0]
+
+    async def one_client() -> None:
+        for _ in range(per_client):
+            start = time.monotonic()
+            try:
+                stream = await client.chat.completions.create(
+                    model="bench", messages=messages, max_tokens=new_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True})
+                first = None
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.monotonic() - start
+                    if chunk.usage is not None:
+                        tokens[0] += chunk.usage.completion_tokens
+                ttfts.append(first if first is not None else time.monotonic() - start)
+            except Exception as err:  # counted, reported; the row goes on
+                errors[0] += 1
+                print(f"  request failed: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
+
+    start = time.monotonic()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    end = time.monotonic()
+    await client.close()
+    return {"ttfts": ttfts, "tokens": tokens[0], "errors": errors[0], "start": start, "end": end}
+
+
+def _process(barrier, results, *load_args) -> None:
+    barrier.wait()
+    results.put(asyncio.run(_clients(*load_args)))
+
+
+def run_clients(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int,
+                processes: int = 8) -> dict:
+    """Runs the load; returns aggregate tokens/s (every generated token over the wall time from the common start
+    to the last reply), TTFT p50 / p95 in ms, errors and the number of requests."""
+    processes = max(1, min(processes, clients))
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    if processes == 1:
+        parts = [asyncio.run(_clients(base_url, clients, per_client, messages, new_tokens))]
+    else:
+        context = multiprocessing.get_context("spawn")  # time.monotonic is one clock for all processes
+        barrier, results = context.Barrier(processes), context.Queue()
+        workers = [context.Process(target=_process, daemon=True,
+                                   args=(barrier, results, base_url, share, per_client, messages, new_tokens))
+                   for share in shares]
+        for worker in workers:
+            worker.start()
+        parts = [results.get(timeout=900) for _ in workers]
+        for worker in workers:
+            worker.join(60)
+    ttfts = sorted(t for part in parts for t in part["ttfts"])
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    return {"tokens_per_s": sum(p["tokens"] for p in parts) / wall,
+            "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
+            "errors": sum(p["errors"] for p in parts), "requests": clients * per_client}
