@@ -70,14 +70,19 @@ def request_payload(tokenizer, new_tokens: int) -> dict:
 
 def make_prepare(model, tokenizer, scheduler):
     """payload -> (ids, pixels, settings), as the server's request handler and `_prepare` build them."""
-    from minigpt4qwen.inference.frontends.openai_protocol import ChatRequest, ImageLimits, build_conversation
+    from minigpt4qwen.inference.frontends.openai_protocol import (
+        ChatRequest,
+        ImageLimits,
+        PromptSpec,
+        build_conversation,
+    )
 
     limits, window = ImageLimits(), min(6144, scheduler.capacity - 1)  # build_app's defaults
 
     def prepare(payload: dict):
         chat = ChatRequest.model_validate(payload)
         settings = chat.settings(512, 4096)  # temperature 0: greedy, max_new_tokens = max_tokens
-        ids, pixels = build_conversation(chat, limits).prompt(model, tokenizer, window)
+        ids, pixels = build_conversation(chat, limits).prompt(PromptSpec.of(model), tokenizer, window)
         return ids, pixels, settings
 
     return prepare

@@ -27,7 +27,7 @@ from minigpt4qwen.inference.decoding.slot_decoder import SlotDecoder
 from minigpt4qwen.inference.decoding.slot_rounds import SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
-from minigpt4qwen.inference.frontends.openai_protocol import Conversation
+from minigpt4qwen.inference.frontends.openai_protocol import Conversation, PromptSpec
 from minigpt4qwen.inference.frontends.streaming import StopTrimmer
 from minigpt4qwen.inference.generation import GenerationSettings, trim_at_stop
 from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
@@ -55,7 +55,7 @@ def _prompt(model_and_tokenizer, text, *colours, history=()):
     images = [Image.new("RGB", (40, 40), colour) for colour in colours]
     conversation = Conversation(query=IMAGE_PROMPT * len(images) + text, query_images=images, turns=list(history),
                                 turn_images=[[] for _ in history])
-    ids, pixels = conversation.prompt(model, tokenizer)
+    ids, pixels = conversation.prompt(PromptSpec.of(model), tokenizer)
     return {"input_ids": ids, "pixel_values": pixels}
 
 

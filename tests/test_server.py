@@ -19,7 +19,7 @@ from PIL import Image
 
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
-from minigpt4qwen.inference.frontends.openai_protocol import Conversation
+from minigpt4qwen.inference.frontends.openai_protocol import Conversation, PromptSpec
 from minigpt4qwen.inference.frontends.server import build_app
 from tests.conftest import make_tiny_chat_model
 
@@ -257,7 +257,8 @@ def test_stop_strings_seed_and_length(app, client, model_and_tokenizer):
 
     # a seeded sample: the scheduler's answer for this prompt alone, every time, whatever runs beside it
     sampled = GenerationSettings(max_new_tokens=N, do_sample=True, temperature=1.5, top_p=0.9, seed=5)
-    prompt = Conversation(query=IMAGE_PROMPT + "what", query_images=[green]).prompt(*model_and_tokenizer)
+    model, tokenizer = model_and_tokenizer
+    prompt = Conversation(query=IMAGE_PROMPT + "what", query_images=[green]).prompt(PromptSpec.of(model), tokenizer)
     expected = app.state.scheduler.submit(*prompt[:1], pixel_values=prompt[1], settings=sampled).result(30)
     for stream in (False, True):
         out = client.chat.completions.create(model="tiny", messages=[_user("what", green)], max_tokens=N,

@@ -94,6 +94,11 @@ class GenerationHandle:
                 self.finish_reason, self.error = reason, error
         self._notify()
 
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Calls `callback()` after every change (new tokens, the end), from the scheduler's thread: keep it short."""
+        with self._cond:
+            self._wakers.add(callback)
+
     def _notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -138,7 +143,8 @@ class GenerationHandle:
             raise GenerationCancelled(text)
         return text
 
-    def _snapshot(self) -> tuple[list[int], bool]:
+    def snapshot(self) -> tuple[list[int], bool]:
+        """The tokens so far and whether the request is done, read together."""
         with self._cond:
             return list(self.token_ids), self.done
 
@@ -179,7 +185,7 @@ class GenerationHandle:
         try:
             while True:
                 changed.clear()
-                ids, done = self._snapshot()
+                ids, done = self.snapshot()
                 if len(ids) != seen or done:
                     seen = len(ids)
                     if piece := pieces.feed(ids, final=done):

@@ -41,6 +41,29 @@ from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 log = logging.getLogger(__name__)
 
 
+def check_request(input_ids: torch.Tensor, pixel_values: torch.Tensor | None, settings: GenerationSettings | None,
+                  *, capacity: int, image_size: int) -> tuple[torch.Tensor, GenerationSettings]:
+    """What `GenerationScheduler.submit` refuses, checked where the request is made (also in a front-end process).
+
+    Returns:
+        The prompt as a flat CPU LongTensor and the checked settings (defaults for None).
+
+    Raises:
+        ValueError: beam search, invalid settings, an empty or too long prompt, misshapen images.
+    """
+    settings = (settings or GenerationSettings()).check()
+    if settings.num_beams > 1:
+        raise ValueError("the scheduler does not batch beam search; run it under `scheduler.model_lock` with "
+                         "MiniGPT4Qwen.generate")
+    ids = input_ids.reshape(-1).to(torch.long).cpu()
+    if not 0 < len(ids) < capacity:
+        raise ValueError(f"a prompt of {len(ids)} tokens does not fit a slot of {capacity} tokens (at least one "
+                         "token must be left for the reply); shorten it or raise the slot capacity")
+    if pixel_values is not None and tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
+        raise ValueError(f"pixel_values must be [N, 3, {image_size}, {image_size}], got {tuple(pixel_values.shape)}")
+    return ids, settings
+
+
 class _ModelLock:
     """`with scheduler.model_lock:` holds the model for the caller; the loop waits at its next step boundary."""
 
@@ -124,19 +147,10 @@ class GenerationScheduler:
             ValueError: beam search, invalid settings, an empty or too long prompt, both or misshapen images.
             RuntimeError: the scheduler is closed.
         """
-        settings = (settings or GenerationSettings()).check()
-        if settings.num_beams > 1:
-            raise ValueError("the scheduler does not batch beam search; run it under `scheduler.model_lock` with "
-                             "MiniGPT4Qwen.generate")
-        ids = input_ids.reshape(-1).to(torch.long).cpu()
-        if not 0 < len(ids) < self.capacity:
-            raise ValueError(f"a prompt of {len(ids)} tokens does not fit a slot of {self.capacity} tokens (at least "
-                             "one token must be left for the reply); shorten it or raise the slot capacity")
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass the images as pixel_values or as image_features, not both")
-        size = self.model.config.vision_config.image_size
-        if pixel_values is not None and tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise ValueError(f"pixel_values must be [N, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
+        ids, settings = check_request(input_ids, pixel_values, settings, capacity=self.capacity,
+                                      image_size=self.model.config.vision_config.image_size)
         seed = settings.seed if settings.seed is not None else int(torch.randint(0, 2**62, ()))
         max_new = min(settings.max_new_tokens, self.capacity - len(ids))
         stop = StopOnText(self.tokenizer, settings.stop) if settings.stop else None

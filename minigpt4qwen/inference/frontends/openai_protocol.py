@@ -120,6 +120,19 @@ class ChatRequest(BaseModel):
             raise RequestError(str(err)) from None
 
 
+@dataclass(frozen=True)
+class PromptSpec:
+    """What building a prompt needs of the model (so a front-end process without it can build prompts)."""
+
+    image_token_id: int
+    num_query_tokens: int
+    image_size: int
+
+    @classmethod
+    def of(cls, model: MiniGPT4Qwen) -> PromptSpec:
+        return cls(model.image_token_id, model.num_query_tokens, model.config.vision_config.image_size)
+
+
 @dataclass
 class Conversation:
     """A request's conversation: history pairs with their images, then the question with its images."""
@@ -130,7 +143,7 @@ class Conversation:
     query: str = ""
     query_images: list[Image.Image] = field(default_factory=list)
 
-    def prompt(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144
+    def prompt(self, spec: PromptSpec, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ids [1, T] and pixel values [N, 3, S, S] (None without images) of the prompt a fresh
         `session(...).ask(self.query)` sends, images not yet encoded (the scheduler encodes them in batches).
@@ -143,12 +156,12 @@ class Conversation:
             for user, reply in self.turns[first:]:
                 messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
             rendered = render_with_template(tokenizer, [*messages, {"role": "user", "content": self.query}],
-                                            image_token_id=model.image_token_id,
-                                            num_query_tokens=model.num_query_tokens, add_generation_prompt=True)
+                                            image_token_id=spec.image_token_id,
+                                            num_query_tokens=spec.num_query_tokens, add_generation_prompt=True)
             if len(rendered.input_ids) <= max_window_size or first == len(self.turns):
                 break
         kept = [image for turn in images[first:] for image in turn]
-        transform = ImageTransform(size=model.config.vision_config.image_size, train=False)
+        transform = ImageTransform(size=spec.image_size, train=False)
         pixels = torch.stack([transform(image) for image in kept]) if kept else None
         return torch.tensor([rendered.input_ids]), pixels
 

@@ -29,8 +29,9 @@ from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
+from minigpt4qwen.inference.engine import GenerationSettings
 from minigpt4qwen.inference.frontends.admission import Admission, ApiKeyGuard, error_response, read_body
+from minigpt4qwen.inference.frontends.local_backend import LocalBackend
 from minigpt4qwen.inference.frontends.openai_protocol import (
     ChatRequest,
     Conversation,
@@ -38,7 +39,6 @@ from minigpt4qwen.inference.frontends.openai_protocol import (
     RequestError,
     build_conversation,
 )
-from minigpt4qwen.inference.frontends.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,9 @@ def _parse(body: bytes) -> ChatRequest:
 
 
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
-              allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
-              max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-              max_window_size: int = 6144, api_key: str | None = None, max_queue: int = 128,
-              scheduler: GenerationScheduler | None = None, slots: int = 16, slot_tokens: int = 2048) -> FastAPI:
-    """Builds the FastAPI app serving `model`.
+              allow_local_files: bool = False, *, scheduler: GenerationScheduler | None = None, slots: int = 16,
+              slot_tokens: int = 2048, **options: Any) -> FastAPI:
+    """Builds the FastAPI app serving `model` from this process.
 
     Args:
         model: the model.
@@ -76,6 +74,33 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         model_name: the id reported by `/v1/models` and in responses (requests may name any model).
         allow_local_files: also accept `image_url` local paths and file:// URLs (only for trusted clients: they
             can read any image the server process can).
+        scheduler: the model's generation scheduler (owned by the caller); None builds one of `slots` slots of
+            `slot_tokens` tokens, closed with the app.
+        slots / slot_tokens: see `scheduler`.
+        **options: `create_app`'s limits (max_body_bytes, ..., api_key, max_queue).
+
+    Returns:
+        The app (run it with uvicorn, or `serve`).
+    """
+    own = scheduler is None
+    scheduler = scheduler or GenerationScheduler(model, tokenizer, slots=slots, capacity=slot_tokens)
+    app = create_app(LocalBackend(model, tokenizer, scheduler, own), tokenizer, model_name, allow_local_files,
+                     **options)
+    app.state.scheduler = scheduler
+    return app
+
+
+def create_app(backend: Any, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
+               allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
+               max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
+               max_window_size: int = 6144, api_key: str | None = None, max_queue: int = 128) -> FastAPI:
+    """Builds the FastAPI app over a backend (`LocalBackend`, or `engine_link.RemoteBackend` in a front-end
+    process).
+
+    Args:
+        backend: runs the requests (see `local_backend`); closed with the app.
+        tokenizer: the model's tokenizer.
+        model_name / allow_local_files: see `build_app`.
         max_body_bytes: larger request bodies get 413.
         max_images: more images in one request get 400.
         max_image_pixels: larger images (width x height) get 400.
@@ -85,25 +110,16 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
             beyond it.
         api_key: required as `Authorization: Bearer <key>` on `/v1/*` (None: no authentication).
         max_queue: chat requests admitted at once (decoding or waiting for a slot); more get 429.
-        scheduler: the model's generation scheduler (owned by the caller); None builds one of `slots` slots of
-            `slot_tokens` tokens, closed with the app.
-        slots / slot_tokens: see `scheduler`.
-
-    Returns:
-        The app (run it with uvicorn, or `serve`).
     """
-    own = scheduler is None
-    scheduler = scheduler or GenerationScheduler(model, tokenizer, slots=slots, capacity=slot_tokens)
-    window = min(max_window_size, scheduler.capacity - 1)
+    window = min(max_window_size, backend.capacity - 1)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        if own:
-            scheduler.close()
+        backend.close()
 
     app = FastAPI(title="MiniGPT4Qwen", version="1", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.backend = backend
     admission = Admission(max_queue)
     limits = ImageLimits(max_images=max_images, max_pixels=max_image_pixels, allow_local_files=allow_local_files)
     created = int(time.time())
@@ -117,7 +133,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        stats = scheduler.stats()
+        stats = backend.stats()
         return {"status": "ok", "model": model_name, "busy": bool(stats["active_slots"] or stats["queued"]),
                 "admitted": admission.admitted, **stats}
 
@@ -145,29 +161,18 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
         """The conversation and, unless beam search runs, its prompt ids and pixels: CPU work (image decoding,
         tokenizing) done in one worker-thread hop, so a request costs the event loop one round trip."""
         conversation = build_conversation(chat, limits)
-        return conversation, conversation.prompt(model, tokenizer, window) if settings.num_beams == 1 else None
+        return conversation, conversation.prompt(backend.spec, tokenizer, window) if settings.num_beams == 1 else None
 
     async def _start(chat: ChatRequest, settings: GenerationSettings) -> tuple[Any, Callable[[], int]]:
         """The reply (async-iterable text pieces with `num_tokens` and `finish_reason`) and its prompt length."""
         conversation, prompt = await run_in_threadpool(_prepare, chat, settings)
-        if prompt is not None:
-            ids, pixels = prompt
-            try:
-                handle = scheduler.submit(ids, pixel_values=pixels, settings=settings)
-            except ValueError as err:
-                raise RequestError(str(err)) from None
-            return handle, lambda: handle.prompt_tokens
-        prompt_tokens = [0]
-
-        def answer(session: ChatSession, job_settings: GenerationSettings, streamer: Any) -> str:
-            query = session.with_image_markers(conversation.query)
-            prompt_tokens[0] = int(session.build_prompt(query)[0].shape[1])
-            return session.ask(query, job_settings, streamer)
-
-        # Beam search runs alone on the model, between the scheduler's steps.
-        reply = ReplyStream(lambda: conversation.session(model, tokenizer, window), answer, settings,
-                            lock=scheduler.model_lock)
-        return reply, lambda: prompt_tokens[0]
+        if prompt is None:  # beam search runs alone on the model, between the scheduler's steps
+            return backend.beam(conversation, settings, window)
+        try:
+            handle = backend.submit(*prompt, settings)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        return handle, lambda: handle.prompt_tokens
 
     async def _complete(chat: ChatRequest, settings: GenerationSettings,
                         release: Callable[[], None]) -> JSONResponse | StreamingResponse:
