@@ -25,6 +25,7 @@ import base64
 import io
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -77,6 +78,19 @@ def _wait_until_up(url: str, server: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"the server did not answer within {timeout:.0f} s")
 
 
+def _engine_counters(health: dict, start: float, end: float) -> dict:
+    """/bench/counters' figures from the engine's stats (`serve_load_server` adds its latencies and peak to them);
+    the front end's intake and first-text times are not measured in that setup."""
+    latencies = [(wait, first) for t, wait, first in health["bench_latencies"] if start <= t <= end]
+
+    def median_ms(values: list[float]) -> float | None:
+        return 1000 * statistics.median(values) if values else None
+
+    return {"peak_gib": health["bench_peak_gib"], "intake_ms": None, "first_text_ms": None,
+            "slot_wait_ms": median_ms([w for w, _ in latencies]),
+            "first_token_ms": median_ms([f for _, f in latencies])}
+
+
 def server_rows(args: argparse.Namespace) -> None:
     from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
 
@@ -88,7 +102,8 @@ def server_rows(args: argparse.Namespace) -> None:
                "--check-every", str(args.check_every), "--prefill-tokens", str(args.prefill_tokens),
                "--graph-prefill-tokens", str(args.graph_prefill_tokens),
                *(["--quantize", args.quantize] if args.quantize else []),
-               *(["--compile-decode"] if args.compile_decode else [])]
+               *(["--compile-decode"] if args.compile_decode else []),
+               *(["--frontend-process"] if args.frontend_process else [])]
     server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]
     command += ["--loop", args.loop, "--http", args.http, "--switch-interval", str(args.switch_interval)]
     server = subprocess.Popen(command)
@@ -107,6 +122,7 @@ def server_rows(args: argparse.Namespace) -> None:
             f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
             (f", LLM {args.quantize}" if args.quantize else "") + \
+            (", HTTP front end in its own process" if args.frontend_process else "") + \
             "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
               "server p50 from arrival: submitted / first text, ms | "
@@ -115,11 +131,16 @@ def server_rows(args: argparse.Namespace) -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
             run_clients(f"{url}/v1", clients, 1, messages, args.new_tokens, args.client_processes)  # warm-up
-            _get(f"{url}/bench/counters?reset=true")
+            if not args.frontend_process:
+                _get(f"{url}/bench/counters?reset=true")
             before = _get(f"{url}/health")
             row = run_clients(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens,
                               args.client_processes)
-            counters = _get(f"{url}/bench/counters")
+            if args.frontend_process:  # no /bench/counters in the front end: the engine's stats come with /health
+                time.sleep(0.6)  # they are up to 0.5 s old
+                counters = _engine_counters(_get(f"{url}/health"), row["start"], row["end"])
+            else:
+                counters = _get(f"{url}/bench/counters")
             peak = counters["peak_gib"]
             after = _get(f"{url}/health")
             rounds = after["round_s"] - before["round_s"]
@@ -177,6 +198,8 @@ def main() -> None:
                         help="prefill forwards up to this many padded tokens replay CUDA graphs")
     parser.add_argument("--quantize", choices=["int8", "int4"], help="serve the LLM quantized (torchao)")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
+    parser.add_argument("--frontend-process", action="store_true",
+                        help="the HTTP front end in a process of its own (serve --frontend-process)")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="processes the clients are spread over (1: all on one asyncio loop, as before)")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")

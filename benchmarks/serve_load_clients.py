@@ -58,7 +58,8 @@ def _process(barrier, results, *load_args) -> None:
 def run_clients(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int,
                 processes: int = 8) -> dict:
     """Runs the load; returns aggregate tokens/s (every generated token over the wall time from the common start
-    to the last reply), TTFT p50 / p95 in ms, errors and the number of requests."""
+    to the last reply), TTFT p50 / p95 in ms, errors, the number of requests, and when it started and ended
+    (`time.monotonic`, one clock for all processes of the machine)."""
     processes = max(1, min(processes, clients))
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
     if processes == 1:
@@ -79,4 +80,5 @@ def run_clients(base_url: str, clients: int, per_client: int, messages: list, ne
     return {"tokens_per_s": sum(p["tokens"] for p in parts) / wall,
             "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
-            "errors": sum(p["errors"] for p in parts), "requests": clients * per_client}
+            "errors": sum(p["errors"] for p in parts), "requests": clients * per_client,
+            "start": min(p["start"] for p in parts), "end": max(p["end"] for p in parts)}

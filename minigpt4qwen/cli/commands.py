@@ -228,6 +228,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIGPT4QWEN_API_KEY; none: open)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests decoding or waiting at once; more get 429 (Retry-After: 1)")
+    p.add_argument("--frontend-process", action="store_true",
+                   help="run the HTTP server (parsing, images, tokenizing, streaming) in a process of its own, so it "
+                        "does not compete with the scheduler's thread for the interpreter: for many clients")
     p.set_defaults(func=run_serve)
 
 
@@ -237,11 +240,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for_inference(args)
     scheduler = build_scheduler(model, tokenizer, args)
+    app_options = dict(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                       max_window_size=args.max_window_size, api_key=args.api_key, max_queue=args.max_queue)
     try:
-        serve(model, tokenizer, args.model_name, host=args.host, port=args.port,
-              allow_local_files=args.allow_local_files, max_body_bytes=int(args.max_body_mb * 2**20),
-              max_images=args.max_images, max_window_size=args.max_window_size, scheduler=scheduler,
-              api_key=args.api_key, max_queue=args.max_queue)
+        if not args.frontend_process:
+            serve(model, tokenizer, args.model_name, host=args.host, port=args.port,
+                  allow_local_files=args.allow_local_files, scheduler=scheduler, **app_options)
+            return 0
+        from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcess
+
+        frontend = FrontendProcess(model, tokenizer, scheduler, FrontendOptions(
+            args.host, args.port, args.model_name, args.allow_local_files, app_options))
+        frontend.start()
+        code = frontend.run()
+        if code:
+            raise SystemExit(f"the HTTP front-end process exited with code {code} (its log is above)")
     finally:
         scheduler.close()
     return 0

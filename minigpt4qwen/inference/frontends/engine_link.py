@@ -1,0 +1,327 @@
+"""The link between an HTTP front-end process and the process that holds the model (`serve --frontend-process`).
+
+In one process, the HTTP server's event loop and worker threads (parsing, image decoding, tokenizing, detokenizing,
+streaming) share the interpreter's lock with the scheduler's thread, which then waits for it between the GPU's
+chunks. Across two processes they do not: the front end builds prompts and turns tokens into text; the model's
+process only schedules and decodes.
+
+Over one `multiprocessing` connection:
+- front end -> engine: ("submit", id, prompt ids, pixels, settings), ("beam", id, conversation, settings, window),
+  ("cancel", id); arrays travel as numpy (plain pickles, no shared-memory file descriptors);
+- engine -> front end: ("update", [(id, new tokens or text pieces, end or None), ...]) with every request's news
+  since the last message, and ("stats", scheduler stats) every `stats_every` seconds. An end is (finish reason,
+  error message or None, tokens generated, prompt tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
+from minigpt4qwen.inference.decoding.scheduler import check_request
+from minigpt4qwen.inference.engine import GenerationSettings
+from minigpt4qwen.inference.frontends.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_protocol import Conversation, PromptSpec
+
+log = logging.getLogger(__name__)
+
+
+class EngineBridge:
+    """The model's end: runs the front end's requests on a `LocalBackend` and sends their news back.
+
+    Args:
+        connection: the front end's connection.
+        backend: the model and its scheduler.
+        stats_every: seconds between two stats messages.
+    """
+
+    def __init__(self, connection: Any, backend: LocalBackend, stats_every: float = 0.5):
+        self.connection, self.backend, self.stats_every = connection, backend, stats_every
+        self._cond = threading.Condition()
+        self._handles: dict[int, tuple[GenerationHandle, list[int]]] = {}  # id -> (handle, [tokens sent])
+        self._beams: dict[int, Any] = {}  # id -> beam-search reply
+        self._changed: set[int] = set()
+        self._texts: list[tuple[int, list[str], tuple | None]] = []  # beam search news
+        self._stopped = False
+
+    def run(self) -> None:
+        """Serves the front end until it hangs up; then cancels what it left running."""
+        sender = threading.Thread(target=self._send_news, daemon=True, name="minigpt4qwen-engine-link")
+        sender.start()
+        try:
+            while True:
+                kind, rid, *body = self.connection.recv()
+                if kind == "submit":
+                    self._submit(rid, *body)
+                elif kind == "beam":
+                    threading.Thread(target=self._beam, args=(rid, *body), daemon=True).start()
+                elif kind == "cancel":
+                    with self._cond:
+                        running = self._beams.get(rid) or self._handles.get(rid, (None,))[0]
+                    if running is not None:
+                        running.cancel()
+        except (EOFError, OSError):
+            log.info("the front end hung up")
+        finally:
+            with self._cond:
+                self._stopped = True
+                handles = [handle for handle, _ in self._handles.values()] + list(self._beams.values())
+                self._cond.notify_all()
+            for handle in handles:
+                handle.cancel()
+            sender.join(10)
+
+    def _submit(self, rid: int, ids: np.ndarray, pixels: np.ndarray | None, settings: GenerationSettings) -> None:
+        try:
+            handle = self.backend.submit(torch.from_numpy(ids), None if pixels is None else torch.from_numpy(pixels),
+                                         settings)
+        except Exception as err:  # checked by the front end already: a mismatch between the two processes
+            with self._cond:
+                self._texts.append((rid, [], ("error", f"{type(err).__name__}: {err}", 0, len(ids))))
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._handles[rid] = (handle, [0])
+        handle.add_listener(lambda: self._mark(rid))
+        self._mark(rid)
+
+    def _mark(self, rid: int) -> None:
+        with self._cond:
+            self._changed.add(rid)
+            self._cond.notify_all()
+
+    def _beam(self, rid: int, conversation: Conversation, settings: GenerationSettings, window: int) -> None:
+        reply, prompt_tokens = self.backend.beam(conversation, settings, window)
+        with self._cond:
+            self._beams[rid] = reply
+        error = None
+        try:
+            for piece in reply:
+                with self._cond:
+                    self._texts.append((rid, [piece], None))
+                    self._cond.notify_all()
+        except Exception as err:  # the front end's stream reports it
+            error = f"{type(err).__name__}: {err}"
+        end = ("error" if error else reply.finish_reason, error, reply.num_tokens, prompt_tokens())
+        with self._cond:
+            self._texts.append((rid, [], end))
+            del self._beams[rid]
+            self._cond.notify_all()
+
+    def _news(self) -> list[tuple[int, list, tuple | None]]:
+        """Every request's news since the last call (call under `_cond`)."""
+        news, self._texts = self._texts, []
+        for rid in self._changed:
+            if rid not in self._handles:  # its end was sent already
+                continue
+            handle, sent = self._handles[rid]
+            ids, done = handle.snapshot()
+            end = None
+            if done:
+                error = None if handle.error is None else f"{type(handle.error).__name__}: {handle.error}"
+                end = (handle.finish_reason, error, len(ids), handle.prompt_tokens)
+                del self._handles[rid]
+            news.append((rid, ids[sent[0]:], end))
+            sent[0] = len(ids)
+        self._changed.clear()
+        return news
+
+    def _send_news(self) -> None:
+        next_stats = 0.0
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._changed or self._texts or self._stopped,
+                                        max(0.0, next_stats - time.monotonic()))
+                    if self._stopped:
+                        return
+                    news = self._news()
+                if news:
+                    self.connection.send(("update", news))
+                if time.monotonic() >= next_stats:
+                    self.connection.send(("stats", self.backend.stats()))
+                    next_stats = time.monotonic() + self.stats_every
+        except (OSError, ValueError):  # the front end has gone: `run` sees it too
+            log.info("the front end's connection closed")
+
+
+class _RemoteText:
+    """A beam-search reply streamed as text from the engine: what `ReplyStream` offers the app."""
+
+    def __init__(self, cancel: Callable[[], None]):
+        self._cancel, self._cond = cancel, threading.Condition()
+        self.pieces: list[str] = []
+        self.done, self.error = False, None
+        self.num_tokens, self.prompt_tokens, self.finish_reason = 0, 0, "stop"
+        self._wakers: set[Callable[[], None]] = set()
+
+    def push(self, pieces: list[str]) -> None:
+        with self._cond:
+            self.pieces += pieces
+        self._notify()
+
+    def finish(self, reason: str, error: str | None, num_tokens: int, prompt_tokens: int) -> None:
+        with self._cond:
+            self.done, self.finish_reason = True, reason
+            self.error = None if error is None else RuntimeError(error)
+            self.num_tokens, self.prompt_tokens = num_tokens, prompt_tokens
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._cancel()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """The reply's text pieces as they come; leaving early cancels it; raises the engine's error."""
+        loop, changed, seen = asyncio.get_running_loop(), asyncio.Event(), 0
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        with self._cond:
+            self._wakers.add(wake)
+        try:
+            while True:
+                changed.clear()
+                with self._cond:
+                    pieces, done = self.pieces[seen:], self.done
+                seen += len(pieces)
+                for piece in pieces:
+                    yield piece
+                if done:
+                    break
+                if not pieces:
+                    await changed.wait()
+        finally:
+            with self._cond:
+                self._wakers.discard(wake)
+            self.cancel()
+        if self.error is not None:
+            raise self.error
+
+
+class RemoteBackend:
+    """The front end's end: a backend (see `local_backend`) whose model lives in another process.
+
+    Replies are `GenerationHandle`s fed with the engine's tokens, so text is decoded here, not in the engine.
+
+    Args:
+        connection: the engine's connection.
+        tokenizer: the model's tokenizer.
+        spec: what prompts need of the model.
+        capacity: tokens per slot of the engine's scheduler.
+        ready_timeout: seconds to wait for the engine's first stats.
+    """
+
+    def __init__(self, connection: Any, tokenizer: PreTrainedTokenizerBase, spec: PromptSpec, capacity: int,
+                 ready_timeout: float = 60.0):
+        self.connection, self.tokenizer, self.spec, self.capacity = connection, tokenizer, spec, capacity
+        self.on_lost: Callable[[], None] | None = None  # called once the engine has gone
+        self._send_lock, self._lock = threading.Lock(), threading.Lock()
+        self._replies: dict[int, GenerationHandle | _RemoteText] = {}
+        self._ids = itertools.count()
+        self._stats: dict[str, Any] | None = None
+        self._ready, self._lost, self._closed = threading.Event(), None, False
+        threading.Thread(target=self._receive, daemon=True, name="minigpt4qwen-engine-news").start()
+        if not self._ready.wait(ready_timeout):
+            raise TimeoutError(f"the engine process did not answer within {ready_timeout:.0f} s")
+        if self._lost:
+            raise RuntimeError(self._lost)
+
+    def _send(self, message: tuple) -> None:
+        if self._lost:
+            raise RuntimeError(self._lost)
+        with self._send_lock:
+            self.connection.send(message)
+
+    def _register(self, reply: GenerationHandle | _RemoteText) -> int:
+        rid = next(self._ids)
+        with self._lock:
+            self._replies[rid] = reply
+        return rid
+
+    def _cancel(self, rid: int) -> None:
+        try:
+            self._send(("cancel", rid))
+        except (RuntimeError, OSError):
+            pass  # the engine has gone: nothing runs
+
+    def submit(self, ids: torch.Tensor, pixels: torch.Tensor | None, settings: GenerationSettings
+               ) -> GenerationHandle:
+        """Sends a prompt to the engine's scheduler (ValueError for what it would refuse, checked here)."""
+        flat, settings = check_request(ids, pixels, settings, capacity=self.capacity, image_size=self.spec.image_size)
+        rid = -1
+        handle = GenerationHandle(self.tokenizer, settings, len(flat), on_cancel=lambda: self._cancel(rid))
+        rid = self._register(handle)
+        self._send(("submit", rid, flat.numpy(), None if pixels is None else pixels.numpy(), settings))
+        return handle
+
+    def beam(self, conversation: Conversation, settings: GenerationSettings, window: int
+             ) -> tuple[_RemoteText, Callable[[], int]]:
+        """Beam search on the engine's model; returns the streamed reply and its prompt length once known."""
+        rid = -1
+        reply = _RemoteText(cancel=lambda: self._cancel(rid))
+        rid = self._register(reply)
+        self._send(("beam", rid, conversation, settings, window))
+        return reply, lambda: reply.prompt_tokens
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats or {})
+
+    def close(self) -> None:
+        self._closed = True
+        self.connection.close()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                kind, body = self.connection.recv()
+                if kind == "stats":
+                    self._stats = body
+                    self._ready.set()
+                    continue
+                for rid, new, end in body:
+                    with self._lock:
+                        reply = self._replies.get(rid) if end is None else self._replies.pop(rid, None)
+                    if reply is not None:
+                        self._deliver(reply, new, end)
+        except (EOFError, OSError, TypeError):  # TypeError: `close` closed the connection under `recv`
+            pass
+        self._lost = ("the server is shutting down" if self._closed
+                      else "the engine process has gone; restart the server")
+        with self._lock:
+            replies, self._replies = list(self._replies.values()), {}
+        for reply in replies:
+            self._deliver(reply, [], ("error", self._lost, reply.num_tokens, 0))
+        self._ready.set()
+        if self.on_lost and not self._closed:
+            self.on_lost()
+
+    @staticmethod
+    def _deliver(reply: GenerationHandle | _RemoteText, new: list, end: tuple | None) -> None:
+        if new:
+            reply.push(new)
+        if end is None:
+            return
+        reason, error, num_tokens, prompt_tokens = end
+        if isinstance(reply, _RemoteText):
+            reply.finish(reason, error, num_tokens, prompt_tokens)
+        else:
+            reply.end(reason, None if error is None else RuntimeError(error))

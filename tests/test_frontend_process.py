@@ -1,0 +1,169 @@
+"""`serve --frontend-process`: the HTTP front end in another process, linked to the model's scheduler.
+
+The link is tested over a real `multiprocessing` pipe between threads of this process (fast), and once with the
+front end spawned as its own process, as `serve` runs it.
+"""
+
+import asyncio
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+from minigpt4qwen.inference.engine import GenerationSettings
+from minigpt4qwen.inference.frontends.engine_link import EngineBridge, RemoteBackend
+from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcess
+from minigpt4qwen.inference.frontends.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_protocol import PromptSpec
+from minigpt4qwen.inference.frontends.server import build_app, create_app
+from tests.conftest import make_tiny_chat_model
+from tests.test_server import _image, _serving, _user
+
+N = 16
+PROMPTS = [(text, colour) for text in ("what colour", "what is the shape") for colour in ("red", "blue", "green")]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
+
+
+@pytest.fixture(scope="module")
+def alone(model_and_tokenizer):
+    """Each prompt's greedy answer from the server with the model in its own process."""
+    with _serving(build_app(*model_and_tokenizer, "tiny", slots=4, slot_tokens=256)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        answers = [client.chat.completions.create(model="tiny", messages=[_user(text, _image(colour))],
+                                                  max_tokens=N).choices[0].message.content
+                   for text, colour in PROMPTS]
+    assert len(set(answers)) >= 3  # a mix-up would show
+    return answers
+
+
+@contextmanager
+def _linked(model_and_tokenizer, **app_options):
+    """The app over a `RemoteBackend` whose engine (`EngineBridge` + scheduler) runs in a thread of this process;
+    yields (base URL, scheduler, front-end backend)."""
+    model, tokenizer = model_and_tokenizer
+    scheduler = GenerationScheduler(model, tokenizer, slots=4, capacity=256)
+    engine_end, front_end = multiprocessing.Pipe()
+    bridge = threading.Thread(target=EngineBridge(engine_end, LocalBackend(model, tokenizer, scheduler)).run)
+    bridge.start()
+    backend = RemoteBackend(front_end, tokenizer, PromptSpec.of(model), scheduler.capacity)
+    try:
+        with _serving(create_app(backend, tokenizer, "tiny", **app_options)) as url:
+            yield url, scheduler, backend
+    finally:
+        front_end.close()  # the engine sees the front end hang up
+        bridge.join(10)
+        scheduler.close()
+    assert not bridge.is_alive()
+
+
+def _ask_all(url, stream_every=2):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+
+        async def one(i):
+            text, colour = PROMPTS[i % len(PROMPTS)]
+            out = await client.chat.completions.create(model="tiny", messages=[_user(text, _image(colour))],
+                                                       max_tokens=N, stream=i % stream_every == 1)
+            if i % stream_every == 1:
+                return "".join([c.choices[0].delta.content or "" async for c in out])
+            return out.choices[0].message.content
+
+        answers = await asyncio.gather(*(one(i) for i in range(3 * len(PROMPTS))))
+        await client.close()
+        return answers
+
+    return asyncio.run(run())
+
+
+def test_linked_front_end_gives_each_request_its_own_answer(model_and_tokenizer, alone):
+    with _linked(model_and_tokenizer) as (url, scheduler, _):
+        answers = _ask_all(url)  # 18 concurrent requests on 4 slots, half of them streamed
+        assert answers == [alone[i % len(PROMPTS)] for i in range(len(answers))]
+        health = httpx.get(f"{url}/health").json()
+        assert health["slots"] == 4 and health["status"] == "ok" and health["completed"] >= len(answers)
+
+
+def test_linked_front_end_beam_search_errors_and_cancel(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with _linked(model_and_tokenizer, max_window_size=60) as (url, scheduler, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        beam = client.chat.completions.create(model="tiny", messages=[_user("what colour", _image("red"))],
+                                              max_tokens=8, extra_body={"num_beams": 2})
+        assert beam.choices[0].message.content and beam.usage.prompt_tokens > model.num_query_tokens
+
+        # a request the scheduler refuses is refused by the front end, with the scheduler's reason
+        with pytest.raises(openai.BadRequestError, match="does not fit a slot"):
+            client.chat.completions.create(model="tiny", messages=[_user("what " * 400)], max_tokens=8)
+
+        # a client that leaves a stream frees its slot in the engine
+        with client.chat.completions.create(model="tiny", messages=[_user("what colour", _image("blue"))],
+                                            max_tokens=200, stream=True) as stream:
+            next(iter(stream))
+        deadline = time.monotonic() + 10
+        while scheduler.stats()["active_slots"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.stats()["active_slots"] == 0
+
+
+def test_engine_gone_fails_requests_in_flight_and_stops_the_front_end(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine_end, front_end = multiprocessing.Pipe()
+    engine_end.send(("stats", {"slots": 2}))  # the engine is up
+    backend = RemoteBackend(front_end, tokenizer, PromptSpec.of(model), capacity=256)
+    lost = threading.Event()
+    backend.on_lost = lost.set
+    handle = backend.submit(*_prompt(model, tokenizer), GenerationSettings(max_new_tokens=8))
+    assert engine_end.recv()[0] == "submit"
+    engine_end.close()  # the engine's process dies with the request in flight
+    assert lost.wait(10) and handle.wait(10)
+    assert handle.finish_reason == "error" and "engine process has gone" in str(handle.error)
+    with pytest.raises(RuntimeError, match="engine process has gone"):
+        backend.submit(*_prompt(model, tokenizer), GenerationSettings(max_new_tokens=8))
+
+
+def _prompt(model, tokenizer):
+    from minigpt4qwen.inference.engine import IMAGE_PROMPT
+    from minigpt4qwen.inference.frontends.openai_protocol import Conversation
+
+    return Conversation(query=IMAGE_PROMPT + "what", query_images=[_image("red")]).prompt(PromptSpec.of(model),
+                                                                                          tokenizer)
+
+
+def test_spawned_front_end_serves_and_stops(model_and_tokenizer, alone):
+    model, tokenizer = model_and_tokenizer
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    scheduler = GenerationScheduler(model, tokenizer, slots=4, capacity=256)
+    frontend = FrontendProcess(model, tokenizer, scheduler, FrontendOptions(port=port, model_name="tiny",
+                                                                            log_level="warning"))
+    frontend.start()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(code=frontend.run()))
+    runner.start()
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert _ask_all(url)[:len(PROMPTS)] == alone
+        assert frontend.process.pid != os.getpid()
+    finally:
+        frontend.stop()
+        runner.join(60)
+        scheduler.close()
+    assert result == {"code": 0}
