@@ -3,15 +3,17 @@ streaming), spread over several processes.
 
 One Python process serialises its clients' requests: with 32 clients each sending a ~200 KB JSON body (the image
 as a data URL), the last request of a burst leaves ~100 ms after the first, and that wait would be counted in its
-time to first token although the server never saw it. So the clients are split over `processes` (spawned)
-processes, which start together at a barrier; each process runs its share on one asyncio loop.
+time to first token although the server never saw it. So the clients are split over `processes` processes (this
+module run as `python -m benchmarks.serve_load_clients`: it imports neither torch nor the package, so they start in
+a second), which start together once all are ready; each runs its share on one asyncio loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -50,11 +52,6 @@ async def _clients(base_url: str, clients: int, per_client: int, messages: list,
     return {"ttfts": ttfts, "tokens": tokens[0], "errors": errors[0], "start": start, "end": end}
 
 
-def _process(barrier, results, *load_args) -> None:
-    barrier.wait()
-    results.put(asyncio.run(_clients(*load_args)))
-
-
 def run_clients(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int,
                 processes: int = 8) -> dict:
     """Runs the load; returns aggregate tokens/s (every generated token over the wall time from the common start
@@ -62,19 +59,23 @@ def run_clients(base_url: str, clients: int, per_client: int, messages: list, ne
     (`time.monotonic`, one clock for all processes of the machine)."""
     processes = max(1, min(processes, clients))
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    job = [base_url, 0, per_client, messages, new_tokens]
     if processes == 1:
         parts = [asyncio.run(_clients(base_url, clients, per_client, messages, new_tokens))]
     else:
-        context = multiprocessing.get_context("spawn")  # time.monotonic is one clock for all processes
-        barrier, results = context.Barrier(processes), context.Queue()
-        workers = [context.Process(target=_process, daemon=True,
-                                   args=(barrier, results, base_url, share, per_client, messages, new_tokens))
-                   for share in shares]
+        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.serve_load_clients"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True) for _ in shares]
+        for worker, share in zip(workers, shares, strict=True):
+            job[1] = share
+            worker.stdin.write(json.dumps(job) + "\n")
+            worker.stdin.flush()
         for worker in workers:
-            worker.start()
-        parts = [results.get(timeout=900) for _ in workers]
-        for worker in workers:
-            worker.join(60)
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError("a client process failed to start (its error is above)")
+        for worker in workers:  # all at once
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        parts = [json.loads(worker.communicate(timeout=900)[0]) for worker in workers]
     ttfts = sorted(t for part in parts for t in part["ttfts"])
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     return {"tokens_per_s": sum(p["tokens"] for p in parts) / wall,
@@ -82,3 +83,18 @@ def run_clients(base_url: str, clients: int, per_client: int, messages: list, ne
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
             "errors": sum(p["errors"] for p in parts), "requests": clients * per_client,
             "start": min(p["start"] for p in parts), "end": max(p["end"] for p in parts)}
+
+
+def _worker() -> None:
+    """One client process: reads its job, says "ready", waits for "go", runs, prints its result (JSON)."""
+    base_url, clients, per_client, messages, new_tokens = json.loads(sys.stdin.readline())
+    import httpx  # noqa: F401  (imported before "ready": the first request must not pay for it)
+    import openai  # noqa: F401
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(json.dumps(asyncio.run(_clients(base_url, clients, per_client, messages, new_tokens))), flush=True)
+
+
+if __name__ == "__main__":
+    _worker()
