@@ -103,7 +103,7 @@ def server_rows(args: argparse.Namespace) -> None:
                "--graph-prefill-tokens", str(args.graph_prefill_tokens),
                *(["--quantize", args.quantize] if args.quantize else []),
                *(["--compile-decode"] if args.compile_decode else []),
-               *(["--frontend-process"] if args.frontend_process else [])]
+               "--frontend-processes", str(args.frontend_processes)]
     server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]
     command += ["--loop", args.loop, "--http", args.http, "--switch-interval", str(args.switch_interval)]
     server = subprocess.Popen(command)
@@ -122,7 +122,7 @@ def server_rows(args: argparse.Namespace) -> None:
             f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
             (f", LLM {args.quantize}" if args.quantize else "") + \
-            (", HTTP front end in its own process" if args.frontend_process else "") + \
+            (f", HTTP front ends in {args.frontend_processes} processes" if args.frontend_processes else "") + \
             "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
               "server p50 from arrival: submitted / first text, ms | "
@@ -131,12 +131,12 @@ def server_rows(args: argparse.Namespace) -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for clients in (int(c) for c in args.clients.split(",")):
             run_clients(f"{url}/v1", clients, 1, messages, args.new_tokens, args.client_processes)  # warm-up
-            if not args.frontend_process:
+            if not args.frontend_processes:
                 _get(f"{url}/bench/counters?reset=true")
             before = _get(f"{url}/health")
             row = run_clients(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens,
                               args.client_processes)
-            if args.frontend_process:  # no /bench/counters in the front end: the engine's stats come with /health
+            if args.frontend_processes:  # no /bench/counters in the front end: the engine's stats come with /health
                 time.sleep(0.6)  # they are up to 0.5 s old
                 counters = _engine_counters(_get(f"{url}/health"), row["start"], row["end"])
             else:
@@ -198,8 +198,8 @@ def main() -> None:
                         help="prefill forwards up to this many padded tokens replay CUDA graphs")
     parser.add_argument("--quantize", choices=["int8", "int4"], help="serve the LLM quantized (torchao)")
     parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
-    parser.add_argument("--frontend-process", action="store_true",
-                        help="the HTTP front end in a process of its own (serve --frontend-process)")
+    parser.add_argument("--frontend-processes", type=int, default=0,
+                        help="the HTTP server in N processes of their own (serve --frontend-processes N)")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="processes the clients are spread over (1: all on one asyncio loop, as before)")
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")

@@ -65,7 +65,7 @@ def run_server(args: argparse.Namespace) -> None:
                                     check_every=args.check_every, prefill_tokens=args.prefill_tokens,
                                     graph_prefill_tokens=args.graph_prefill_tokens,
                                     compile_mode="default" if args.compile_decode else None)
-    if args.frontend_process:
+    if args.frontend_processes:
         run_split(args, model, tokenizer, scheduler)
         return
     app = build_app(model, tokenizer, "bench", scheduler=scheduler, max_queue=4 * args.slots)
@@ -118,10 +118,10 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def run_split(args: argparse.Namespace, model, tokenizer, scheduler) -> None:
-    """`serve --frontend-process`: the engine's stats (forwarded to the front end's /health) also carry every
+    """`serve --frontend-processes N`: the engine's stats (forwarded to the front end's /health) also carry every
     recent request's (monotonic time of its first token, seconds to a slot, seconds to the first token) and the
     peak GPU memory, for the driver's scheduler columns."""
-    from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcess
+    from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcesses
 
     stats = scheduler.stats
 
@@ -130,7 +130,8 @@ def run_split(args: argparse.Namespace, model, tokenizer, scheduler) -> None:
         return {**stats(), "bench_latencies": list(scheduler.rounds.latencies), "bench_peak_gib": peak}
 
     scheduler.stats = bench_stats
-    frontend = FrontendProcess(model, tokenizer, scheduler, FrontendOptions(
-        port=args.port, model_name="bench", app_options={"max_queue": 4 * args.slots}, log_level="warning"))
-    frontend.start()
-    frontend.run()
+    frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
+        port=args.port, model_name="bench", app_options={"max_queue": 4 * args.slots}, log_level="warning"),
+        args.frontend_processes)
+    frontends.start()
+    frontends.run()

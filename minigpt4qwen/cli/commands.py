@@ -228,9 +228,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIGPT4QWEN_API_KEY; none: open)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests decoding or waiting at once; more get 429 (Retry-After: 1)")
-    p.add_argument("--frontend-process", action="store_true",
-                   help="run the HTTP server (parsing, images, tokenizing, streaming) in a process of its own, so it "
-                        "does not compete with the scheduler's thread for the interpreter: for many clients")
+    p.add_argument("--frontend-processes", type=int, default=0, metavar="N",
+                   help="run the HTTP server (parsing, images, tokenizing, streaming) in N processes of their own on "
+                        "the same port, not in the model's process (0, the default): bursts of requests are then "
+                        "prepared on N cores; each admits max-queue / N")
     p.set_defaults(func=run_serve)
 
 
@@ -243,18 +244,18 @@ def run_serve(args: argparse.Namespace) -> int:
     app_options = dict(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                        max_window_size=args.max_window_size, api_key=args.api_key, max_queue=args.max_queue)
     try:
-        if not args.frontend_process:
+        if not args.frontend_processes:
             serve(model, tokenizer, args.model_name, host=args.host, port=args.port,
                   allow_local_files=args.allow_local_files, scheduler=scheduler, **app_options)
             return 0
-        from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcess
+        from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcesses
 
-        frontend = FrontendProcess(model, tokenizer, scheduler, FrontendOptions(
-            args.host, args.port, args.model_name, args.allow_local_files, app_options))
-        frontend.start()
-        code = frontend.run()
+        frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
+            args.host, args.port, args.model_name, args.allow_local_files, app_options), args.frontend_processes)
+        frontends.start()
+        code = frontends.run()
         if code:
-            raise SystemExit(f"the HTTP front-end process exited with code {code} (its log is above)")
+            raise SystemExit(f"an HTTP front-end process exited with code {code} (its log is above)")
     finally:
         scheduler.close()
     return 0

@@ -1,4 +1,4 @@
-"""The link between an HTTP front-end process and the process that holds the model (`serve --frontend-process`).
+"""The link between an HTTP front-end process and the process that holds the model (`serve --frontend-processes`).
 
 In one process, the HTTP server's event loop and worker threads (parsing, image decoding, tokenizing, detokenizing,
 streaming) share the interpreter's lock with the scheduler's thread, which then waits for it between the GPU's

@@ -1,12 +1,15 @@
-"""`serve --frontend-process`: the HTTP server in a process of its own, the model and its scheduler in this one.
+"""`serve --frontend-processes N`: the HTTP server in N processes of their own, the model and its scheduler in this
+one.
 
-    frontend = FrontendProcess(model, tokenizer, scheduler, FrontendOptions(port=8000))
-    frontend.start()
-    frontend.run()      # serves until the front end exits (Ctrl-C, or `frontend.stop()` from another thread)
+    frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(port=8000), count=4)
+    frontends.start()
+    frontends.run()     # serves until the front ends exit (Ctrl-C, or `frontends.stop()` from another thread)
 
-The front-end process (spawned: it starts without CUDA and without the model) runs the same app as `serve`
-(`create_app`) over an `engine_link.RemoteBackend`; this process answers it with an `EngineBridge`. Why: see
-`engine_link`.
+Each front-end process (spawned: it starts without CUDA and without the model) runs the same app as `serve`
+(`create_app`) over an `engine_link.RemoteBackend`; this process answers each with an `EngineBridge` thread, all
+submitting to the one scheduler. Several front ends listen on the same port (SO_REUSEPORT: the kernel spreads the
+connections), so a burst of requests is parsed, decoded and tokenized on several cores at once. Why a process at
+all: see `engine_link`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
-from dataclasses import dataclass, field
+import socket
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -32,13 +37,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FrontendOptions:
-    """Where and how the front end serves.
+    """Where and how the front ends serve.
 
     Attributes:
         host / port: the address to bind ("0.0.0.0" exposes it to the network: set an api_key then).
         model_name: the id reported to clients.
         allow_local_files: accept local image paths (see `build_app`).
-        app_options: further `create_app` keyword arguments (max_body_bytes, ..., api_key, max_queue).
+        app_options: further `create_app` keyword arguments (max_body_bytes, ..., api_key, max_queue: with N
+            front ends, each admits max_queue / N).
         log_level: uvicorn's.
     """
 
@@ -50,13 +56,23 @@ class FrontendOptions:
     log_level: str = "info"
 
 
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) that other processes may bind too (the kernel spreads connections)."""
+    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, protocol)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
 def run_frontend(connection: Any, tokenizer: PreTrainedTokenizerBase, spec: PromptSpec, capacity: int,
                  options: FrontendOptions) -> None:
-    """The front-end process: the app over the engine's connection, until interrupted or the engine goes."""
+    """A front-end process: the app over the engine's connection, until interrupted or the engine goes."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     backend = RemoteBackend(connection, tokenizer, spec, capacity)
     app = create_app(backend, tokenizer, options.model_name, options.allow_local_files, **options.app_options)
-    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=options.log_level))
 
     def engine_lost() -> None:
         log.error("%s", "the model's process has gone: stopping the HTTP server")
@@ -64,54 +80,76 @@ def run_frontend(connection: Any, tokenizer: PreTrainedTokenizerBase, spec: Prom
 
     backend.on_lost = engine_lost
     try:
-        server.run()
+        server.run(sockets=[_shared_socket(options.host, options.port)])
+    except OSError as err:  # e.g. the port is taken by another program
+        raise SystemExit(f"cannot listen on {options.host}:{options.port}: {err}") from None
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
         pass
-    if not server.started:  # e.g. the port is taken: uvicorn has logged why
-        raise SystemExit(1)
 
 
-class FrontendProcess:
-    """Runs `run_frontend` in a spawned process and answers it from this one.
+class FrontendProcesses:
+    """Runs `run_frontend` in `count` spawned processes and answers them from this one.
 
     Args:
         model: the model (its scheduler decodes on it).
-        tokenizer: its tokenizer (sent to the front end).
+        tokenizer: its tokenizer (sent to the front ends).
         scheduler: the model's scheduler (owned by the caller).
-        options: the front end's address and app options.
+        options: the front ends' address and app options (port 0 is refused: they must share one port).
+        count: front-end processes.
     """
 
     def __init__(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, scheduler: GenerationScheduler,
-                 options: FrontendOptions):
+                 options: FrontendOptions, count: int = 1):
+        if count < 1 or options.port == 0:
+            raise ValueError(f"need at least one front end on a fixed port, got {count} on port {options.port}")
+        queue = options.app_options.get("max_queue")
+        if queue is not None:  # each front end admits its share
+            options = replace(options, app_options={**options.app_options, "max_queue": max(1, -(-queue // count))})
         self.model, self.tokenizer, self.scheduler, self.options = model, tokenizer, scheduler, options
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self._connection: Any = None
+        self.count = count
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self._connections: list[Any] = []
 
     def start(self) -> None:
-        """Spawns the front end (it serves once it has the engine's first stats)."""
+        """Spawns the front ends (each serves once it has the engine's first stats)."""
         context = multiprocessing.get_context("spawn")
-        self._connection, theirs = context.Pipe()
-        self.process = context.Process(
-            target=run_frontend, name="minigpt4qwen-frontend", daemon=True,
-            args=(theirs, self.tokenizer, PromptSpec.of(self.model), self.scheduler.capacity, self.options))
-        self.process.start()
-        theirs.close()  # the front end's end now lives there only: its exit reads as EOF here
+        spec = PromptSpec.of(self.model)
+        for index in range(self.count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=run_frontend, name=f"minigpt4qwen-frontend-{index}", daemon=True,
+                                      args=(theirs, self.tokenizer, spec, self.scheduler.capacity, self.options))
+            process.start()
+            theirs.close()  # the front end's end now lives there only: its exit reads as EOF here
+            self.processes.append(process)
+            self._connections.append(ours)
 
     def run(self) -> int:
-        """Serves the front end's requests until it exits; returns its exit code (0 when stopped by a signal)."""
+        """Serves the front ends' requests until they exit; returns the first non-zero exit code (0 when they
+        were stopped by a signal)."""
+        backend = LocalBackend(self.model, self.tokenizer, self.scheduler)
+        bridges = [threading.Thread(target=EngineBridge(connection, backend).run, daemon=True,
+                                    name=f"minigpt4qwen-bridge-{i}") for i, connection in enumerate(self._connections)]
+        for bridge in bridges:
+            bridge.start()
         try:
-            EngineBridge(self._connection, LocalBackend(self.model, self.tokenizer, self.scheduler)).run()
-        except KeyboardInterrupt:  # Ctrl-C reaches the front end too (one process group); else it is told here
-            log.info("interrupted: stopping the HTTP front end")
+            for bridge in bridges:
+                while bridge.is_alive():
+                    bridge.join(0.5)
+                self.stop()  # one front end gone (it failed, or was stopped): stop them all
+        except KeyboardInterrupt:  # Ctrl-C reaches the front ends too (one process group); else they are told here
+            log.info("interrupted: stopping the HTTP front ends")
             self.stop()
-        finally:
-            self._connection.close()
-            self.process.join(30)
-        code = self.process.exitcode
+        for process in self.processes:
+            process.join(30)
+        for connection in self._connections:
+            connection.close()
         # uvicorn shuts down gracefully on SIGTERM / SIGINT, then ends by the same signal
-        return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else -1 if code is None else code
+        codes = [0 if p.exitcode in (-signal.SIGTERM, -signal.SIGINT) else -1 if p.exitcode is None else p.exitcode
+                 for p in self.processes]
+        return next((code for code in codes if code), 0)
 
     def stop(self) -> None:
-        """Asks the front end to shut down (as Ctrl-C does); `run` then returns."""
-        if self.process is not None and self.process.is_alive():
-            self.process.terminate()
+        """Asks the front ends to shut down (as Ctrl-C does); `run` then returns."""
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
