@@ -70,7 +70,7 @@ def request_payload(tokenizer, new_tokens: int) -> dict:
 
 def make_prepare(model, tokenizer, scheduler):
     """payload -> (ids, pixels, settings), as the server's request handler and `_prepare` build them."""
-    from minigpt4qwen.inference.frontends.openai_protocol import (
+    from minigpt4qwen.inference.frontends.openai_api.openai_protocol import (
         ChatRequest,
         ImageLimits,
         PromptSpec,

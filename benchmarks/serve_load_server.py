@@ -49,7 +49,7 @@ def run_server(args: argparse.Namespace) -> None:
 
     from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
     from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-    from minigpt4qwen.inference.frontends.server import build_app
+    from minigpt4qwen.inference.frontends.openai_api.server import build_app
     from minigpt4qwen.model.fused_projections import fuse_projections
 
     if args.switch_interval:
@@ -121,7 +121,7 @@ def run_split(args: argparse.Namespace, model, tokenizer, scheduler) -> None:
     """`serve --frontend-processes N`: the engine's stats (forwarded to the front end's /health) also carry every
     recent request's (monotonic time of its first token, seconds to a slot, seconds to the first token) and the
     peak GPU memory, for the driver's scheduler columns."""
-    from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcesses
+    from minigpt4qwen.inference.frontends.openai_api.frontend_process import FrontendOptions, FrontendProcesses
 
     stats = scheduler.stats
 

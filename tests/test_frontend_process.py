@@ -18,11 +18,11 @@ import pytest
 
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import GenerationSettings
-from minigpt4qwen.inference.frontends.engine_link import EngineBridge, RemoteBackend
-from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcesses
-from minigpt4qwen.inference.frontends.local_backend import LocalBackend
-from minigpt4qwen.inference.frontends.openai_protocol import PromptSpec
-from minigpt4qwen.inference.frontends.server import build_app, create_app
+from minigpt4qwen.inference.frontends.openai_api.engine_link import EngineBridge, RemoteBackend
+from minigpt4qwen.inference.frontends.openai_api.frontend_process import FrontendOptions, FrontendProcesses
+from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.server import build_app, create_app
 from tests.conftest import make_tiny_chat_model
 from tests.test_server import _image, _serving, _user
 
@@ -135,7 +135,7 @@ def test_engine_gone_fails_requests_in_flight_and_stops_the_front_end(model_and_
 
 def _prompt(model, tokenizer):
     from minigpt4qwen.inference.engine import IMAGE_PROMPT
-    from minigpt4qwen.inference.frontends.openai_protocol import Conversation
+    from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation
 
     return Conversation(query=IMAGE_PROMPT + "what", query_images=[_image("red")]).prompt(PromptSpec.of(model),
                                                                                           tokenizer)

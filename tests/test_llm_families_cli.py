@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 from minigpt4qwen.checkpoint.export import load_exported
 from minigpt4qwen.cli.main import main
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.frontends.server import build_app
+from minigpt4qwen.inference.frontends.openai_api.server import build_app
 from minigpt4qwen.text.conversation import IMAGE_MARKER
 from minigpt4qwen.training import state
 from tests.llm_families import FAMILIES, published_tokenizer_config, write_llm_dir

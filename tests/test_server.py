@@ -19,8 +19,8 @@ from PIL import Image
 
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
-from minigpt4qwen.inference.frontends.openai_protocol import Conversation, PromptSpec
-from minigpt4qwen.inference.frontends.server import build_app
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.server import build_app
 from tests.conftest import make_tiny_chat_model
 
 N = 24  # max_tokens of most requests: the random tiny model rarely stops by itself
@@ -200,7 +200,7 @@ def test_api_key_is_required_when_set(model_and_tokenizer):
 def test_the_api_key_is_required_under_a_root_path_too():
     import asyncio
 
-    from minigpt4qwen.inference.frontends.admission import ApiKeyGuard
+    from minigpt4qwen.inference.frontends.openai_api.admission import ApiKeyGuard
 
     reached = []
 

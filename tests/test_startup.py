@@ -14,7 +14,7 @@ def test_no_torchvision_warning_at_start_or_export(tmp_path):
     # it; with the CPU torch most users have here, torchvision breaks the install. Import every front end, export
     # a tiny model and load it the way `chat --model-dir` does, in a fresh process, and read its stderr.
     script = f"""
-import minigpt4qwen.cli.main, minigpt4qwen.inference.frontends.webui, minigpt4qwen.inference.frontends.server
+import minigpt4qwen.cli.main, minigpt4qwen.inference.frontends.webui, minigpt4qwen.inference.frontends.openai_api.server
 import minigpt4qwen.inference.frontends.batch
 from minigpt4qwen.checkpoint.export import export_hf, load_exported
 from tests.conftest import make_tiny_chat_model

@@ -236,7 +236,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from minigpt4qwen.inference.frontends.server import serve
+    from minigpt4qwen.inference.frontends.openai_api.server import serve
     from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
 
     model, tokenizer = load_for_inference(args)
@@ -248,7 +248,7 @@ def run_serve(args: argparse.Namespace) -> int:
             serve(model, tokenizer, args.model_name, host=args.host, port=args.port,
                   allow_local_files=args.allow_local_files, scheduler=scheduler, **app_options)
             return 0
-        from minigpt4qwen.inference.frontends.frontend_process import FrontendOptions, FrontendProcesses
+        from minigpt4qwen.inference.frontends.openai_api.frontend_process import FrontendOptions, FrontendProcesses
 
         frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
             args.host, args.port, args.model_name, args.allow_local_files, app_options), args.frontend_processes)

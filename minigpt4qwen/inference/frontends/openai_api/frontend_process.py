@@ -26,10 +26,10 @@ import uvicorn
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-from minigpt4qwen.inference.frontends.engine_link import EngineBridge, RemoteBackend
-from minigpt4qwen.inference.frontends.local_backend import LocalBackend
-from minigpt4qwen.inference.frontends.openai_protocol import PromptSpec
-from minigpt4qwen.inference.frontends.server import create_app
+from minigpt4qwen.inference.frontends.openai_api.engine_link import EngineBridge, RemoteBackend
+from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.server import create_app
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
-from minigpt4qwen.inference.frontends.openai_protocol import Conversation, PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
 from minigpt4qwen.inference.frontends.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 

@@ -15,12 +15,11 @@ Over one `multiprocessing` connection:
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,9 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.decoding.scheduler import check_request
 from minigpt4qwen.inference.engine import GenerationSettings
-from minigpt4qwen.inference.frontends.local_backend import LocalBackend
-from minigpt4qwen.inference.frontends.openai_protocol import Conversation, PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.remote_text import RemoteText
 
 log = logging.getLogger(__name__)
 
@@ -155,68 +155,6 @@ class EngineBridge:
             log.info("the front end's connection closed")
 
 
-class _RemoteText:
-    """A beam-search reply streamed as text from the engine: what `ReplyStream` offers the app."""
-
-    def __init__(self, cancel: Callable[[], None]):
-        self._cancel, self._cond = cancel, threading.Condition()
-        self.pieces: list[str] = []
-        self.done, self.error = False, None
-        self.num_tokens, self.prompt_tokens, self.finish_reason = 0, 0, "stop"
-        self._wakers: set[Callable[[], None]] = set()
-
-    def push(self, pieces: list[str]) -> None:
-        with self._cond:
-            self.pieces += pieces
-        self._notify()
-
-    def finish(self, reason: str, error: str | None, num_tokens: int, prompt_tokens: int) -> None:
-        with self._cond:
-            self.done, self.finish_reason = True, reason
-            self.error = None if error is None else RuntimeError(error)
-            self.num_tokens, self.prompt_tokens = num_tokens, prompt_tokens
-        self._notify()
-
-    def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-            wakers = list(self._wakers)
-        for wake in wakers:
-            wake()
-
-    def cancel(self) -> None:
-        if not self.done:
-            self._cancel()
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        """The reply's text pieces as they come; leaving early cancels it; raises the engine's error."""
-        loop, changed, seen = asyncio.get_running_loop(), asyncio.Event(), 0
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(changed.set)
-
-        with self._cond:
-            self._wakers.add(wake)
-        try:
-            while True:
-                changed.clear()
-                with self._cond:
-                    pieces, done = self.pieces[seen:], self.done
-                seen += len(pieces)
-                for piece in pieces:
-                    yield piece
-                if done:
-                    break
-                if not pieces:
-                    await changed.wait()
-        finally:
-            with self._cond:
-                self._wakers.discard(wake)
-            self.cancel()
-        if self.error is not None:
-            raise self.error
-
-
 class RemoteBackend:
     """The front end's end: a backend (see `local_backend`) whose model lives in another process.
 
@@ -235,7 +173,7 @@ class RemoteBackend:
         self.connection, self.tokenizer, self.spec, self.capacity = connection, tokenizer, spec, capacity
         self.on_lost: Callable[[], None] | None = None  # called once the engine has gone
         self._send_lock, self._lock = threading.Lock(), threading.Lock()
-        self._replies: dict[int, GenerationHandle | _RemoteText] = {}
+        self._replies: dict[int, GenerationHandle | RemoteText] = {}
         self._ids = itertools.count()
         self._stats: dict[str, Any] | None = None
         self._ready, self._lost, self._closed = threading.Event(), None, False
@@ -251,7 +189,7 @@ class RemoteBackend:
         with self._send_lock:
             self.connection.send(message)
 
-    def _register(self, reply: GenerationHandle | _RemoteText) -> int:
+    def _register(self, reply: GenerationHandle | RemoteText) -> int:
         rid = next(self._ids)
         with self._lock:
             self._replies[rid] = reply
@@ -274,10 +212,10 @@ class RemoteBackend:
         return handle
 
     def beam(self, conversation: Conversation, settings: GenerationSettings, window: int
-             ) -> tuple[_RemoteText, Callable[[], int]]:
+             ) -> tuple[RemoteText, Callable[[], int]]:
         """Beam search on the engine's model; returns the streamed reply and its prompt length once known."""
         rid = -1
-        reply = _RemoteText(cancel=lambda: self._cancel(rid))
+        reply = RemoteText(cancel=lambda: self._cancel(rid))
         rid = self._register(reply)
         self._send(("beam", rid, conversation, settings, window))
         return reply, lambda: reply.prompt_tokens
@@ -315,13 +253,13 @@ class RemoteBackend:
             self.on_lost()
 
     @staticmethod
-    def _deliver(reply: GenerationHandle | _RemoteText, new: list, end: tuple | None) -> None:
+    def _deliver(reply: GenerationHandle | RemoteText, new: list, end: tuple | None) -> None:
         if new:
             reply.push(new)
         if end is None:
             return
         reason, error, num_tokens, prompt_tokens = end
-        if isinstance(reply, _RemoteText):
+        if isinstance(reply, RemoteText):
             reply.finish(reason, error, num_tokens, prompt_tokens)
         else:
             reply.end(reason, None if error is None else RuntimeError(error))

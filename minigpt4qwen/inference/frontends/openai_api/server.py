@@ -30,9 +30,9 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import GenerationSettings
-from minigpt4qwen.inference.frontends.admission import Admission, ApiKeyGuard, error_response, read_body
-from minigpt4qwen.inference.frontends.local_backend import LocalBackend
-from minigpt4qwen.inference.frontends.openai_protocol import (
+from minigpt4qwen.inference.frontends.openai_api.admission import Admission, ApiKeyGuard, error_response, read_body
+from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import (
     ChatRequest,
     Conversation,
     ImageLimits,
