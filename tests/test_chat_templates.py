@@ -243,3 +243,16 @@ def test_replies_stop_at_the_templates_end_of_turn_token(name):
     expected = "<|eot_id|>" if name.startswith("Llama") else "<|im_end|>"
     assert end_of_turn_token_id(tokenizer) == tokenizer.convert_tokens_to_ids(expected)
     assert tokenizer.convert_tokens_to_ids(expected) in chat_stop_token_ids(tokenizer)
+
+
+def test_a_changed_template_and_a_new_special_token_are_seen_after_a_render(family):
+    """The frames and control tokens are cached per tokenizer: a new template or vocabulary must not be missed."""
+    name, tokenizer, image_id = family
+    tokenizer = copy.deepcopy(tokenizer)
+    render_with_template(tokenizer, CONVERSATION, image_token_id=image_id, num_query_tokens=Q)  # fills the caches
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new_control|>"]})
+    tokenizer.chat_template = "<|new_control|>" + tokenizer.get_chat_template()
+    out = render_with_template(tokenizer, CONVERSATION, image_token_id=image_id, num_query_tokens=Q)
+    filled = with_placeholders(CONVERSATION, PLACEHOLDER[name])
+    assert out.input_ids == tokenizer.apply_chat_template(filled, tokenize=True)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|new_control|>") in out.input_ids

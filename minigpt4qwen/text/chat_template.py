@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import re
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
+
+# tokenizer -> {(chat template, roles): frames}; see `_frames`.
+_FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # The tag transformers' assistant masks are made from.
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -93,7 +97,16 @@ def template_layout(
 
 
 def _frames(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]]) -> list[str]:
-    """The template's output around the message contents: len(msgs) + 1 strings."""
+    """The template's output around the message contents: len(msgs) + 1 strings, cached per tokenizer, template and
+    sequence of roles (they depend on nothing else: the contents are stand-ins)."""
+    key = (tokenizer.get_chat_template(), tuple(m["role"] for m in msgs))
+    cache = _FRAMES.setdefault(tokenizer, {})
+    if key not in cache:
+        cache[key] = _render_frames(tokenizer, msgs)
+    return cache[key]
+
+
+def _render_frames(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]]) -> list[str]:
     # Private-use delimiters around a decimal nonce: no message text contains it, and case or whitespace
     # filters leave it intact (so such filters are reported as rewriting the content, below).
     nonce = uuid.uuid4().int
