@@ -32,7 +32,7 @@ import time
 import torch
 
 from benchmarks.common import machine, peak_gib, reset_peak
-from benchmarks.serve_load import PROMPT_TOKENS, _question
+from benchmarks.serve_load import PROMPT_TOKENS, question_text
 from benchmarks.serve_load_server import model_and_tokenizer
 
 
@@ -63,7 +63,7 @@ def request_payload(tokenizer, new_tokens: int) -> dict:
     Image.effect_noise((224, 224), 64).convert("RGB").save(image, "PNG")
     uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
     content = [{"type": "image_url", "image_url": {"url": uri}},
-               {"type": "text", "text": _question(tokenizer, PROMPT_TOKENS)}]
+               {"type": "text", "text": question_text(tokenizer, PROMPT_TOKENS)}]
     return {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": new_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
 

@@ -40,7 +40,7 @@ from benchmarks.serve_load_server import TOKENIZER, model_and_tokenizer, run_ser
 PROMPT_TOKENS = 63
 
 
-def _question(tokenizer, target: int) -> str:
+def question_text(tokenizer, target: int) -> str:
     """A question whose ChatML prompt (default system prompt, one image of 32 placeholders) has `target` tokens."""
     from minigpt4qwen.inference.engine import IMAGE_PROMPT
     from minigpt4qwen.text.conversation import render_chatml
@@ -115,7 +115,7 @@ def server_rows(args: argparse.Namespace) -> None:
 
         Image.effect_noise((224, 224), 64).convert("RGB").save(image, "PNG")
         uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
-        question = _question(build_qwen1_tokenizer(TOKENIZER), PROMPT_TOKENS)
+        question = question_text(build_qwen1_tokenizer(TOKENIZER), PROMPT_TOKENS)
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                  {"type": "text", "text": question}]}]
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
@@ -133,6 +133,8 @@ def server_rows(args: argparse.Namespace) -> None:
             run_clients(f"{url}/v1", clients, 1, messages, args.new_tokens, args.client_processes)  # warm-up
             if not args.frontend_processes:
                 _get(f"{url}/bench/counters?reset=true")
+            if args.frontend_processes:
+                time.sleep(0.6)  # the front ends' copy of the engine's stats is up to 0.5 s old
             before = _get(f"{url}/health")
             row = run_clients(f"{url}/v1", clients, args.requests_per_client, messages, args.new_tokens,
                               args.client_processes)

@@ -65,17 +65,24 @@ def run_clients(base_url: str, clients: int, per_client: int, messages: list, ne
     else:
         workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.serve_load_clients"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True) for _ in shares]
-        for worker, share in zip(workers, shares, strict=True):
-            job[1] = share
-            worker.stdin.write(json.dumps(job) + "\n")
-            worker.stdin.flush()
-        for worker in workers:
-            if worker.stdout.readline().strip() != "ready":
-                raise RuntimeError("a client process failed to start (its error is above)")
-        for worker in workers:  # all at once
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-        parts = [json.loads(worker.communicate(timeout=900)[0]) for worker in workers]
+        try:
+            for worker, share in zip(workers, shares, strict=True):
+                job[1] = share
+                worker.stdin.write(json.dumps(job) + "\n")
+                worker.stdin.flush()
+            for worker in workers:
+                if worker.stdout.readline().strip() != "ready":
+                    raise RuntimeError("a client process failed to start (its error is above)")
+            for worker in workers:  # all at once
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+            outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+            if bad := [w.returncode for w in workers if w.returncode]:
+                raise RuntimeError(f"client processes failed with exit codes {bad} (their errors are above)")
+            parts = [json.loads(output) for output in outputs]
+        finally:
+            for worker in workers:
+                worker.kill()
     ttfts = sorted(t for part in parts for t in part["ttfts"])
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     return {"tokens_per_s": sum(p["tokens"] for p in parts) / wall,
@@ -92,7 +99,8 @@ def _worker() -> None:
     import openai  # noqa: F401
 
     print("ready", flush=True)
-    sys.stdin.readline()
+    if sys.stdin.readline().strip() != "go":  # the driver has gone
+        raise SystemExit(1)
     print(json.dumps(asyncio.run(_clients(base_url, clients, per_client, messages, new_tokens))), flush=True)
 
 

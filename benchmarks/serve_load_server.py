@@ -120,7 +120,8 @@ def run_server(args: argparse.Namespace) -> None:
 def run_split(args: argparse.Namespace, model, tokenizer, scheduler) -> None:
     """`serve --frontend-processes N`: the engine's stats (forwarded to the front end's /health) also carry every
     recent request's (monotonic time of its first token, seconds to a slot, seconds to the first token) and the
-    peak GPU memory, for the driver's scheduler columns."""
+    peak GPU memory (not reset between rows), for the driver's scheduler columns. Pickling up to 4,096 of these
+    every 0.5 s per front end costs the engine's process about a millisecond each time."""
     from minigpt4qwen.inference.frontends.openai_api.frontend_process import FrontendOptions, FrontendProcesses
 
     stats = scheduler.stats

@@ -256,3 +256,38 @@ def test_a_changed_template_and_a_new_special_token_are_seen_after_a_render(fami
     filled = with_placeholders(CONVERSATION, PLACEHOLDER[name])
     assert out.input_ids == tokenizer.apply_chat_template(filled, tokenize=True)["input_ids"]
     assert tokenizer.convert_tokens_to_ids("<|new_control|>") in out.input_ids
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}[{{ m.role }}]{% if m.reasoning_content %}({{ m.reasoning_content }})"
+                  "{% endif %}{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_cached_frames_follow_what_else_the_template_reads(family):
+    """Frames are cached per template and messages less contents; a template that reads another key of a message,
+    or special tokens that changed since, still renders what `apply_chat_template` renders."""
+    name, tokenizer, image_id = family
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    thinking = [plain[0], {**plain[1], "reasoning_content": "think first"}]
+    for messages in (plain, thinking, plain):
+        out = render_with_template(tokenizer, messages, image_token_id=image_id, num_query_tokens=Q)
+        assert tokenizer.decode(out.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    tokenizer.chat_template = "{{ bos_token }}" + PLAIN_TEMPLATE
+    render_with_template(tokenizer, plain, image_token_id=image_id, num_query_tokens=Q)
+    tokenizer.add_special_tokens({"bos_token": "<|new_bos|>"})  # the cached frames now begin with the old one
+    out = render_with_template(tokenizer, plain, image_token_id=image_id, num_query_tokens=Q)
+    assert tokenizer.decode(out.input_ids) == tokenizer.apply_chat_template(plain, tokenize=False)
+    assert out.input_ids[0] == tokenizer.convert_tokens_to_ids("<|new_bos|>")
+
+
+def test_frames_cache_is_bounded(family):
+    from minigpt4qwen.text import chat_template
+
+    name, tokenizer, image_id = family
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    for turns in range(1, 2 * chat_template.FRAMES_PER_TOKENIZER):
+        messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": "x"} for k in range(turns)]
+        render_with_template(tokenizer, messages, image_token_id=image_id, num_query_tokens=Q)
+    assert len(chat_template._FRAMES[tokenizer]) == chat_template.FRAMES_PER_TOKENIZER

@@ -141,20 +141,14 @@ def _prompt(model, tokenizer):
                                                                                           tokenizer)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_spawned_front_ends_share_a_port_and_stop(model_and_tokenizer, alone):
     model, tokenizer = model_and_tokenizer
-    port = _free_port()
     scheduler = GenerationScheduler(model, tokenizer, slots=4, capacity=256)
     frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
-        port=port, model_name="tiny", app_options={"max_queue": 63}, log_level="warning"), count=2)
+        port=0, model_name="tiny", app_options={"max_queue": 63}, log_level="warning"), count=2)
     assert frontends.options.app_options == {"max_queue": 32}  # each admits its share
     frontends.start()
+    port = frontends.port
     result = {}
     runner = threading.Thread(target=lambda: result.update(code=frontends.run()))
     runner.start()
@@ -175,16 +169,41 @@ def test_two_spawned_front_ends_share_a_port_and_stop(model_and_tokenizer, alone
     assert result == {"code": 0}
 
 
-def test_front_ends_report_a_taken_port(model_and_tokenizer):
+def test_front_ends_report_a_taken_port_before_starting(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    with pytest.raises(ValueError, match="fixed port"):
-        FrontendProcesses(model, tokenizer, None, FrontendOptions(port=0))
-    scheduler = GenerationScheduler(model, tokenizer, slots=2, capacity=128)
-    with socket.socket() as taken:  # another program listens there (without SO_REUSEPORT)
+    with pytest.raises(ValueError, match="at least one"):
+        FrontendProcesses(model, tokenizer, None, FrontendOptions(), count=0)
+    with socket.socket() as taken:  # another program listens there
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
-            port=taken.getsockname()[1], log_level="warning"))
-        frontends.start()
-        assert frontends.run() == 1
-    scheduler.close()
+        port = taken.getsockname()[1]
+        frontends = FrontendProcesses(model, tokenizer, None, FrontendOptions(port=port))
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            frontends.start()
+    assert frontends.processes == []
+
+
+def test_a_front_end_that_dies_stops_the_others(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    scheduler = GenerationScheduler(model, tokenizer, slots=2, capacity=128)
+    frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(port=0, log_level="warning"), count=2)
+    frontends.start()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(code=frontends.run()))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{frontends.port}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        frontends.processes[1].kill()  # e.g. the out-of-memory killer
+        runner.join(60)
+        assert not runner.is_alive() and not frontends.processes[0].is_alive()
+    finally:
+        frontends.stop()
+        runner.join(60)
+        scheduler.close()
+    assert result == {"code": -9}

@@ -28,8 +28,7 @@ from minigpt4qwen.inference.decoding.slot_rounds import SlotRounds
 from minigpt4qwen.inference.decoding.token_choice import RowChooser
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, GenerationCancelled
 from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
-from minigpt4qwen.inference.frontends.streaming import StopTrimmer
-from minigpt4qwen.inference.generation import GenerationSettings, trim_at_stop
+from minigpt4qwen.inference.generation import GenerationSettings, StopTrimmer, trim_at_stop
 from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
 from tests.conftest import make_tiny_chat_model
 

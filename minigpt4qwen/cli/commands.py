@@ -252,9 +252,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
         frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
             args.host, args.port, args.model_name, args.allow_local_files, app_options), args.frontend_processes)
-        frontends.start()
-        code = frontends.run()
-        if code:
+        try:
+            frontends.start()
+        except OSError as err:
+            raise SystemExit(str(err)) from None
+        if code := frontends.run():
             raise SystemExit(f"an HTTP front-end process exited with code {code} (its log is above)")
     finally:
         scheduler.close()

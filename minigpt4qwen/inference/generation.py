@@ -12,6 +12,7 @@ import json
 import math
 import threading
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -247,3 +248,41 @@ def decode_reply(tokenizer: PreTrainedTokenizerBase, new_ids: torch.Tensor, stop
         The reply.
     """
     return trim_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stops).strip()
+
+
+class StopTrimmer:
+    """Turns streamed text into the pieces a client may see: no leading/trailing blanks, nothing from a stop on.
+
+    Trailing whitespace and a tail that could begin a stop string are held back until later text settles them.
+
+    Args:
+        stop: stop strings (empty ones are ignored).
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = tuple(s for s in stop if s)
+        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        """Adds `piece`; returns the newly releasable text (all that is left when `final`)."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        pending = len(self.text) - self._partial_stop_length()  # where an unfinished stop string may begin
+        # A stop found after the start of an unfinished one is not final yet: the earlier one may still complete,
+        # and the reply is cut at the earliest stop (`trim_at_stop`).
+        if cuts and (final or min(cuts) <= pending):
+            self.stopped, end = True, min(cuts)
+        else:
+            end = len(self.text) if final else pending
+        end = len(self.text[:end].rstrip())
+        start = max(self.emitted, len(self.text) - len(self.text.lstrip()))
+        self.emitted = max(self.emitted, end)
+        return self.text[start:end]
+
+    def _partial_stop_length(self) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)

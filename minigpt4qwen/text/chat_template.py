@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-# tokenizer -> {(chat template, roles): frames}; see `_frames`.
+# tokenizer -> {(chat template, messages less contents): frames}, oldest first; see `_frames`.
 _FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+FRAMES_PER_TOKENIZER = 64
 
 # The tag transformers' assistant masks are made from.
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -72,19 +73,13 @@ def template_layout(
     msgs = [dict(m) for m in messages]
     if add_generation_prompt:
         msgs.append({"role": "assistant", "content": ""})
-    frames = _frames(tokenizer, msgs)
     text, marked = _render(tokenizer, msgs)
-    contents: list[tuple[int, int]] = []
-    pos = 0
-    for i, message in enumerate(msgs):
-        if not text.startswith(frames[i], pos):
-            raise _rewritten(i)
-        pos += len(frames[i])
-        content = _emitted_form(message["content"], text, pos, frames[i + 1], last=i == len(msgs) - 1)
-        if content is None:
-            raise _rewritten(i)
-        contents.append((pos, pos + len(content)))
-        pos += len(content)
+    frames = _frames(tokenizer, msgs)
+    try:
+        contents = _locate_contents(text, msgs, frames)
+    except ValueError:  # cached frames may be stale (a template that writes today's date, new special tokens)
+        frames = _frames(tokenizer, msgs, fresh=True)
+        contents = _locate_contents(text, msgs, frames)
     if marked is None:
         targets = _replies_through_end_of_turn(msgs, text, contents, frames, control_tokens)
     else:
@@ -96,13 +91,36 @@ def template_layout(
     return TemplateLayout(text, contents, targets)
 
 
-def _frames(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]]) -> list[str]:
-    """The template's output around the message contents: len(msgs) + 1 strings, cached per tokenizer, template and
-    sequence of roles (they depend on nothing else: the contents are stand-ins)."""
-    key = (tokenizer.get_chat_template(), tuple(m["role"] for m in msgs))
+def _locate_contents(text: str, msgs: list[dict[str, str]], frames: list[str]) -> list[tuple[int, int]]:
+    """Where each message's content sits in the rendered `text`, between the template's `frames`."""
+    contents: list[tuple[int, int]] = []
+    pos = 0
+    for i, message in enumerate(msgs):
+        if not text.startswith(frames[i], pos):
+            raise _rewritten(i)
+        pos += len(frames[i])
+        content = _emitted_form(message["content"], text, pos, frames[i + 1], last=i == len(msgs) - 1)
+        if content is None:
+            raise _rewritten(i)
+        contents.append((pos, pos + len(content)))
+        pos += len(content)
+    return contents
+
+
+def _frames(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]], fresh: bool = False) -> list[str]:
+    """The template's output around the message contents: len(msgs) + 1 strings.
+
+    Cached per tokenizer, template and messages less their contents (the contents are stand-ins), the last
+    `FRAMES_PER_TOKENIZER` of them: what else the template reads (the date, special tokens) can make an entry
+    stale, which `template_layout` finds (the frames do not match the text) and renders `fresh`.
+    """
+    key = (tokenizer.get_chat_template(), repr([sorted((k, v) for k, v in m.items() if k != "content") for m in msgs]))
     cache = _FRAMES.setdefault(tokenizer, {})
-    if key not in cache:
+    if fresh or key not in cache:
+        cache.pop(key, None)
         cache[key] = _render_frames(tokenizer, msgs)
+        while len(cache) > FRAMES_PER_TOKENIZER:
+            del cache[next(iter(cache))]  # the oldest entry
     return cache[key]
 
 

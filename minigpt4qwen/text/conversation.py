@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.text.chat_template import template_layout
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
-# tokenizer -> (vocabulary size, control tokens, their split pattern); see `_control_split`.
+# tokenizer -> (its special tokens, control tokens, their split pattern); see `_control_split`.
 _CONTROL_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 IGNORE_INDEX = -100
@@ -256,9 +256,10 @@ def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def _control_split(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, int], re.Pattern]:
-    """`_control_tokens` and a pattern splitting text at them, cached per tokenizer and vocabulary size (a served
+    """`_control_tokens` and a pattern splitting text at them, cached per tokenizer and its special tokens (a served
     request renders its prompt with them: building them took a third of that time)."""
-    key = len(tokenizer)
+    key = (len(tokenizer), tuple(tokenizer.all_special_tokens),
+           tuple(token.special for token in tokenizer.added_tokens_decoder.values()))
     cached = _CONTROL_SPLITS.get(tokenizer)
     if cached is None or cached[0] != key:
         controls = _control_tokens(tokenizer)

@@ -19,8 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.engine import GenerationCancelled
-from minigpt4qwen.inference.frontends.streaming import StopTrimmer
-from minigpt4qwen.inference.generation import GenerationSettings, decode_reply
+from minigpt4qwen.inference.generation import GenerationSettings, StopTrimmer, decode_reply
 
 
 class _Pieces:
@@ -95,7 +94,8 @@ class GenerationHandle:
         self._notify()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        """Calls `callback()` after every change (new tokens, the end), from the scheduler's thread: keep it short."""
+        """Calls `callback()` after every later change (new tokens, the end), from the scheduler's thread: keep it
+        short. Changes made before it was added are not signalled: read `snapshot` once after adding it."""
         with self._cond:
             self._wakers.add(callback)
 
@@ -143,10 +143,10 @@ class GenerationHandle:
             raise GenerationCancelled(text)
         return text
 
-    def snapshot(self) -> tuple[list[int], bool]:
-        """The tokens so far and whether the request is done, read together."""
+    def snapshot(self, since: int = 0) -> tuple[list[int], bool]:
+        """The tokens generated so far (from index `since` on) and whether the request is done, read together."""
         with self._cond:
-            return list(self.token_ids), self.done
+            return self.token_ids[since:], self.done
 
     def _next(self, last: list[int] | None) -> tuple[list[int], bool]:
         """The tokens and done flag once they differ from `last` (at once when `last` is None)."""

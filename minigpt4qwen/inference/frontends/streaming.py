@@ -10,54 +10,17 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from transformers import TextStreamer
 
 from minigpt4qwen.checkpoint.export import chat_stop_token_ids
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
+from minigpt4qwen.inference.generation import StopTrimmer
 
 # (session, settings, streamer) -> reply, e.g. `lambda s, g, st: s.ask(query, g, st)`.
 Action = Callable[[ChatSession, GenerationSettings, Any], str]
-
-
-class StopTrimmer:
-    """Turns streamed text into the pieces a client may see: no leading/trailing blanks, nothing from a stop on.
-
-    Trailing whitespace and a tail that could begin a stop string are held back until later text settles them.
-
-    Args:
-        stop: stop strings (empty ones are ignored).
-    """
-
-    def __init__(self, stop: Sequence[str] = ()):
-        self.stop = tuple(s for s in stop if s)
-        self.text = ""
-        self.emitted = 0  # characters of `text` already handed out
-        self.stopped = False
-
-    def feed(self, piece: str, final: bool = False) -> str:
-        """Adds `piece`; returns the newly releasable text (all that is left when `final`)."""
-        if self.stopped:
-            return ""
-        self.text += piece
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        pending = len(self.text) - self._partial_stop_length()  # where an unfinished stop string may begin
-        # A stop found after the start of an unfinished one is not final yet: the earlier one may still complete,
-        # and the reply is cut at the earliest stop (`trim_at_stop`).
-        if cuts and (final or min(cuts) <= pending):
-            self.stopped, end = True, min(cuts)
-        else:
-            end = len(self.text) if final else pending
-        end = len(self.text[:end].rstrip())
-        start = max(self.emitted, len(self.text) - len(self.text.lstrip()))
-        self.emitted = max(self.emitted, end)
-        return self.text[start:end]
-
-    def _partial_stop_length(self) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-        return max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
 
 
 class _PieceStreamer(TextStreamer):

@@ -55,7 +55,8 @@ class EngineBridge:
         self._stopped = False
 
     def run(self) -> None:
-        """Serves the front end until it hangs up; then cancels what it left running."""
+        """Serves the front end until it hangs up (or the link breaks); then cancels what it left running and
+        closes the connection, so that the front end sees the end too."""
         sender = threading.Thread(target=self._send_news, daemon=True, name="minigpt4qwen-engine-link")
         sender.start()
         try:
@@ -64,7 +65,7 @@ class EngineBridge:
                 if kind == "submit":
                     self._submit(rid, *body)
                 elif kind == "beam":
-                    threading.Thread(target=self._beam, args=(rid, *body), daemon=True).start()
+                    self._start_beam(rid, *body)
                 elif kind == "cancel":
                     with self._cond:
                         running = self._beams.get(rid) or self._handles.get(rid, (None,))[0]
@@ -72,6 +73,8 @@ class EngineBridge:
                         running.cancel()
         except (EOFError, OSError):
             log.info("the front end hung up")
+        except Exception:  # a bug or a message that does not unpickle: end the link rather than hang its requests
+            log.exception("the link to a front end broke")
         finally:
             with self._cond:
                 self._stopped = True
@@ -80,15 +83,14 @@ class EngineBridge:
             for handle in handles:
                 handle.cancel()
             sender.join(10)
+            self.connection.close()
 
     def _submit(self, rid: int, ids: np.ndarray, pixels: np.ndarray | None, settings: GenerationSettings) -> None:
         try:
             handle = self.backend.submit(torch.from_numpy(ids), None if pixels is None else torch.from_numpy(pixels),
                                          settings)
         except Exception as err:  # checked by the front end already: a mismatch between the two processes
-            with self._cond:
-                self._texts.append((rid, [], ("error", f"{type(err).__name__}: {err}", 0, len(ids))))
-                self._cond.notify_all()
+            self._queue_end(rid, ("error", f"{type(err).__name__}: {err}", 0, len(ids)))
             return
         with self._cond:
             self._handles[rid] = (handle, [0])
@@ -100,10 +102,18 @@ class EngineBridge:
             self._changed.add(rid)
             self._cond.notify_all()
 
-    def _beam(self, rid: int, conversation: Conversation, settings: GenerationSettings, window: int) -> None:
-        reply, prompt_tokens = self.backend.beam(conversation, settings, window)
+    def _start_beam(self, rid: int, conversation: Conversation, settings: GenerationSettings, window: int) -> None:
+        """Registers the beam search (so a cancel that follows finds it), then runs it in a thread of its own."""
+        try:
+            reply, prompt_tokens = self.backend.beam(conversation, settings, window)
+        except Exception as err:
+            self._queue_end(rid, ("error", f"{type(err).__name__}: {err}", 0, 0))
+            return
         with self._cond:
             self._beams[rid] = reply
+        threading.Thread(target=self._beam, args=(rid, reply, prompt_tokens), daemon=True).start()
+
+    def _beam(self, rid: int, reply: Any, prompt_tokens: Callable[[], int]) -> None:
         error = None
         try:
             for piece in reply:
@@ -112,10 +122,15 @@ class EngineBridge:
                     self._cond.notify_all()
         except Exception as err:  # the front end's stream reports it
             error = f"{type(err).__name__}: {err}"
-        end = ("error" if error else reply.finish_reason, error, reply.num_tokens, prompt_tokens())
+        finally:
+            with self._cond:
+                del self._beams[rid]
+            reason = "error" if error else reply.finish_reason
+            self._queue_end(rid, (reason, error, reply.num_tokens, prompt_tokens()))
+
+    def _queue_end(self, rid: int, end: tuple) -> None:
         with self._cond:
             self._texts.append((rid, [], end))
-            del self._beams[rid]
             self._cond.notify_all()
 
     def _news(self) -> list[tuple[int, list, tuple | None]]:
@@ -125,14 +140,14 @@ class EngineBridge:
             if rid not in self._handles:  # its end was sent already
                 continue
             handle, sent = self._handles[rid]
-            ids, done = handle.snapshot()
+            new, done = handle.snapshot(since=sent[0])
+            sent[0] += len(new)
             end = None
             if done:
                 error = None if handle.error is None else f"{type(handle.error).__name__}: {handle.error}"
-                end = (handle.finish_reason, error, len(ids), handle.prompt_tokens)
+                end = (handle.finish_reason, error, sent[0], handle.prompt_tokens)
                 del self._handles[rid]
-            news.append((rid, ids[sent[0]:], end))
-            sent[0] = len(ids)
+            news.append((rid, new, end))
         self._changed.clear()
         return news
 
@@ -153,6 +168,9 @@ class EngineBridge:
                     next_stats = time.monotonic() + self.stats_every
         except (OSError, ValueError):  # the front end has gone: `run` sees it too
             log.info("the front end's connection closed")
+        except Exception:  # a bug: close the link, so that `run` ends and the front end fails what was running
+            log.exception("sending to a front end failed")
+            self.connection.close()
 
 
 class RemoteBackend:
@@ -176,6 +194,7 @@ class RemoteBackend:
         self._replies: dict[int, GenerationHandle | RemoteText] = {}
         self._ids = itertools.count()
         self._stats: dict[str, Any] | None = None
+        self._stats_time = time.monotonic()
         self._ready, self._lost, self._closed = threading.Event(), None, False
         threading.Thread(target=self._receive, daemon=True, name="minigpt4qwen-engine-news").start()
         if not self._ready.wait(ready_timeout):
@@ -221,9 +240,16 @@ class RemoteBackend:
         return reply, lambda: reply.prompt_tokens
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._stats or {})
+        """The engine's scheduler stats, as last sent (every `stats_every` s), and their age in seconds."""
+        return {**(self._stats or {}), "stats_age_s": round(time.monotonic() - self._stats_time, 3)}
+
+    @property
+    def lost(self) -> str | None:
+        """Why the engine can no longer be reached (None while it can)."""
+        return self._lost
 
     def close(self) -> None:
+        """Closes the link (the app shuts down): what is still running fails."""
         self._closed = True
         self.connection.close()
 
@@ -232,7 +258,7 @@ class RemoteBackend:
             while True:
                 kind, body = self.connection.recv()
                 if kind == "stats":
-                    self._stats = body
+                    self._stats, self._stats_time = body, time.monotonic()
                     self._ready.set()
                     continue
                 for rid, new, end in body:
@@ -242,6 +268,8 @@ class RemoteBackend:
                         self._deliver(reply, new, end)
         except (EOFError, OSError, TypeError):  # TypeError: `close` closed the connection under `recv`
             pass
+        except Exception:  # a bug: fail what is running rather than leave it hanging
+            log.exception("receiving from the engine failed")
         self._lost = ("the server is shutting down" if self._closed
                       else "the engine process has gone; restart the server")
         with self._lock:

@@ -7,9 +7,9 @@ one.
 
 Each front-end process (spawned: it starts without CUDA and without the model) runs the same app as `serve`
 (`create_app`) over an `engine_link.RemoteBackend`; this process answers each with an `EngineBridge` thread, all
-submitting to the one scheduler. Several front ends listen on the same port (SO_REUSEPORT: the kernel spreads the
-connections), so a burst of requests is parsed, decoded and tokenized on several cores at once. Why a process at
-all: see `engine_link`.
+submitting to the one scheduler. This process binds the port and hands the listening socket to every front end (as
+uvicorn's workers share one), so a taken port is reported before anything starts, and a burst of requests is
+parsed, decoded and tokenized on several cores at once. Why a process at all: see `engine_link`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import multiprocessing
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,19 +57,27 @@ class FrontendOptions:
     log_level: str = "info"
 
 
-def _shared_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) that other processes may bind too (the kernel spreads connections)."""
-    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, protocol)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port), for the front ends to accept on.
+
+    Raises:
+        OSError: the port is taken (or the host is not this machine's), with the address in the message.
+    """
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, protocol)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     return sock
 
 
-def run_frontend(connection: Any, tokenizer: PreTrainedTokenizerBase, spec: PromptSpec, capacity: int,
-                 options: FrontendOptions) -> None:
-    """A front-end process: the app over the engine's connection, until interrupted or the engine goes."""
+def run_frontend(connection: Any, sock: socket.socket, tokenizer: PreTrainedTokenizerBase, spec: PromptSpec,
+                 capacity: int, options: FrontendOptions) -> None:
+    """A front-end process: the app over the engine's connection, accepting on `sock`, until interrupted or the
+    engine goes."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     backend = RemoteBackend(connection, tokenizer, spec, capacity)
     app = create_app(backend, tokenizer, options.model_name, options.allow_local_files, **options.app_options)
@@ -79,10 +88,10 @@ def run_frontend(connection: Any, tokenizer: PreTrainedTokenizerBase, spec: Prom
         server.should_exit = True
 
     backend.on_lost = engine_lost
+    if backend.lost:  # it went before `on_lost` was set
+        engine_lost()
     try:
-        server.run(sockets=[_shared_socket(options.host, options.port)])
-    except OSError as err:  # e.g. the port is taken by another program
-        raise SystemExit(f"cannot listen on {options.host}:{options.port}: {err}") from None
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
         pass
 
@@ -94,14 +103,14 @@ class FrontendProcesses:
         model: the model (its scheduler decodes on it).
         tokenizer: its tokenizer (sent to the front ends).
         scheduler: the model's scheduler (owned by the caller).
-        options: the front ends' address and app options (port 0 is refused: they must share one port).
+        options: the front ends' address and app options.
         count: front-end processes.
     """
 
     def __init__(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, scheduler: GenerationScheduler,
                  options: FrontendOptions, count: int = 1):
-        if count < 1 or options.port == 0:
-            raise ValueError(f"need at least one front end on a fixed port, got {count} on port {options.port}")
+        if count < 1:
+            raise ValueError(f"need at least one front-end process, got {count}")
         queue = options.app_options.get("max_queue")
         if queue is not None:  # each front end admits its share
             options = replace(options, app_options={**options.app_options, "max_queue": max(1, -(-queue // count))})
@@ -109,43 +118,54 @@ class FrontendProcesses:
         self.count = count
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._connections: list[Any] = []
+        self.port: int | None = None  # the port listened on (the one chosen by the system for port 0)
 
     def start(self) -> None:
-        """Spawns the front ends (each serves once it has the engine's first stats)."""
+        """Binds the port and spawns the front ends (each serves once it has the engine's first stats).
+
+        Raises:
+            OSError: the port is taken.
+        """
+        sock = listening_socket(self.options.host, self.options.port)
+        self.port = sock.getsockname()[1]
         context = multiprocessing.get_context("spawn")
         spec = PromptSpec.of(self.model)
         for index in range(self.count):
             ours, theirs = context.Pipe()
             process = context.Process(target=run_frontend, name=f"minigpt4qwen-frontend-{index}", daemon=True,
-                                      args=(theirs, self.tokenizer, spec, self.scheduler.capacity, self.options))
+                                      args=(theirs, sock, self.tokenizer, spec, self.scheduler.capacity,
+                                            self.options))
             process.start()
             theirs.close()  # the front end's end now lives there only: its exit reads as EOF here
             self.processes.append(process)
             self._connections.append(ours)
+        sock.close()  # the front ends hold it now
 
     def run(self) -> int:
-        """Serves the front ends' requests until they exit; returns the first non-zero exit code (0 when they
-        were stopped by a signal)."""
+        """Serves the front ends' requests until one exits (then stops the others) or a SIGTERM / Ctrl-C comes (the
+        front ends then finish the replies in flight); returns the first non-zero exit code (0 when stopped)."""
         backend = LocalBackend(self.model, self.tokenizer, self.scheduler)
         bridges = [threading.Thread(target=EngineBridge(connection, backend).run, daemon=True,
                                     name=f"minigpt4qwen-bridge-{i}") for i, connection in enumerate(self._connections)]
         for bridge in bridges:
             bridge.start()
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda *_: self.stop()) if on_main_thread else None
         try:
-            for bridge in bridges:
-                while bridge.is_alive():
-                    bridge.join(0.5)
-                self.stop()  # one front end gone (it failed, or was stopped): stop them all
+            while all(bridge.is_alive() for bridge in bridges):
+                time.sleep(0.2)
         except KeyboardInterrupt:  # Ctrl-C reaches the front ends too (one process group); else they are told here
             log.info("interrupted: stopping the HTTP front ends")
-            self.stop()
-        for process in self.processes:
-            process.join(30)
-        for connection in self._connections:
-            connection.close()
+        finally:
+            self.stop()  # one front end gone (it failed, or was stopped): stop them all
+            for process in self.processes:
+                process.join()  # they drain: a second Ctrl-C ends the wait
+            for bridge in bridges:
+                bridge.join(10)
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous)
         # uvicorn shuts down gracefully on SIGTERM / SIGINT, then ends by the same signal
-        codes = [0 if p.exitcode in (-signal.SIGTERM, -signal.SIGINT) else -1 if p.exitcode is None else p.exitcode
-                 for p in self.processes]
+        codes = [0 if p.exitcode in (-signal.SIGTERM, -signal.SIGINT) else p.exitcode for p in self.processes]
         return next((code for code in codes if code), 0)
 
     def stop(self) -> None:

@@ -1,14 +1,10 @@
-"""What the HTTP server's handlers run requests on when the model lives in the same process.
-
-The app (`server.create_app`) talks to a backend: `spec` and `capacity` (to build prompts), `submit` (the
-continuous-batching scheduler), `beam` (beam search, alone on the model between the scheduler's steps), `stats`
-and `close`. `LocalBackend` holds the model; `engine_link.RemoteBackend` forwards to a model in another process.
-"""
+"""What the HTTP server's handlers run requests on: `Backend`, and `LocalBackend` for a model in this process
+(`engine_link.RemoteBackend` forwards to a model in another process)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterable, Callable
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +15,28 @@ from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
 from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
 from minigpt4qwen.inference.frontends.streaming import ReplyStream
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
+
+
+class Backend(Protocol):
+    """What the app (`server.create_app`) needs: what prompts need of the model and the slot size (to build
+    prompts), `submit` (the continuous-batching scheduler: raises ValueError for what it refuses), `beam` (beam
+    search, alone on the model between the scheduler's steps), `stats` (for /health) and `close`. Replies are
+    async-iterable text pieces with `num_tokens`, `finish_reason` and `cancel`."""
+
+    spec: PromptSpec
+
+    @property
+    def capacity(self) -> int: ...
+
+    def submit(self, ids: torch.Tensor, pixels: torch.Tensor | None, settings: GenerationSettings
+               ) -> AsyncIterable[str]: ...
+
+    def beam(self, conversation: Conversation, settings: GenerationSettings, window: int
+             ) -> tuple[AsyncIterable[str], Callable[[], int]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 class LocalBackend:
@@ -38,6 +56,7 @@ class LocalBackend:
 
     @property
     def capacity(self) -> int:
+        """Tokens per slot of the scheduler (prompt + reply)."""
         return self.scheduler.capacity
 
     def submit(self, ids: torch.Tensor, pixels: torch.Tensor | None, settings: GenerationSettings
@@ -61,8 +80,10 @@ class LocalBackend:
         return reply, lambda: prompt_tokens[0]
 
     def stats(self) -> dict[str, Any]:
+        """The scheduler's stats (`GenerationScheduler.stats`)."""
         return self.scheduler.stats()
 
     def close(self) -> None:
+        """Closes the scheduler if the backend owns it."""
         if self.own:
             self.scheduler.close()

@@ -130,6 +130,7 @@ class PromptSpec:
 
     @classmethod
     def of(cls, model: MiniGPT4Qwen) -> PromptSpec:
+        """The model's."""
         return cls(model.image_token_id, model.num_query_tokens, model.config.vision_config.image_size)
 
 

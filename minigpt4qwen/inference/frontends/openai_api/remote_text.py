@@ -16,32 +16,34 @@ class RemoteText:
     """
 
     def __init__(self, cancel: Callable[[], None]):
-        self._cancel, self._cond = cancel, threading.Condition()
+        self._cancel, self._lock = cancel, threading.Lock()
         self.pieces: list[str] = []
         self.done, self.error = False, None
         self.num_tokens, self.prompt_tokens, self.finish_reason = 0, 0, "stop"
         self._wakers: set[Callable[[], None]] = set()
 
     def push(self, pieces: list[str]) -> None:
-        with self._cond:
+        """Appends text pieces (the link's receiving thread)."""
+        with self._lock:
             self.pieces += pieces
         self._notify()
 
     def finish(self, reason: str, error: str | None, num_tokens: int, prompt_tokens: int) -> None:
-        with self._cond:
+        """Marks the reply ended, with the engine's finish reason, error message and token counts."""
+        with self._lock:
             self.done, self.finish_reason = True, reason
             self.error = None if error is None else RuntimeError(error)
             self.num_tokens, self.prompt_tokens = num_tokens, prompt_tokens
         self._notify()
 
     def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+        with self._lock:
             wakers = list(self._wakers)
         for wake in wakers:
             wake()
 
     def cancel(self) -> None:
+        """Asks the engine to stop the beam search (a no-op once ended)."""
         if not self.done:
             self._cancel()
 
@@ -50,14 +52,17 @@ class RemoteText:
         loop, changed, seen = asyncio.get_running_loop(), asyncio.Event(), 0
 
         def wake() -> None:
-            loop.call_soon_threadsafe(changed.set)
+            try:
+                loop.call_soon_threadsafe(changed.set)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
 
-        with self._cond:
+        with self._lock:
             self._wakers.add(wake)
         try:
             while True:
                 changed.clear()
-                with self._cond:
+                with self._lock:
                     pieces, done = self.pieces[seen:], self.done
                 seen += len(pieces)
                 for piece in pieces:
@@ -67,7 +72,7 @@ class RemoteText:
                 if not pieces:
                     await changed.wait()
         finally:
-            with self._cond:
+            with self._lock:
                 self._wakers.discard(wake)
             self.cancel()
         if self.error is not None:

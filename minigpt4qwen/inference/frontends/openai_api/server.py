@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import GenerationSettings
 from minigpt4qwen.inference.frontends.openai_api.admission import Admission, ApiKeyGuard, error_response, read_body
-from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBackend
+from minigpt4qwen.inference.frontends.openai_api.local_backend import Backend, LocalBackend
 from minigpt4qwen.inference.frontends.openai_api.openai_protocol import (
     ChatRequest,
     Conversation,
@@ -90,7 +90,7 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
     return app
 
 
-def create_app(backend: Any, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
+def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
                allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
                max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
                max_window_size: int = 6144, api_key: str | None = None, max_queue: int = 128) -> FastAPI:
@@ -119,7 +119,6 @@ def create_app(backend: Any, tokenizer: PreTrainedTokenizerBase, model_name: str
         backend.close()
 
     app = FastAPI(title="MiniGPT4Qwen", version="1", lifespan=lifespan)
-    app.state.backend = backend
     admission = Admission(max_queue)
     limits = ImageLimits(max_images=max_images, max_pixels=max_image_pixels, allow_local_files=allow_local_files)
     created = int(time.time())
