@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
+import torch
 
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import GenerationSettings
@@ -24,7 +25,7 @@ from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBacke
 from minigpt4qwen.inference.frontends.openai_api.openai_protocol import PromptSpec
 from minigpt4qwen.inference.frontends.openai_api.server import build_app, create_app
 from tests.conftest import make_tiny_chat_model
-from tests.test_server import _image, _serving, _user
+from tests.test_server import _image, _noise, _serving, _user
 
 N = 16
 PROMPTS = [(text, colour) for text in ("what colour", "what is the shape") for colour in ("red", "blue", "green")]
@@ -99,9 +100,15 @@ def test_linked_front_end_beam_search_errors_and_cancel(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with _linked(model_and_tokenizer, max_window_size=60) as (url, scheduler, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
-        beam = client.chat.completions.create(model="tiny", messages=[_user("what colour", _image("red"))],
-                                              max_tokens=8, extra_body={"num_beams": 2})
-        assert beam.choices[0].message.content and beam.usage.prompt_tokens > model.num_query_tokens
+        # beam search runs in the model's process on the images sent there resized: the same answer as in-process
+        messages = [_user("what colour", _noise(300))]
+        beam = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8,
+                                              extra_body={"num_beams": 2})
+        with _serving(build_app(model, tokenizer, "tiny", slots=2, slot_tokens=256, max_window_size=60)) as local:
+            expected = openai.OpenAI(base_url=f"{local}/v1", api_key="x", max_retries=0).chat.completions.create(
+                model="tiny", messages=messages, max_tokens=8, extra_body={"num_beams": 2})
+        assert beam.choices[0].message.content == expected.choices[0].message.content
+        assert beam.usage.prompt_tokens == expected.usage.prompt_tokens > model.num_query_tokens
 
         # a request the scheduler refuses is refused by the front end, with the scheduler's reason
         with pytest.raises(openai.BadRequestError, match="does not fit a slot"):
@@ -207,3 +214,29 @@ def test_a_front_end_that_dies_stops_the_others(model_and_tokenizer):
         runner.join(60)
         scheduler.close()
     assert result == {"code": -9}
+
+
+def test_resized_images_give_the_same_pixels():
+    from minigpt4qwen.data.images import ImageTransform
+    from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation
+
+    image = _noise(300).crop((0, 0, 300, 170))
+    conversation = Conversation(query="q", query_images=[image], turns=[("a", "b")], turn_images=[[_noise(90)]])
+    small = conversation.resized(224)
+    transform = ImageTransform(224, train=False)
+    assert [i.size for i in small.query_images + small.turn_images[0]] == [(224, 224)] * 2
+    assert torch.equal(transform(small.query_images[0]), transform(image))
+    assert torch.equal(transform(small.turn_images[0][0]), transform(conversation.turn_images[0][0]))
+
+
+def test_health_says_when_the_engine_stops_answering(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine_end, front_end = multiprocessing.Pipe()
+    engine_end.send(("stats", {"slots": 2, "active_slots": 0, "queued": 0}))
+    backend = RemoteBackend(front_end, tokenizer, PromptSpec.of(model), capacity=256)
+    with _serving(create_app(backend, tokenizer, "tiny")) as url:
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        backend._stats_time -= 10  # no stats for 10 s
+        response = httpx.get(f"{url}/health")
+        assert response.status_code == 503 and response.json()["status"] == "engine not responding"
+    engine_end.close()

@@ -236,7 +236,7 @@ class RemoteBackend:
         rid = -1
         reply = RemoteText(cancel=lambda: self._cancel(rid))
         rid = self._register(reply)
-        self._send(("beam", rid, conversation, settings, window))
+        self._send(("beam", rid, conversation.resized(self.spec.image_size), settings, window))
         return reply, lambda: reply.prompt_tokens
 
     def stats(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import base64
 import binascii
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
@@ -165,6 +165,15 @@ class Conversation:
         transform = ImageTransform(size=spec.image_size, train=False)
         pixels = torch.stack([transform(image) for image in kept]) if kept else None
         return torch.tensor([rendered.input_ids]), pixels
+
+    def resized(self, size: int) -> Conversation:
+        """This conversation with its images already at the model's `size` x `size` (as the eval transform resizes
+        them, so the pixels it then computes are the same): small to send to another process."""
+        def shrink(images: list[Image.Image]) -> list[Image.Image]:
+            return [image.resize((size, size), Image.Resampling.BICUBIC) for image in images]
+
+        return replace(self, turn_images=[shrink(images) for images in self.turn_images],
+                       query_images=shrink(self.query_images))
 
     def session(self, model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, max_window_size: int = 6144,
                 decoder: GraphDecoder | None = None) -> ChatSession:

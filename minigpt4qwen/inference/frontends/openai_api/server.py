@@ -43,6 +43,7 @@ from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
+STALE_STATS_S = 5.0  # /health answers 503 when the model's process has sent no stats for this long
 
 
 def _location(loc: tuple) -> str:
@@ -130,9 +131,11 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
     if api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
         stats = backend.stats()
+        if stats.get("stats_age_s", 0) > STALE_STATS_S:  # a front end whose model's process stopped answering
+            return JSONResponse({"status": "engine not responding", "model": model_name, **stats}, status_code=503)
         return {"status": "ok", "model": model_name, "busy": bool(stats["active_slots"] or stats["queued"]),
                 "admitted": admission.admitted, **stats}
 
