@@ -152,8 +152,7 @@ def test_two_spawned_front_ends_share_a_port_and_stop(model_and_tokenizer, alone
     model, tokenizer = model_and_tokenizer
     scheduler = GenerationScheduler(model, tokenizer, slots=4, capacity=256)
     frontends = FrontendProcesses(model, tokenizer, scheduler, FrontendOptions(
-        port=0, model_name="tiny", app_options={"max_queue": 63}, log_level="warning"), count=2)
-    assert frontends.options.app_options == {"max_queue": 32}  # each admits its share
+        port=0, model_name="tiny", app_options={"max_queue": 3}, log_level="warning"), count=2)
     frontends.start()
     port = frontends.port
     result = {}
@@ -167,8 +166,31 @@ def test_two_spawned_front_ends_share_a_port_and_stop(model_and_tokenizer, alone
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert _ask_all(url) == [alone[i % len(PROMPTS)] for i in range(3 * len(PROMPTS))]
         assert all(process.is_alive() and process.pid != os.getpid() for process in frontends.processes)
+
+        async def held_burst():  # the model is held: 3 are admitted (by either process) and wait, 5 get 429
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+
+            async def one(i):
+                text, colour = PROMPTS[i % len(PROMPTS)]
+                try:
+                    out = await client.chat.completions.create(model="tiny", messages=[_user(text, _image(colour))],
+                                                               max_tokens=N)
+                except openai.RateLimitError:
+                    return 429
+                assert out.choices[0].message.content == alone[i % len(PROMPTS)]
+                return 200
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(8)]
+            while sum(t.done() for t in tasks) < 5:
+                await asyncio.sleep(0.05)
+            scheduler.model_lock.__exit__(None, None, None)
+            statuses = await asyncio.gather(*tasks)
+            await client.close()
+            return sorted(statuses)
+
+        scheduler.model_lock.__enter__()
+        assert asyncio.run(held_burst()) == [200] * 3 + [429] * 5  # one limit across the front ends
     finally:
         frontends.stop()
         runner.join(60)

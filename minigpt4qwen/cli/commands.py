@@ -231,7 +231,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frontend-processes", type=int, default=0, metavar="N",
                    help="run the HTTP server (parsing, images, tokenizing, streaming) in N processes of their own on "
                         "the same port, not in the model's process (0, the default): bursts of requests are then "
-                        "prepared on N cores; each admits max-queue / N")
+                        "prepared on N cores")
     p.set_defaults(func=run_serve)
 
 

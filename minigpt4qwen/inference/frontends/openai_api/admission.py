@@ -4,8 +4,10 @@ chat requests admitted at once (`Admission`), with OpenAI-style error bodies (`e
 from __future__ import annotations
 
 import hmac
+import multiprocessing
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -34,25 +36,35 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class Admission:
-    """Counts the chat requests admitted (generating or waiting for the model); refuses more than `limit`."""
+    """Counts the chat requests admitted (generating or waiting for the model); refuses more than `limit`.
 
-    def __init__(self, limit: int):
-        self.limit, self.admitted = limit, 0
-        self._lock = threading.Lock()
+    Args:
+        limit: requests admitted at once.
+        counter: a `multiprocessing.Value("i")` shared by the front-end processes that admit against one limit
+            (None: a counter of this process's own).
+    """
+
+    def __init__(self, limit: int, counter: Any = None):
+        self.limit = limit
+        self._counter = counter if counter is not None else multiprocessing.get_context("spawn").Value("i", 0)
+
+    @property
+    def admitted(self) -> int:
+        return self._counter.value
 
     def enter(self) -> Callable[[], None] | None:
         """A release function for an admitted request (idempotent), or None when `limit` are in already."""
-        with self._lock:
-            if self.admitted >= self.limit:
+        with self._counter.get_lock():
+            if self._counter.value >= self.limit:
                 return None
-            self.admitted += 1
+            self._counter.value += 1
         released = threading.Event()
 
         def release() -> None:
-            with self._lock:
+            with self._counter.get_lock():
                 if not released.is_set():
                     released.set()
-                    self.admitted -= 1
+                    self._counter.value -= 1
 
         return release
 

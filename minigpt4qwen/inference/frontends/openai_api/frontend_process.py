@@ -20,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -44,8 +44,8 @@ class FrontendOptions:
         host / port: the address to bind ("0.0.0.0" exposes it to the network: set an api_key then).
         model_name: the id reported to clients.
         allow_local_files: accept local image paths (see `build_app`).
-        app_options: further `create_app` keyword arguments (max_body_bytes, ..., api_key, max_queue: with N
-            front ends, each admits max_queue / N).
+        app_options: further `create_app` keyword arguments (max_body_bytes, ..., api_key, max_queue: counted
+            across all front ends).
         log_level: uvicorn's.
     """
 
@@ -74,13 +74,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_frontend(connection: Any, sock: socket.socket, tokenizer: PreTrainedTokenizerBase, spec: PromptSpec,
-                 capacity: int, options: FrontendOptions) -> None:
-    """A front-end process: the app over the engine's connection, accepting on `sock`, until interrupted or the
-    engine goes."""
+def run_frontend(connection: Any, sock: socket.socket, admitted: Any, tokenizer: PreTrainedTokenizerBase,
+                 spec: PromptSpec, capacity: int, options: FrontendOptions) -> None:
+    """A front-end process: the app over the engine's connection, accepting on `sock` and counting its admitted
+    requests in the shared `admitted`, until interrupted or the engine goes."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     backend = RemoteBackend(connection, tokenizer, spec, capacity)
-    app = create_app(backend, tokenizer, options.model_name, options.allow_local_files, **options.app_options)
+    app = create_app(backend, tokenizer, options.model_name, options.allow_local_files, admission_counter=admitted,
+                     **options.app_options)
     server = uvicorn.Server(uvicorn.Config(app, log_level=options.log_level))
 
     def engine_lost() -> None:
@@ -111,9 +112,6 @@ class FrontendProcesses:
                  options: FrontendOptions, count: int = 1):
         if count < 1:
             raise ValueError(f"need at least one front-end process, got {count}")
-        queue = options.app_options.get("max_queue")
-        if queue is not None:  # each front end admits its share
-            options = replace(options, app_options={**options.app_options, "max_queue": max(1, -(-queue // count))})
         self.model, self.tokenizer, self.scheduler, self.options = model, tokenizer, scheduler, options
         self.count = count
         self.processes: list[multiprocessing.process.BaseProcess] = []
@@ -130,10 +128,12 @@ class FrontendProcesses:
         self.port = sock.getsockname()[1]
         context = multiprocessing.get_context("spawn")
         spec = PromptSpec.of(self.model)
+        # Requests admitted by all front ends, against one max_queue (kept here: the children unpickle it later).
+        self._admitted = admitted = context.Value("i", 0)
         for index in range(self.count):
             ours, theirs = context.Pipe()
             process = context.Process(target=run_frontend, name=f"minigpt4qwen-frontend-{index}", daemon=True,
-                                      args=(theirs, sock, self.tokenizer, spec, self.scheduler.capacity,
+                                      args=(theirs, sock, admitted, self.tokenizer, spec, self.scheduler.capacity,
                                             self.options))
             process.start()
             theirs.close()  # the front end's end now lives there only: its exit reads as EOF here

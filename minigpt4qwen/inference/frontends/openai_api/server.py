@@ -94,7 +94,8 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_nam
 def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
                allow_local_files: bool = False, *, max_body_bytes: int = 20 * MiB, max_images: int = 8,
                max_image_pixels: int = 25_000_000, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-               max_window_size: int = 6144, api_key: str | None = None, max_queue: int = 128) -> FastAPI:
+               max_window_size: int = 6144, api_key: str | None = None, max_queue: int = 128,
+               admission_counter: Any = None) -> FastAPI:
     """Builds the FastAPI app over a backend (`LocalBackend`, or `engine_link.RemoteBackend` in a front-end
     process).
 
@@ -111,6 +112,8 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
             beyond it.
         api_key: required as `Authorization: Bearer <key>` on `/v1/*` (None: no authentication).
         max_queue: chat requests admitted at once (decoding or waiting for a slot); more get 429.
+        admission_counter: a `multiprocessing.Value("i")` counting the admitted requests of several front-end
+            processes against one `max_queue` (None: this app's own).
     """
     window = min(max_window_size, backend.capacity - 1)
 
@@ -120,7 +123,7 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
         backend.close()
 
     app = FastAPI(title="MiniGPT4Qwen", version="1", lifespan=lifespan)
-    admission = Admission(max_queue)
+    admission = Admission(max_queue, admission_counter)
     limits = ImageLimits(max_images=max_images, max_pixels=max_image_pixels, allow_local_files=allow_local_files)
     created = int(time.time())
 
