@@ -262,3 +262,25 @@ def test_health_says_when_the_engine_stops_answering(model_and_tokenizer):
         response = httpx.get(f"{url}/health")
         assert response.status_code == 503 and response.json()["status"] == "engine not responding"
     engine_end.close()
+
+
+def test_hang_up_ends_a_blocked_recv_and_tells_the_peer():
+    from minigpt4qwen.inference.frontends.openai_api.engine_link import hang_up
+
+    ours, theirs = multiprocessing.Pipe()
+    ended = []
+
+    def read():
+        try:
+            ours.recv()
+        except EOFError:
+            ended.append("eof")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.2)
+    hang_up(ours)
+    reader.join(5)
+    assert ended == ["eof"]
+    with pytest.raises(EOFError):
+        theirs.recv()

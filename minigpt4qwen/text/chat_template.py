@@ -18,6 +18,7 @@ character span of every message's content and the spans to supervise, derived fr
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 # tokenizer -> {(chat template, messages less contents): frames}, oldest first; see `_frames`.
 _FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 FRAMES_PER_TOKENIZER = 64
+_FRAMES_LOCK = threading.Lock()
 
 # The tag transformers' assistant masks are made from.
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -115,13 +117,17 @@ def _frames(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]], fres
     stale, which `template_layout` finds (the frames do not match the text) and renders `fresh`.
     """
     key = (tokenizer.get_chat_template(), repr([sorted((k, v) for k, v in m.items() if k != "content") for m in msgs]))
-    cache = _FRAMES.setdefault(tokenizer, {})
-    if fresh or key not in cache:
-        cache.pop(key, None)
-        cache[key] = _render_frames(tokenizer, msgs)
-        while len(cache) > FRAMES_PER_TOKENIZER:
-            del cache[next(iter(cache))]  # the oldest entry
-    return cache[key]
+    with _FRAMES_LOCK:  # served requests render from several threads
+        frames = None if fresh else _FRAMES.setdefault(tokenizer, {}).get(key)
+    if frames is None:
+        frames = _render_frames(tokenizer, msgs)
+        with _FRAMES_LOCK:
+            cache = _FRAMES.setdefault(tokenizer, {})
+            cache.pop(key, None)
+            cache[key] = frames
+            while len(cache) > FRAMES_PER_TOKENIZER:
+                del cache[next(iter(cache))]  # the oldest entry
+    return frames
 
 
 def _render_frames(tokenizer: PreTrainedTokenizerBase, msgs: list[dict[str, str]]) -> list[str]:

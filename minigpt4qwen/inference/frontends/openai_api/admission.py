@@ -4,7 +4,6 @@ chat requests admitted at once (`Admission`), with OpenAI-style error bodies (`e
 from __future__ import annotations
 
 import hmac
-import multiprocessing
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class _Counter:
+    """What `Admission` uses of a `multiprocessing.Value`, for one process (no semaphore, no helper process)."""
+
+    def __init__(self):
+        self.value, self._lock = 0, threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
 class Admission:
     """Counts the chat requests admitted (generating or waiting for the model); refuses more than `limit`.
 
@@ -46,7 +55,7 @@ class Admission:
 
     def __init__(self, limit: int, counter: Any = None):
         self.limit = limit
-        self._counter = counter if counter is not None else multiprocessing.get_context("spawn").Value("i", 0)
+        self._counter = counter if counter is not None else _Counter()
 
     @property
     def admitted(self) -> int:

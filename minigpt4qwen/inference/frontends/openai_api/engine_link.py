@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +36,16 @@ from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversa
 from minigpt4qwen.inference.frontends.openai_api.remote_text import RemoteText
 
 log = logging.getLogger(__name__)
+
+
+def hang_up(connection: Any) -> None:
+    """Shuts a connection down for both ends: a `recv` blocked on it in another thread ends (EOFError) and the peer
+    sees EOF (closing it would do neither)."""
+    try:
+        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
 
 
 class EngineBridge:
@@ -168,9 +180,9 @@ class EngineBridge:
                     next_stats = time.monotonic() + self.stats_every
         except (OSError, ValueError):  # the front end has gone: `run` sees it too
             log.info("the front end's connection closed")
-        except Exception:  # a bug: close the link, so that `run` ends and the front end fails what was running
+        except Exception:  # a bug: hang up, so that `run` ends and the front end fails what was running
             log.exception("sending to a front end failed")
-            self.connection.close()
+            hang_up(self.connection)
 
 
 class RemoteBackend:
@@ -236,7 +248,7 @@ class RemoteBackend:
         rid = -1
         reply = RemoteText(cancel=lambda: self._cancel(rid))
         rid = self._register(reply)
-        self._send(("beam", rid, conversation.resized(self.spec.image_size), settings, window))
+        self._send(("beam", rid, conversation, settings, window))
         return reply, lambda: reply.prompt_tokens
 
     def stats(self) -> dict[str, Any]:

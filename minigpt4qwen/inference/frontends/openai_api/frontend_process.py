@@ -7,8 +7,8 @@ one.
 
 Each front-end process (spawned: it starts without CUDA and without the model) runs the same app as `serve`
 (`create_app`) over an `engine_link.RemoteBackend`; this process answers each with an `EngineBridge` thread, all
-submitting to the one scheduler. This process binds the port and hands the listening socket to every front end (as
-uvicorn's workers share one), so a taken port is reported before anything starts, and a burst of requests is
+submitting to the one scheduler. This process binds the port (so a taken one is reported before anything starts),
+one SO_REUSEPORT socket per front end, and the kernel spreads the connections over them: a burst of requests is
 parsed, decoded and tokenized on several cores at once. Why a process at all: see `engine_link`.
 """
 
@@ -34,6 +34,7 @@ from minigpt4qwen.inference.frontends.openai_api.server import create_app
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
+GRACEFUL_SHUTDOWN_S = 30
 
 
 @dataclass
@@ -57,21 +58,29 @@ class FrontendOptions:
     log_level: str = "info"
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket listening on (host, port), for the front ends to accept on.
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` sockets listening on one (host, port) with SO_REUSEPORT, one per front end: the kernel spreads new
+    connections over them (front ends sharing one socket would not: the first to wake accepts a whole burst).
 
     Raises:
-        OSError: the port is taken (or the host is not this machine's), with the address in the message.
+        OSError: the port is taken by another program (or the host is not this machine's), with the address.
     """
+    sockets: list[socket.socket] = []
     try:
         family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, protocol)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
+        for _ in range(count):
+            sock = socket.socket(family, kind, protocol)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            address = sock.getsockname()  # port 0: the others take the port the first one got
+            sock.listen(2048)
     except OSError as err:
+        for sock in sockets:
+            sock.close()
         raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    return sock
+    return sockets
 
 
 def run_frontend(connection: Any, sock: socket.socket, admitted: Any, tokenizer: PreTrainedTokenizerBase,
@@ -82,7 +91,9 @@ def run_frontend(connection: Any, sock: socket.socket, admitted: Any, tokenizer:
     backend = RemoteBackend(connection, tokenizer, spec, capacity)
     app = create_app(backend, tokenizer, options.model_name, options.allow_local_files, admission_counter=admitted,
                      **options.app_options)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=options.log_level))
+    # Graceful shutdown waits for the replies in flight, but not forever (a client that never sends its body).
+    server = uvicorn.Server(uvicorn.Config(app, log_level=options.log_level,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
     def engine_lost() -> None:
         log.error("%s", "the model's process has gone: stopping the HTTP server")
@@ -117,6 +128,7 @@ class FrontendProcesses:
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._connections: list[Any] = []
         self.port: int | None = None  # the port listened on (the one chosen by the system for port 0)
+        self._stop_requested = False
 
     def start(self) -> None:
         """Binds the port and spawns the front ends (each serves once it has the engine's first stats).
@@ -124,22 +136,25 @@ class FrontendProcesses:
         Raises:
             OSError: the port is taken.
         """
-        sock = listening_socket(self.options.host, self.options.port)
-        self.port = sock.getsockname()[1]
+        sockets = listening_sockets(self.options.host, self.options.port, self.count)
+        self.port = sockets[0].getsockname()[1]
         context = multiprocessing.get_context("spawn")
         spec = PromptSpec.of(self.model)
         # Requests admitted by all front ends, against one max_queue (kept here: the children unpickle it later).
         self._admitted = admitted = context.Value("i", 0)
-        for index in range(self.count):
-            ours, theirs = context.Pipe()
-            process = context.Process(target=run_frontend, name=f"minigpt4qwen-frontend-{index}", daemon=True,
-                                      args=(theirs, sock, admitted, self.tokenizer, spec, self.scheduler.capacity,
-                                            self.options))
-            process.start()
-            theirs.close()  # the front end's end now lives there only: its exit reads as EOF here
-            self.processes.append(process)
-            self._connections.append(ours)
-        sock.close()  # the front ends hold it now
+        try:
+            for index, sock in enumerate(sockets):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=run_frontend, name=f"minigpt4qwen-frontend-{index}", daemon=True,
+                                          args=(theirs, sock, admitted, self.tokenizer, spec,
+                                                self.scheduler.capacity, self.options))
+                process.start()
+                theirs.close()  # the front end's end now lives there only: its exit reads as EOF here
+                self.processes.append(process)
+                self._connections.append(ours)
+        finally:
+            for sock in sockets:
+                sock.close()  # the front ends hold them now
 
     def run(self) -> int:
         """Serves the front ends' requests until one exits (then stops the others) or a SIGTERM / Ctrl-C comes (the
@@ -152,24 +167,40 @@ class FrontendProcesses:
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, lambda *_: self.stop()) if on_main_thread else None
         try:
-            while all(bridge.is_alive() for bridge in bridges):
-                time.sleep(0.2)
-        except KeyboardInterrupt:  # Ctrl-C reaches the front ends too (one process group); else they are told here
-            log.info("interrupted: stopping the HTTP front ends")
+            try:
+                while all(bridge.is_alive() for bridge in bridges):
+                    time.sleep(0.2)
+            except KeyboardInterrupt:  # Ctrl-C reaches the front ends too (one process group), else they are told
+                log.info("interrupted: stopping the HTTP front ends")
+                self._stop_requested = True
+            finally:
+                asked = self._stop_requested  # before the front ends were told to stop here
+                self.stop()  # one front end gone (it failed, or was stopped): stop them all
+                for process in self.processes:  # they drain (up to GRACEFUL_SHUTDOWN_S), else are killed
+                    process.join(GRACEFUL_SHUTDOWN_S + 10)
+                    if process.exitcode is None:
+                        process.kill()
+                        process.join()
+                for bridge in bridges:
+                    bridge.join(10)
         finally:
-            self.stop()  # one front end gone (it failed, or was stopped): stop them all
-            for process in self.processes:
-                process.join()  # they drain: a second Ctrl-C ends the wait
-            for bridge in bridges:
-                bridge.join(10)
-            if on_main_thread:
+            if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        # uvicorn shuts down gracefully on SIGTERM / SIGINT, then ends by the same signal
-        codes = [0 if p.exitcode in (-signal.SIGTERM, -signal.SIGINT) else p.exitcode for p in self.processes]
-        return next((code for code in codes if code), 0)
+        return self._exit_code(asked)
+
+    def _exit_code(self, asked: bool) -> int:
+        """The first failure among the front ends' exits, else 0. uvicorn ends by the signal it shut down for (a
+        stop); a front end that exits by itself without being asked (its link broke) counts as a failure."""
+        for process in self.processes:
+            code = process.exitcode
+            if code in (-signal.SIGTERM, -signal.SIGINT) or (code == 0 and asked):
+                continue
+            return code or 1
+        return 0
 
     def stop(self) -> None:
         """Asks the front ends to shut down (as Ctrl-C does); `run` then returns."""
+        self._stop_requested = True
         for process in self.processes:
             if process.is_alive():
                 process.terminate()

@@ -166,7 +166,9 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
         """The conversation and, unless beam search runs, its prompt ids and pixels: CPU work (image decoding,
         tokenizing) done in one worker-thread hop, so a request costs the event loop one round trip."""
         conversation = build_conversation(chat, limits)
-        return conversation, conversation.prompt(backend.spec, tokenizer, window) if settings.num_beams == 1 else None
+        if settings.num_beams > 1:  # its images at the model's size: cheap to send to another process (same pixels)
+            return conversation.resized(backend.spec.image_size), None
+        return conversation, conversation.prompt(backend.spec, tokenizer, window)
 
     async def _start(chat: ChatRequest, settings: GenerationSettings) -> tuple[Any, Callable[[], int]]:
         """The reply (async-iterable text pieces with `num_tokens` and `finish_reason`) and its prompt length."""
