@@ -5,17 +5,17 @@
 
 A server process runs what `minigpt4qwen serve` runs (`build_app` over a `GenerationScheduler`, uvicorn) on a
 random-weight model of the chosen size, with the Qwen tokenizer from tests/data and no stop tokens, so every reply
-is forced to its full length. Clients of the official `openai` client (asyncio, streaming, spread over --client-
-processes processes: `serve_load_clients.py`) drive it: for each row, N clients each send requests back to back (a
-63-token prompt with one 224px image, greedy, 128 new tokens), after one warm-up round at the same concurrency
-(graph captures). Printed per row: aggregate tokens/s (all generated tokens over the wall time), time to first text
-piece (p50 / p95), the server's medians from a request's arrival to its submission to the scheduler (reading,
-parsing, image decoding, tokenizing) and to its first text piece (lower bounds: see `serve_load_server.py`), the
-scheduler's own from submission to a slot and to the first token (so each part of the client's wait is accounted
-for: the rest is the client and the network), errors, and the server's peak GPU memory. `--loop`, `--http` and
-`--switch-interval` set the server's uvicorn event loop, HTTP parser and Python thread switch interval (the
-scheduler's thread and the HTTP server's share one interpreter). Beside it: transformers' static-cache `generate` on
-one pre-formed batch of 32 (same workload).
+is forced to its full length. Clients of the official `openai` client (asyncio, streaming, spread over
+--client-processes processes: `serve_load_clients.py`) drive it: for each row, N clients each send requests back to
+back (a 63-token prompt with one 224px image, greedy, 128 new tokens), after one warm-up round at the same
+concurrency (graph captures). Printed per row: aggregate tokens/s (all generated tokens over the wall time), time to
+first text piece (p50 / p95), the server's medians from a request's arrival to its submission to the scheduler
+(reading, parsing, image decoding, tokenizing) and to its first text piece (lower bounds: see
+`serve_load_server.py`), the scheduler's own from submission to a slot and to the first token (so each part of the
+client's wait is accounted for: the rest is the client and the network), errors, and the server's peak GPU memory.
+`--loop`, `--http` and `--switch-interval` set the server's uvicorn event loop, HTTP parser and Python thread switch
+interval (the scheduler's thread and the HTTP server's share one interpreter). Beside it: transformers' static-cache
+`generate` on one pre-formed batch of 32 (same workload).
 """
 
 from __future__ import annotations
