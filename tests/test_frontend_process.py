@@ -68,6 +68,17 @@ def _linked(model_and_tokenizer, **app_options):
     assert not bridge.is_alive()
 
 
+def _wait_until_up(url, timeout=120):
+    """Waits until the spawned front ends answer /health (they import the package first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(f"{url}/health")
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
 def _ask_all(url, stream_every=2):
     async def run():
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
@@ -159,13 +170,8 @@ def test_two_spawned_front_ends_share_a_port_and_stop(model_and_tokenizer, alone
     runner = threading.Thread(target=lambda: result.update(code=frontends.run()))
     runner.start()
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_up(url)
         assert all(process.is_alive() and process.pid != os.getpid() for process in frontends.processes)
 
         async def held_burst():  # the model is held: 3 are admitted (by either process) and wait, 5 get 429
@@ -221,13 +227,7 @@ def test_a_front_end_that_dies_stops_the_others(model_and_tokenizer):
     runner = threading.Thread(target=lambda: result.update(code=frontends.run()))
     runner.start()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{frontends.port}/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        _wait_until_up(f"http://127.0.0.1:{frontends.port}")
         frontends.processes[1].kill()  # e.g. the out-of-memory killer
         runner.join(60)
         assert not runner.is_alive() and not frontends.processes[0].is_alive()
