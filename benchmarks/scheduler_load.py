@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import statistics
 import sys
 import time
@@ -32,40 +30,8 @@ import time
 import torch
 
 from benchmarks.common import machine, peak_gib, reset_peak
-from benchmarks.serve_load import PROMPT_TOKENS, question_text
-from benchmarks.serve_load_server import model_and_tokenizer
-
-
-def build_scheduler(args: argparse.Namespace):
-    """The model, tokenizer and scheduler as `serve_load_server.run_server` builds them."""
-    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
-    from minigpt4qwen.model.fused_projections import fuse_projections
-
-    model, tokenizer = model_and_tokenizer(args.size, args.device)
-    model.requires_grad_(False)
-    if args.quantize:  # as `serve --quantize` loads it (quantized projections then stay unfused)
-        from minigpt4qwen.model.quantization import quantize_language_model
-
-        quantize_language_model(model, args.quantize)
-    fuse_projections(model.language_model)
-    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
-                                    check_every=args.check_every, prefill_tokens=args.prefill_tokens,
-                                    graph_prefill_tokens=args.graph_prefill_tokens,
-                                    compile_mode="default" if args.compile_decode else None)
-    return model, tokenizer, scheduler
-
-
-def request_payload(tokenizer, new_tokens: int) -> dict:
-    """The body serve_load's client sends: one 224px noise PNG and a 63-token question, greedy, streaming."""
-    from PIL import Image
-
-    image = io.BytesIO()
-    Image.effect_noise((224, 224), 64).convert("RGB").save(image, "PNG")
-    uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
-    content = [{"type": "image_url", "image_url": {"url": uri}},
-               {"type": "text", "text": question_text(tokenizer, PROMPT_TOKENS)}]
-    return {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": new_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+from benchmarks.serve_load_clients import summarize
+from benchmarks.serve_load_server import add_workload_options, build_scheduler, request_messages
 
 
 def make_prepare(model, tokenizer, scheduler):
@@ -111,10 +77,7 @@ async def _load(scheduler, prepare, payload: dict, prepared, clients: int, per_c
     start = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(clients)))
     wall = time.perf_counter() - start
-    ttfts.sort()
-    return {"tokens_per_s": tokens[0] / wall, "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
-            "errors": errors[0], "requests": clients * per_client}
+    return summarize(ttfts, tokens[0], errors[0], wall, clients * per_client)
 
 
 def _ms(values: list[float]) -> str:
@@ -124,7 +87,8 @@ def _ms(values: list[float]) -> str:
 def rows(args: argparse.Namespace) -> None:
     model, tokenizer, scheduler = build_scheduler(args)
     try:
-        payload = request_payload(tokenizer, args.new_tokens)
+        payload = {"model": "bench", "messages": request_messages(tokenizer), "max_tokens": args.new_tokens,
+                   "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         prepare = make_prepare(model, tokenizer, scheduler)
         prepared = None if args.prepare_per_request else prepare(payload)
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
@@ -158,28 +122,11 @@ def rows(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--clients", default="1,32,64", help="concurrent clients of each row")
-    parser.add_argument("--requests-per-client", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=64)
-    parser.add_argument("--slot-tokens", type=int, default=256, help="prompt + reply tokens per slot")
-    parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
-    parser.add_argument("--prefill-tokens", type=int, default=2048,
-                        help="the most padded tokens of one prefill forward (the scheduler's prefill_tokens)")
-    parser.add_argument("--graph-prefill-tokens", type=int, default=512,
-                        help="prefill forwards up to this many padded tokens replay CUDA graphs")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="the LLM quantized (torchao), as serve does")
-    parser.add_argument("--compile-decode", action="store_true", help="the decode step compiled")
-    parser.add_argument("--switch-interval", type=float, default=0.0,
-                        help="sys.setswitchinterval in seconds (0: Python's default, 5 ms)")
+    add_workload_options(parser)
     parser.add_argument("--prepare-per-request", action="store_true",
                         help="build each request's prompt ids and pixels inside the timed region (worker thread)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
     print(f"# scheduler under load, MiniGPT4Qwen-{args.size} random weights | {machine()}")
     print(f"# python -m benchmarks.scheduler_load {' '.join(sys.argv[1:])}")
     rows(args)

@@ -21,8 +21,6 @@ interval (the scheduler's thread and the HTTP server's share one interpreter). B
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import socket
 import statistics
@@ -35,25 +33,13 @@ import torch
 
 from benchmarks.common import machine, peak_gib, reset_peak, sync
 from benchmarks.serve_load_clients import run_clients
-from benchmarks.serve_load_server import TOKENIZER, model_and_tokenizer, run_server
-
-PROMPT_TOKENS = 63
-
-
-def question_text(tokenizer, target: int) -> str:
-    """A question whose ChatML prompt (default system prompt, one image of 32 placeholders) has `target` tokens."""
-    from minigpt4qwen.inference.engine import IMAGE_PROMPT
-    from minigpt4qwen.text.conversation import render_chatml
-
-    def length(text: str) -> int:
-        messages = [{"role": "user", "content": IMAGE_PROMPT + text}]
-        return len(render_chatml(tokenizer, messages, image_token_id=151646, num_query_tokens=32,
-                                 add_generation_prompt=True).input_ids)
-
-    words = "Describe the picture".split()
-    while length(" ".join(words)) < target:
-        words.append("please")
-    return " ".join(words)
+from benchmarks.serve_load_server import (
+    TOKENIZER,
+    add_workload_options,
+    model_and_tokenizer,
+    request_messages,
+    run_server,
+)
 
 
 def _ms(value: float | None) -> str:
@@ -110,14 +96,7 @@ def server_rows(args: argparse.Namespace) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, server, timeout=900)
-        image = io.BytesIO()
-        from PIL import Image
-
-        Image.effect_noise((224, 224), 64).convert("RGB").save(image, "PNG")
-        uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
-        question = question_text(build_qwen1_tokenizer(TOKENIZER), PROMPT_TOKENS)
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                 {"type": "text", "text": question}]}]
+        messages = request_messages(build_qwen1_tokenizer(TOKENIZER))
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
             f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
@@ -186,20 +165,7 @@ def baseline_row(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--clients", default="1,32,64", help="concurrent clients of each row")
-    parser.add_argument("--requests-per-client", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=64)
-    parser.add_argument("--slot-tokens", type=int, default=256, help="prompt + reply tokens per slot")
-    parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
-    parser.add_argument("--prefill-tokens", type=int, default=2048,
-                        help="the most padded tokens of one prefill forward (the scheduler's prefill_tokens)")
-    parser.add_argument("--graph-prefill-tokens", type=int, default=512,
-                        help="prefill forwards up to this many padded tokens replay CUDA graphs")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="serve the LLM quantized (torchao)")
-    parser.add_argument("--compile-decode", action="store_true", help="serve with the decode step compiled")
+    add_workload_options(parser)
     parser.add_argument("--frontend-processes", type=int, default=0,
                         help="the HTTP server in N processes of their own (serve --frontend-processes N)")
     parser.add_argument("--client-processes", type=int, default=8,
@@ -207,8 +173,6 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, default=32, help="0: no baseline row")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"], help="uvicorn's event loop")
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn's HTTP parser")
-    parser.add_argument("--switch-interval", type=float, default=0.0,
-                        help="the server's sys.setswitchinterval in seconds (0: Python's default, 5 ms)")
     parser.add_argument("--role", choices=["driver", "server"], default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -52,6 +52,16 @@ async def _clients(base_url: str, clients: int, per_client: int, messages: list,
     return {"ttfts": ttfts, "tokens": tokens[0], "errors": errors[0], "start": start, "end": end}
 
 
+def summarize(ttfts: list[float], tokens: int, errors: int, wall: float, requests: int) -> dict:
+    """A row's figures: aggregate tokens/s over `wall` seconds, time to first text p50 / p95 in ms, errors and the
+    number of requests."""
+    ttfts = sorted(ttfts)
+    return {"tokens_per_s": tokens / wall,
+            "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
+            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
+            "errors": errors, "requests": requests}
+
+
 def run_clients(base_url: str, clients: int, per_client: int, messages: list, new_tokens: int,
                 processes: int = 8) -> dict:
     """Runs the load; returns aggregate tokens/s (every generated token over the wall time from the common start
@@ -83,14 +93,10 @@ def run_clients(base_url: str, clients: int, per_client: int, messages: list, ne
         finally:
             for worker in workers:
                 worker.kill()
-    ttfts = sorted(t for part in parts for t in part["ttfts"])
-    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
-    return {"tokens_per_s": sum(p["tokens"] for p in parts) / wall,
-            "ttft_p50": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] * 1000 if ttfts else float("nan"),
-            "errors": sum(p["errors"] for p in parts), "requests": clients * per_client,
-            "start": min(p["start"] for p in parts), "end": max(p["end"] for p in parts)}
-
+    start, end = min(p["start"] for p in parts), max(p["end"] for p in parts)
+    row = summarize([t for part in parts for t in part["ttfts"]], sum(p["tokens"] for p in parts),
+                    sum(p["errors"] for p in parts), end - start, clients * per_client)
+    return {**row, "start": start, "end": end}
 
 def _worker() -> None:
     """One client process: reads its job, says "ready", waits for "go", runs, prints its result (JSON)."""

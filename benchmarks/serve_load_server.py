@@ -9,17 +9,93 @@ around `GenerationHandle.__aiter__` adds one async-generator layer per text piec
 from __future__ import annotations
 
 import argparse
+import base64
 import contextvars
+import io
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from benchmarks.common import build_random_model, peak_gib, reset_peak
 from minigpt4qwen.model.parts import PartDtypes
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen7b" / "qwen.tiktoken"
 DTYPES = PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16")
+
+
+PROMPT_TOKENS = 63
+
+
+def add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """The options serve_load and scheduler_load share: model size, load, and the scheduler's settings."""
+    parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clients", default="1,32,64", help="concurrent clients of each row")
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--slot-tokens", type=int, default=256, help="prompt + reply tokens per slot")
+    parser.add_argument("--check-every", type=int, default=8, help="decode steps per chunk (read back together)")
+    parser.add_argument("--prefill-tokens", type=int, default=2048,
+                        help="the most padded tokens of one prefill forward (the scheduler's prefill_tokens)")
+    parser.add_argument("--graph-prefill-tokens", type=int, default=512,
+                        help="prefill forwards up to this many padded tokens replay CUDA graphs")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="the LLM quantized (torchao), as serve does")
+    parser.add_argument("--compile-decode", action="store_true", help="the decode step compiled")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="the model process's sys.setswitchinterval in seconds (0: Python's default, 5 ms)")
+
+
+def question_text(tokenizer, target: int) -> str:
+    """A question whose ChatML prompt (default system prompt, one image of 32 placeholders) has `target` tokens."""
+    from minigpt4qwen.inference.engine import IMAGE_PROMPT
+    from minigpt4qwen.text.conversation import render_chatml
+
+    def length(text: str) -> int:
+        messages = [{"role": "user", "content": IMAGE_PROMPT + text}]
+        return len(render_chatml(tokenizer, messages, image_token_id=151646, num_query_tokens=32,
+                                 add_generation_prompt=True).input_ids)
+
+    words = "Describe the picture".split()
+    while length(" ".join(words)) < target:
+        words.append("please")
+    return " ".join(words)
+
+
+def request_messages(tokenizer) -> list[dict]:
+    """Every request's messages: one 224px noise PNG (as a data URL) and a question of a 63-token prompt."""
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.effect_noise((224, 224), 64).convert("RGB").save(image, "PNG")
+    uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": question_text(tokenizer, PROMPT_TOKENS)}]}]
+
+
+def build_scheduler(args: argparse.Namespace):
+    """The model, tokenizer and scheduler `serve` would run on the random-weight model (quantized as `serve
+    --quantize` loads it, projections fused as `load_for_inference` does), no stop tokens."""
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.model.fused_projections import fuse_projections
+
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    model, tokenizer = model_and_tokenizer(args.size, args.device)
+    model.requires_grad_(False)
+    if args.quantize:  # quantized projections then stay unfused
+        from minigpt4qwen.model.quantization import quantize_language_model
+
+        quantize_language_model(model, args.quantize)
+    fuse_projections(model.language_model)
+    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
+                                    check_every=args.check_every, prefill_tokens=args.prefill_tokens,
+                                    graph_prefill_tokens=args.graph_prefill_tokens,
+                                    compile_mode="default" if args.compile_decode else None)
+    return model, tokenizer, scheduler
 
 
 def model_and_tokenizer(size: str, device: str):
@@ -48,23 +124,9 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
-    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
     from minigpt4qwen.inference.frontends.openai_api.server import build_app
-    from minigpt4qwen.model.fused_projections import fuse_projections
 
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval)
-    model, tokenizer = model_and_tokenizer(args.size, args.device)
-    model.requires_grad_(False)
-    if args.quantize:  # as `serve --quantize` loads it (quantized projections then stay unfused)
-        from minigpt4qwen.model.quantization import quantize_language_model
-
-        quantize_language_model(model, args.quantize)
-    fuse_projections(model.language_model)  # as `load_for_inference` does for `serve`
-    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
-                                    check_every=args.check_every, prefill_tokens=args.prefill_tokens,
-                                    graph_prefill_tokens=args.graph_prefill_tokens,
-                                    compile_mode="default" if args.compile_decode else None)
+    model, tokenizer, scheduler = build_scheduler(args)
     if args.frontend_processes:
         run_split(args, model, tokenizer, scheduler)
         return
