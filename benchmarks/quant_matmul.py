@@ -5,10 +5,12 @@
 
 For each layer shape of the Qwen-7B/14B-Chat LLM (fused q/k/v, attention output, fused gate/up, down, the output
 head) and each row count (1 for a decode step, ~95 for a 63-token prompt with one image's 32 placeholders), the
-time of one `F.linear` in bf16 and through torchao's int8 / int4 weight-only tensors as `--quantize` makes them
+time of one layer call in bf16 and through torchao's int8 / int4 weight-only tensors as `--quantize` makes them
 (`model/quantization.py`), eager (CUDA-event timed, median of repeats). A prefill runs every block's layers once
-at ~95 rows; a decode step at one. The int4 rows show whether tinygemm's cost grows with the rows (its kernel is
-built for a few); the int8 rows, what the per-call cast of the weight costs.
+at ~95 rows; a decode step at one. "int4" is the layer as the model runs it (from `DEQUANT_MIN_ROWS` rows on, a
+bf16 matmul over the dequantized weight: `model/int4_many_rows.py`); "int4 tinygemm" is torchao's int4 matmul at
+every row count, whose cost grows with the rows (its kernel is built for a few); the int8 rows show what the
+per-call cast of the weight costs.
 """
 
 from __future__ import annotations
@@ -81,12 +83,17 @@ def main() -> None:
                 nn.init.normal_(holder.layer.weight, std=0.02)
                 if mode != "bf16":
                     quantize_llm_weights(holder, mode)
-                weight, cells = holder.layer.weight, []
-                for rows in ROWS:
-                    x = torch.randn(rows, in_features, device=args.device, dtype=dtype)
-                    cells.append(f"{time_call(lambda x=x: F.linear(x, weight), args.device):.3f}")
-                print(f"| {name} ({out_features} x {in_features}) | {mode} | {' | '.join(cells)} |", flush=True)
-                holder = weight = None
+                weight = holder.layer.weight
+                calls = {mode: holder.layer}
+                if mode == "int4":
+                    calls["int4 tinygemm"] = lambda x, weight=weight: F.linear(x, weight)
+                for label, call in calls.items():
+                    cells = []
+                    for rows in ROWS:
+                        x = torch.randn(rows, in_features, device=args.device, dtype=dtype)
+                        cells.append(f"{time_call(lambda x=x: call(x), args.device):.3f}")
+                    print(f"| {name} ({out_features} x {in_features}) | {label} | {' | '.join(cells)} |", flush=True)
+                holder = weight = calls = None
                 sync(args.device)
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from minigpt4qwen.model.fused_projections import FUSED_TYPES
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.quantization import (
     CONFIG_ATTRIBUTE,
-    block_quantized_head,
+    adapt_quantized_layers,
     flatten_quantized,
     is_quantized,
     quantize_language_model,
@@ -157,7 +157,7 @@ def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None, de
             param.data = torch.empty_like(param, dtype=tensors[name].dtype, device="meta")
     load_checked(model, tensors, source=str(directory), allow_missing=False)
     if quantized:
-        block_quantized_head(model.language_model)
+        adapt_quantized_layers(model.language_model)
     if quantize and not quantized:
         model.language_model.requires_grad_(False)  # quantized weights are frozen
         quantize_language_model(model, quantize, device=device)

@@ -4,8 +4,10 @@ What is quantized: every `nn.Linear` of the LLM (the decoder blocks' attention a
 mode, and its output head in int8 whatever the mode (per-row int8 costs the logits almost nothing, while int4 on
 the head is where weight-only quantization loses most; the head of a 14B model is still 0.7 GiB smaller). A head
 tied to the input embeddings stays as it is, as do the embeddings, norms, biases, the vision tower, the Q-Former
-and the projection. Activations stay in the LLM's dtype. An int8 head is computed in blocks of vocabulary rows
-(`block_quantized_head`): torchao's eager int8 matmul casts its whole weight first, 1.45 GiB at 14B.
+and the projection. Activations stay in the LLM's dtype. `adapt_quantized_layers` then changes how two kinds of
+layer compute (same parameters): an int8 head runs in blocks of vocabulary rows (torchao's eager int8 matmul casts
+its whole weight first, 1.45 GiB at 14B), and CUDA int4 layers run many-row calls (prefills) as bf16 matmuls over
+a dequantized copy (`model/int4_many_rows.py`: tinygemm's cost grows with the rows).
 
 - int8: symmetric, one scale per output row (`Int8WeightOnlyConfig`): any device and float dtype, with a
   backward, so a frozen int8 LLM passes gradients to the projection in training.
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from minigpt4qwen.model.int4_many_rows import route_many_rows_through_bf16
 from minigpt4qwen.model.row_blocked_linear import block_output_head
 
 if TYPE_CHECKING:
@@ -145,16 +148,19 @@ def quantize_llm_weights(llm: nn.Module, mode: str, *, device: torch.device | st
                              f"{module.in_features}: use int8")
         _quantize_layer(module, layer_mode, torch.device(device) if device is not None else module.weight.device)
         done += 1
-    block_quantized_head(llm)
+    adapt_quantized_layers(llm)
     return done
 
 
-def block_quantized_head(llm: nn.Module) -> None:
-    """Computes a quantized output head in blocks of rows (`RowBlockedLinear`, same parameters); a no-op for an
-    unquantized, tied, small or already blocked head. Loaders of quantized weights call it after loading."""
+def adapt_quantized_layers(llm: nn.Module) -> None:
+    """Computes a quantized output head in blocks of rows (`RowBlockedLinear`) and the many-row calls of CUDA int4
+    layers through their dequantized weight (`ManyRowInt4Linear`), both with the same parameters; layers that are
+    unquantized, tied, small or already adapted are left as they are. Loaders of quantized weights call it after
+    loading."""
     head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
     if head is not None and is_quantized(head.weight):
         block_output_head(llm, dtype_bytes=torch.finfo(head.weight.dtype).bits // 8)
+    route_many_rows_through_bf16(llm)
 
 
 def _quantize_layer(module: nn.Linear, mode: str, device: torch.device) -> None:

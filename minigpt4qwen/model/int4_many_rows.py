@@ -1,0 +1,110 @@
+"""int4 Linear layers whose many-row calls (a prefill) run as a bf16 matmul over a dequantized copy of the weight.
+
+torchao's CUDA int4 weights (`Int4TilePackedTo4dTensor`, tinygemm's tile-packed layout) multiply through
+`aten._weight_int4pack_mm`, a kernel built for a few rows: its time grows with the rows, so at the 64 rows of a
+prefill it costs ~5x a bf16 matmul of the same shape (`benchmarks/quant_matmul.py`, 14B shapes on an H100), and
+a 14B int4 model's first token is 93% prefill. At `DEQUANT_MIN_ROWS` rows or more, `ManyRowInt4Linear` instead
+unpacks the weight into a bf16 temporary (one compiled elementwise kernel: it reads the int4 weight once and
+writes the bf16 one) and runs the bf16 matmul; fewer rows (decode steps) keep tinygemm. Only one layer's
+temporary exists at a time.
+
+The tile-packed layout is the one `aten._convert_weight_to_int4pack` writes on CUDA with 8 inner k-tiles (the
+only one torchao uses): for weight rows n and input columns k, padded to multiples of 8 and 1024,
+`packed[n // 8, k // 128, lane, j]` is an int32 holding 8 of the weight's 4-bit values, where the tensor-core lane
+`lane = 4 * (n % 8) + (k % 8) // 2` and `j = (k % 128) // 32`; nibble `4 * h + 2 * i2 + i1` of it holds column
+`128 * (k // 128) + 32 * j + 16 * i2 + 8 * i1 + 2 * (lane % 4) + h`. A weight value is
+`(q - 8) * scale + zero`, with scale and zero per group of `group_size` columns (`scale_and_zero[group, n]`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# From this many rows on, the dequantized bf16 matmul beats tinygemm (tinygemm's cost grows with the rows; the
+# dequantized path costs about two bf16 matmuls whatever the rows): see `benchmarks/quant_matmul.py`'s
+# "int4 many rows" rows.
+DEQUANT_MIN_ROWS = 16
+TILE_PACKED_TYPE = "Int4TilePackedTo4dTensor"  # torchao's class name, checked without importing torchao
+INNER_K_TILES = 8  # the packing torchao uses; the layout below assumes it
+
+
+def unpack_tile_packed(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values (0..15, int32) of a tile-packed weight, as a `[n, k]` matrix of its padded shape.
+
+    Args:
+        packed: `[n / 8, k / 128, 32, 4]` int32, as `aten._convert_weight_to_int4pack(w, 8)` returns.
+    """
+    n_tiles, k_tiles, lanes, words = packed.shape
+    if lanes != 32 or words != INNER_K_TILES // 2:
+        raise ValueError(f"not a tile-packed int4 weight with {INNER_K_TILES} inner k-tiles: shape "
+                         f"{tuple(packed.shape)}")
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
+    # Name the index parts: lane = (row in tile, k pair in tile), nibble = (odd column, k-tile half, 8-column half).
+    nibbles = nibbles.view(n_tiles, k_tiles, 8, 4, words, 2, 2, 2)
+    #                      tile   k128    row kpair word  odd  half16 half8
+    columns_in_order = nibbles.permute(0, 2, 1, 4, 6, 7, 3, 5)
+    return columns_in_order.reshape(n_tiles * 8, k_tiles * 128)
+
+
+def dequantize_tile_packed(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The bf16 weight `[n, k]` (padded shape) of a tile-packed int4 weight and its tinygemm scales and zeros
+    (`[k / group_size, n, 2]`)."""
+    values = unpack_tile_packed(packed).float() - 8
+    n, k = values.shape
+    scale, zero = (part.t().float().repeat_interleave(group_size, dim=1) for part in scale_and_zero.unbind(-1))
+    if scale.shape != (n, k):
+        raise ValueError(f"scales and zeros {tuple(scale_and_zero.shape)} do not cover a {n} x {k} weight in "
+                         f"groups of {group_size}")
+    return (values * scale + zero).to(torch.bfloat16)
+
+
+@functools.cache
+def _compiled_dequantize():
+    # One fused kernel per weight shape: eager, the unpacking would pass over the weight's memory several times.
+    return torch.compile(dequantize_tile_packed, dynamic=False, fullgraph=True)
+
+
+def dequantize_int4_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The bf16 matrix of a torchao tile-packed int4 weight, in its own (unpadded) shape; on CUDA through one
+    compiled kernel per shape (inside a compiled caller, the caller's compile fuses it)."""
+    own_compile = weight.is_cuda and not torch.compiler.is_compiling()
+    dequantize = _compiled_dequantize() if own_compile else dequantize_tile_packed
+    full = dequantize(weight.qdata, weight.scale_and_zero, weight.block_size[-1])
+    return full[: weight.shape[0], : weight.shape[1]]
+
+
+class ManyRowInt4Linear(nn.Linear):
+    """`nn.Linear` over a tile-packed int4 weight (same parameters, same state dict keys) that computes calls of
+    `DEQUANT_MIN_ROWS` rows or more through the dequantized weight. Build it with `from_linear`."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> ManyRowInt4Linear:
+        """A ManyRowInt4Linear sharing `linear`'s parameters (nothing is copied)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.register_parameter("weight", linear.weight)
+        layer.register_parameter("bias", linear.bias)
+        return layer.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight, bias)`: through the dequantized weight for many rows, through tinygemm otherwise."""
+        if x.numel() >= DEQUANT_MIN_ROWS * self.in_features:
+            return F.linear(x, dequantize_int4_weight(self.weight).to(x.dtype), self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def route_many_rows_through_bf16(module: nn.Module) -> int:
+    """Replaces every `nn.Linear` under `module` whose weight is tile-packed int4 by a `ManyRowInt4Linear` (same
+    parameters); returns how many it replaced (0 on a model with no such weights, e.g. int4 on the CPU)."""
+    targets = [(name, child) for name, child in module.named_modules()
+               if type(child) is nn.Linear and type(child.weight).__name__ == TILE_PACKED_TYPE]
+    for name, child in targets:
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), attribute, ManyRowInt4Linear.from_linear(child))
+    return len(targets)
