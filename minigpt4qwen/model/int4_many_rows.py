@@ -19,6 +19,7 @@ only one torchao uses): for weight rows n and input columns k, padded to multipl
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from torch import nn
 DEQUANT_MIN_ROWS = 16
 TILE_PACKED_TYPE = "Int4TilePackedTo4dTensor"  # torchao's class name, checked without importing torchao
 INNER_K_TILES = 8  # the packing torchao uses; the layout below assumes it
+log = logging.getLogger(__name__)
 
 
 def unpack_tile_packed(packed: torch.Tensor) -> torch.Tensor:
@@ -101,9 +103,15 @@ class ManyRowInt4Linear(nn.Linear):
 
 def route_many_rows_through_bf16(module: nn.Module) -> int:
     """Replaces every `nn.Linear` under `module` whose weight is tile-packed int4 by a `ManyRowInt4Linear` (same
-    parameters); returns how many it replaced (0 on a model with no such weights, e.g. int4 on the CPU)."""
+    parameters); returns how many it replaced (0 on a model with no such weights, e.g. int4 on the CPU, and where
+    torch.compile has no Triton to build the dequantizing kernel with: those keep tinygemm for every call)."""
+    from torch.utils._triton import has_triton
+
     targets = [(name, child) for name, child in module.named_modules()
                if type(child) is nn.Linear and type(child.weight).__name__ == TILE_PACKED_TYPE]
+    if targets and not has_triton():
+        log.warning("int4 prefills use tinygemm (slower at many rows): torch.compile has no Triton here")
+        return 0
     for name, child in targets:
         parent_name, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attribute, ManyRowInt4Linear.from_linear(child))
