@@ -36,12 +36,8 @@ from benchmarks.serve_load_server import add_workload_options, build_scheduler, 
 
 def make_prepare(model, tokenizer, scheduler):
     """payload -> (ids, pixels, settings), as the server's request handler and `_prepare` build them."""
-    from minigpt4qwen.inference.frontends.openai_api.openai_protocol import (
-        ChatRequest,
-        ImageLimits,
-        PromptSpec,
-        build_conversation,
-    )
+    from minigpt4qwen.inference.frontends.openai_api.openai_protocol import ChatRequest, PromptSpec, build_conversation
+    from minigpt4qwen.inference.frontends.openai_api.request_images import ImageLimits
 
     limits, window = ImageLimits(), min(6144, scheduler.capacity - 1)  # build_app's defaults
 

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from minigpt4qwen.inference.frontends.openai_api.openai_protocol import RequestError
+from minigpt4qwen.inference.frontends.openai_api.errors import RequestError
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",

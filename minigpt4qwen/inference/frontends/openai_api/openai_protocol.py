@@ -8,14 +8,8 @@ session's history, so a request reproduces what `ChatSession.ask` answers for th
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import unquote, urlparse
 
 import torch
 from PIL import Image
@@ -25,19 +19,11 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.data.images import ImageTransform
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
+from minigpt4qwen.inference.frontends.openai_api.errors import RequestError
+from minigpt4qwen.inference.frontends.openai_api.request_images import ImageLimits, decode_image
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.text.conversation import IMAGE_MARKER, render_with_template
 from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
-
-_DATA_URI = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
-
-
-class RequestError(Exception):
-    """A request the server refuses; `status` is the HTTP status (400, 413, ...)."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.message, self.status, self.param = message, status, param
 
 
 class TextPart(BaseModel):
@@ -197,61 +183,6 @@ class Conversation:
         for image in self.query_images:
             session.add_image(image)
         return session
-
-
-@dataclass
-class ImageLimits:
-    """What a request may bring: how many images, how many pixels each, and whether local paths are read."""
-
-    max_images: int = 8
-    max_pixels: int = 25_000_000
-    allow_local_files: bool = False
-
-
-def decode_image(url: str, limits: ImageLimits, where: str) -> Image.Image:
-    """Decodes an `image_url`: a `data:image/...;base64,` URI, or a local path / file:// URL when allowed.
-
-    Args:
-        url: the part's URL.
-        limits: the server's limits.
-        where: the part's place in the request, for error messages.
-
-    Returns:
-        The RGB image.
-
-    Raises:
-        RequestError: anything else, or bytes that are not a decodable image of acceptable size.
-    """
-    if url.startswith("data:"):
-        match = _DATA_URI.fullmatch(url)
-        if not match or not match["mime"].lower().startswith("image/") or ";base64" not in match["params"].lower():
-            mime = match["mime"] if match else "?"
-            raise RequestError(f"{where}: expected a data:image/...;base64 URI, got media type {mime!r}", param=where)
-        try:
-            raw = base64.b64decode(match["data"], validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(f"{where}: the data URI is not valid base64", param=where) from None
-        return _open_checked(io.BytesIO(raw), limits, where)
-    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
-        raise RequestError(f"{where}: remote image URLs are not fetched; send the image as a data: URI", param=where)
-    if not limits.allow_local_files:
-        raise RequestError(f"{where}: local image paths are disabled on this server (start it with "
-                           "--allow-local-files) - send the image as a data: URI", param=where)
-    path = unquote(urlparse(url).path) if url.startswith("file://") else url
-    if not Path(path).is_file():
-        raise RequestError(f"{where}: no such image file: {path}", param=where)
-    return _open_checked(path, limits, where)
-
-
-def _open_checked(source: str | io.BytesIO, limits: ImageLimits, where: str) -> Image.Image:
-    try:
-        with Image.open(source) as image:  # reads the header only: a huge image is refused before it is decoded
-            if image.width * image.height > limits.max_pixels:
-                raise RequestError(f"{where}: an image of {image.width}x{image.height} pixels is above the limit of "
-                                   f"{limits.max_pixels}", param=where)
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise RequestError(f"{where}: not a decodable image ({type(err).__name__})", param=where) from None
 
 
 def build_conversation(request: ChatRequest, limits: ImageLimits) -> Conversation:

@@ -31,14 +31,10 @@ from transformers import PreTrainedTokenizerBase
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import GenerationSettings
 from minigpt4qwen.inference.frontends.openai_api.admission import Admission, ApiKeyGuard, error_response, read_body
+from minigpt4qwen.inference.frontends.openai_api.errors import RequestError
 from minigpt4qwen.inference.frontends.openai_api.local_backend import Backend, LocalBackend
-from minigpt4qwen.inference.frontends.openai_api.openai_protocol import (
-    ChatRequest,
-    Conversation,
-    ImageLimits,
-    RequestError,
-    build_conversation,
-)
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import ChatRequest, Conversation, build_conversation
+from minigpt4qwen.inference.frontends.openai_api.request_images import ImageLimits
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
