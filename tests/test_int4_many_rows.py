@@ -83,3 +83,12 @@ def test_on_a_gpu_many_rows_match_tinygemm_and_few_rows_still_use_it():
             assert torch.equal(got, expected)
         else:  # bf16 accumulation orders differ: a few bf16 steps of the output's scale
             assert (got - expected).abs().max() <= 0.02 * expected.abs().max(), rows
+
+
+def test_the_dequantization_compiles_whole_with_the_same_numbers():
+    # On CUDA it runs compiled (one fused kernel per weight shape); a graph break would split it into passes.
+    values = torch.randint(0, 16, (16, 256), generator=torch.Generator().manual_seed(2))
+    scale_and_zero = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(3)).bfloat16()
+    compiled = torch.compile(dequantize_tile_packed, dynamic=False, fullgraph=True)
+    packed = pack_like_cuda(values)
+    assert torch.equal(compiled(packed, scale_and_zero, 128), dequantize_tile_packed(packed, scale_and_zero, 128))

@@ -58,7 +58,8 @@ def dequantize_tile_packed(packed: torch.Tensor, scale_and_zero: torch.Tensor, g
     (`[k / group_size, n, 2]`)."""
     values = unpack_tile_packed(packed).float() - 8
     n, k = values.shape
-    scale, zero = (part.t().float().repeat_interleave(group_size, dim=1) for part in scale_and_zero.unbind(-1))
+    scale = scale_and_zero[..., 0].t().float().repeat_interleave(group_size, dim=1)
+    zero = scale_and_zero[..., 1].t().float().repeat_interleave(group_size, dim=1)
     if scale.shape != (n, k):
         raise ValueError(f"scales and zeros {tuple(scale_and_zero.shape)} do not cover a {n} x {k} weight in "
                          f"groups of {group_size}")
