@@ -11,6 +11,7 @@ from minigpt4qwen.model.int4_many_rows import (
     ManyRowInt4Linear,
     dequantize_tile_packed,
     route_many_rows_through_bf16,
+    tinygemm_layout_matches,
     unpack_tile_packed,
 )
 
@@ -68,6 +69,7 @@ def test_on_a_gpu_many_rows_match_tinygemm_and_few_rows_still_use_it():
     values = torch.randint(0, 16, (40, 1024), device="cuda", dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack(((values[:, ::2] << 4) | values[:, 1::2]).to(torch.uint8), 8)
     assert torch.equal(unpack_tile_packed(packed), values)
+    assert tinygemm_layout_matches("cuda:0")
 
     torch.manual_seed(0)
     holder = torch.nn.Sequential(torch.nn.Linear(1024, 3000, bias=True, device="cuda", dtype=torch.bfloat16))

@@ -102,16 +102,40 @@ class ManyRowInt4Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+@functools.cache
+def tinygemm_layout_matches(device: str) -> bool:
+    """Whether this torch's tinygemm packing and scales are what `dequantize_tile_packed` reads, checked once per
+    device: a small weight packed by ATen and multiplied by tinygemm against the identity (which returns the
+    weight itself) vs our dequantization of it. The layout is an ATen internal, so it is checked, not assumed."""
+    gen = torch.Generator().manual_seed(0)
+    n, k, group = 16, 256, 128
+    values = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    as_bytes = ((values[:, ::2] << 4) | values[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes.to(device), INNER_K_TILES)
+    scale_and_zero = (torch.rand(k // group, n, 2, generator=gen) + 0.5).to(device, torch.bfloat16)
+    identity = torch.eye(k, device=device, dtype=torch.bfloat16)
+    by_tinygemm = torch.ops.aten._weight_int4pack_mm(identity, packed, group, scale_and_zero).t()
+    ours = dequantize_tile_packed(packed, scale_and_zero, group)
+    return torch.allclose(ours.float(), by_tinygemm.float(), rtol=0.02, atol=0.02)  # ~ one bf16 rounding step
+
+
 def route_many_rows_through_bf16(module: nn.Module) -> int:
     """Replaces every `nn.Linear` under `module` whose weight is tile-packed int4 by a `ManyRowInt4Linear` (same
-    parameters); returns how many it replaced (0 on a model with no such weights, e.g. int4 on the CPU, and where
-    torch.compile has no Triton to build the dequantizing kernel with: those keep tinygemm for every call)."""
+    parameters); returns how many it replaced. 0 on a model with no such weights (e.g. int4 on the CPU), and where
+    torch.compile has no Triton to build the dequantizing kernel with or this torch packs int4 otherwise
+    (`tinygemm_layout_matches`): those keep tinygemm for every call."""
     from torch.utils._triton import has_triton
 
     targets = [(name, child) for name, child in module.named_modules()
                if type(child) is nn.Linear and type(child.weight).__name__ == TILE_PACKED_TYPE]
-    if targets and not has_triton():
+    if not targets:
+        return 0
+    if not has_triton():
         log.warning("int4 prefills use tinygemm (slower at many rows): torch.compile has no Triton here")
+        return 0
+    if not tinygemm_layout_matches(str(targets[0][1].weight.device)):
+        log.warning("int4 prefills use tinygemm (slower at many rows): this torch's int4 packing is not the "
+                    "layout model/int4_many_rows.py reads")
         return 0
     for name, child in targets:
         parent_name, _, attribute = name.rpartition(".")
