@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# From this many rows on, the dequantized bf16 matmul beats tinygemm (tinygemm's cost grows with the rows; the
-# dequantized path costs about two bf16 matmuls whatever the rows): see `benchmarks/quant_matmul.py`'s
-# "int4 many rows" rows.
-DEQUANT_MIN_ROWS = 16
+# From this many rows on, the dequantized path is expected to beat tinygemm. It moves ~4.5 bytes per weight (read
+# 0.5 of int4, write 2 of bf16, read them back in the matmul) whatever the rows, ~2.25x a bf16 matmul's 2, while
+# tinygemm measured 1.9x bf16 at 16 rows, 3x at 32 and 5x at 64 (14B shapes, one H100, benchmarks/RESULTS.md).
+# `python -m benchmarks.quant_matmul` prints both int4 paths by rows, to set this from measurement.
+DEQUANT_MIN_ROWS = 48
 TILE_PACKED_TYPE = "Int4TilePackedTo4dTensor"  # torchao's class name, checked without importing torchao
 INNER_K_TILES = 8  # the packing torchao uses; the layout below assumes it
 log = logging.getLogger(__name__)
