@@ -51,6 +51,8 @@ def test_a_dequantized_weight_applies_each_groups_scale_and_zero():
     expected = (values.float() - 8) * scale.bfloat16().float().repeat_interleave(128, 1) \
         + zero.bfloat16().float().repeat_interleave(128, 1)
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected.bfloat16())
+    corner = dequantize_tile_packed(pack_like_cuda(values), scale_and_zero, 128, (10, 200))  # a padded weight's own
+    assert torch.equal(corner, weight[:10, :200])
     with pytest.raises(ValueError, match="do not cover"):
         dequantize_tile_packed(pack_like_cuda(values), scale_and_zero, 64)
 
@@ -87,10 +89,13 @@ def test_on_a_gpu_many_rows_match_tinygemm_and_few_rows_still_use_it():
             assert (got - expected).abs().max() <= 0.02 * expected.abs().max(), rows
 
 
-def test_the_dequantization_compiles_whole_with_the_same_numbers():
-    # On CUDA it runs compiled (one fused kernel per weight shape); a graph break would split it into passes.
-    values = torch.randint(0, 16, (16, 256), generator=torch.Generator().manual_seed(2))
-    scale_and_zero = torch.randn(2, 16, 2, generator=torch.Generator().manual_seed(3)).bfloat16()
-    compiled = torch.compile(dequantize_tile_packed, dynamic=False, fullgraph=True)
-    packed = pack_like_cuda(values)
-    assert torch.equal(compiled(packed, scale_and_zero, 128), dequantize_tile_packed(packed, scale_and_zero, 128))
+def test_the_dequantization_compiles_whole_for_every_shape_with_the_same_numbers():
+    # On CUDA it runs compiled with symbolic sizes: a graph break would split it into passes over the weight.
+    compiled = torch.compile(dequantize_tile_packed, dynamic=True, fullgraph=True)  # as on CUDA, + no graph break
+    for seed, (n, k, shape) in enumerate([(16, 256, (16, 256)), (24, 384, (20, 300)), (32, 128, (32, 128)),
+                                          (8, 512, (8, 500))]):
+        gen = torch.Generator().manual_seed(seed)
+        packed = pack_like_cuda(torch.randint(0, 16, (n, k), generator=gen))
+        scale_and_zero = torch.randn(k // 128, n, 2, generator=gen).bfloat16()
+        assert torch.equal(compiled(packed, scale_and_zero, 128, shape),
+                           dequantize_tile_packed(packed, scale_and_zero, 128, shape))

@@ -38,11 +38,11 @@ logger = logging.getLogger(__name__)
 
 def unfusable_reason(linears: Sequence[nn.Module]) -> str | None:
     """Why `linears` cannot become one Linear, or None when they can."""
-    if any(type(linear) is not nn.Linear for linear in linears):
-        return "projections are not plain nn.Linear (e.g. LoRA adapters)"
     weights = [linear.weight for linear in linears]
     if any(is_quantized(w) for w in weights):
         return "weights quantized by torchao"
+    if any(type(linear) is not nn.Linear for linear in linears):
+        return "projections are not plain nn.Linear (e.g. LoRA adapters)"
     if any(w.is_meta for w in weights):
         return "weights not loaded (meta)"
     if len({(w.device, w.dtype, w.shape[1]) for w in weights}) > 1:

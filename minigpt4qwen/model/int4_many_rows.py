@@ -54,32 +54,41 @@ def unpack_tile_packed(packed: torch.Tensor) -> torch.Tensor:
     return columns_in_order.reshape(n_tiles * 8, k_tiles * 128)
 
 
-def dequantize_tile_packed(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The bf16 weight `[n, k]` (padded shape) of a tile-packed int4 weight and its tinygemm scales and zeros
-    (`[k / group_size, n, 2]`)."""
-    values = unpack_tile_packed(packed).float() - 8
+def dequantize_tile_packed(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
+                           shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The bf16 weight of a tile-packed int4 weight and its tinygemm scales and zeros (`[k / group_size, n, 2]`).
+
+    Args:
+        shape: the weight's own (out, in) shape, a corner of the padded one; None: the whole padded `[n, k]`.
+    """
+    values = unpack_tile_packed(packed)
     n, k = values.shape
-    scale = scale_and_zero[..., 0].t().float().repeat_interleave(group_size, dim=1)
-    zero = scale_and_zero[..., 1].t().float().repeat_interleave(group_size, dim=1)
+    scale = scale_and_zero[..., 0].t().repeat_interleave(group_size, dim=1)
+    zero = scale_and_zero[..., 1].t().repeat_interleave(group_size, dim=1)
     if scale.shape != (n, k):
         raise ValueError(f"scales and zeros {tuple(scale_and_zero.shape)} do not cover a {n} x {k} weight in "
                          f"groups of {group_size}")
-    return (values * scale + zero).to(torch.bfloat16)
+    if shape is not None:  # sliced before the arithmetic, so padding is never computed
+        values, scale, zero = (part[: shape[0], : shape[1]] for part in (values, scale, zero))
+    return ((values.float() - 8) * scale.float() + zero.float()).to(torch.bfloat16)
 
 
 @functools.cache
 def _compiled_dequantize():
-    # One fused kernel per weight shape: eager, the unpacking would pass over the weight's memory several times.
-    return torch.compile(dequantize_tile_packed, dynamic=False, fullgraph=True)
+    # One fused kernel: eager, the unpacking would pass over the weight's memory several times. Sizes are symbolic,
+    # so a few compiles serve every layer shape (padded or not); past dynamo's recompile limit a new shape would run
+    # eagerly, correct but slower (no `fullgraph`, which would make that an error; the tests check there is no
+    # graph break).
+    return torch.compile(dequantize_tile_packed, dynamic=True)
 
 
 def dequantize_int4_weight(weight: torch.Tensor) -> torch.Tensor:
     """The bf16 matrix of a torchao tile-packed int4 weight, in its own (unpadded) shape; on CUDA through one
-    compiled kernel per shape (inside a compiled caller, the caller's compile fuses it)."""
+    compiled kernel (inside a compiled caller, the caller's compile fuses it)."""
     own_compile = weight.is_cuda and not torch.compiler.is_compiling()
     dequantize = _compiled_dequantize() if own_compile else dequantize_tile_packed
-    full = dequantize(weight.qdata, weight.scale_and_zero, weight.block_size[-1])
-    return full[: weight.shape[0], : weight.shape[1]]
+    with torch.no_grad():  # frozen weights (int4 has no backward); one grad mode, one compile
+        return dequantize(weight.qdata, weight.scale_and_zero, weight.block_size[-1], tuple(weight.shape))
 
 
 class ManyRowInt4Linear(nn.Linear):
@@ -105,38 +114,47 @@ class ManyRowInt4Linear(nn.Linear):
 
 @functools.cache
 def tinygemm_layout_matches(device: str) -> bool:
-    """Whether this torch's tinygemm packing and scales are what `dequantize_tile_packed` reads, checked once per
-    device: a small weight packed by ATen and multiplied by tinygemm against the identity (which returns the
-    weight itself) vs our dequantization of it. The layout is an ATen internal, so it is checked, not assumed."""
+    """Whether this torch's tinygemm packing and scales are what `dequantize_int4_weight` reads, and it compiles,
+    checked once per device: a small weight packed by ATen and multiplied by tinygemm against the identity (which
+    returns the weight itself) vs our compiled dequantization of it. The layout is an ATen internal, so it is
+    checked, not assumed; any failure (a missing op, a compile error) answers False."""
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        log.warning("int4 prefills use tinygemm (slower at many rows): torch.compile has no Triton here")
+        return False
     gen = torch.Generator().manual_seed(0)
     n, k, group = 16, 256, 128
     values = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
     as_bytes = ((values[:, ::2] << 4) | values[:, 1::2]).to(torch.uint8)
-    packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes.to(device), INNER_K_TILES)
-    scale_and_zero = (torch.rand(k // group, n, 2, generator=gen) + 0.5).to(device, torch.bfloat16)
-    identity = torch.eye(k, device=device, dtype=torch.bfloat16)
-    by_tinygemm = torch.ops.aten._weight_int4pack_mm(identity, packed, group, scale_and_zero).t()
-    ours = dequantize_tile_packed(packed, scale_and_zero, group)
-    return torch.allclose(ours.float(), by_tinygemm.float(), rtol=0.02, atol=0.02)  # ~ one bf16 rounding step
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes.to(device), INNER_K_TILES)
+        scale_and_zero = (torch.rand(k // group, n, 2, generator=gen) + 0.5).to(device, torch.bfloat16)
+        identity = torch.eye(k, device=device, dtype=torch.bfloat16)
+        by_tinygemm = torch.ops.aten._weight_int4pack_mm(identity, packed, group, scale_and_zero).t()
+        with torch.no_grad():
+            ours = _compiled_dequantize()(packed, scale_and_zero, group, (n, k))
+    except Exception as err:  # noqa: BLE001  (whatever fails here, tinygemm alone still works)
+        log.warning("int4 prefills use tinygemm: checking the dequantized path failed (%s: %s)",
+                    type(err).__name__, err)
+        return False
+    # Scales are >= 0.5, so a misplaced value is off by >= 0.5; the paths differ by a bf16 rounding step at most.
+    if not torch.allclose(ours.float(), by_tinygemm.float(), rtol=0.02, atol=0.02):
+        log.warning("int4 prefills use tinygemm: this torch's int4 packing is not the layout "
+                    "model/int4_many_rows.py reads")
+        return False
+    return True
 
 
 def route_many_rows_through_bf16(module: nn.Module) -> int:
     """Replaces every `nn.Linear` under `module` whose weight is tile-packed int4 by a `ManyRowInt4Linear` (same
     parameters); returns how many it replaced. 0 on a model with no such weights (e.g. int4 on the CPU), and where
-    torch.compile has no Triton to build the dequantizing kernel with or this torch packs int4 otherwise
-    (`tinygemm_layout_matches`): those keep tinygemm for every call."""
-    from torch.utils._triton import has_triton
-
+    the dequantized path fails its checks (`tinygemm_layout_matches`, logged once): those keep tinygemm for every
+    call."""
     targets = [(name, child) for name, child in module.named_modules()
-               if type(child) is nn.Linear and type(child.weight).__name__ == TILE_PACKED_TYPE]
-    if not targets:
-        return 0
-    if not has_triton():
-        log.warning("int4 prefills use tinygemm (slower at many rows): torch.compile has no Triton here")
-        return 0
-    if not tinygemm_layout_matches(str(targets[0][1].weight.device)):
-        log.warning("int4 prefills use tinygemm (slower at many rows): this torch's int4 packing is not the "
-                    "layout model/int4_many_rows.py reads")
+               if type(child) is nn.Linear and type(child.weight).__name__ == TILE_PACKED_TYPE
+               and getattr(child.weight, "act_pre_scale", None) is None]  # we would not scale the input
+    if not targets or not tinygemm_layout_matches(str(targets[0][1].weight.device)):
         return 0
     for name, child in targets:
         parent_name, _, attribute = name.rpartition(".")

@@ -98,7 +98,8 @@ class SlotDecoder:
         self.prefill_tokens, self.graph_prefill_tokens = prefill_tokens, graph_prefill_tokens
         self.rehearse = rehearse_captures
         self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-        # Batch rows and span are symbolic: one compile serves every bucket but 1 (torch specialises sizes of 1).
+        # Batch rows and span are symbolic: one compile serves every bucket but 1 (torch specialises sizes of 1; a
+        # CUDA int4 model compiles once more where the batch reaches int4_many_rows.DEQUANT_MIN_ROWS).
         self._decode_forward = self._decode_logits if compile_mode is None else \
             compile_decode_step(self._decode_logits, model, mode=compile_mode, dynamic=True)
         self.cache = SlotCache(self.llm.config, slots + 1, capacity, self.dtype, devices)  # + a scratch slot
