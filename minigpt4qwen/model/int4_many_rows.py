@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt4qwen.model.linear_over import LinearOver
+
 # From this many rows on, the dequantized path is expected to beat tinygemm. It moves ~4.5 bytes per weight (read
 # 0.5 of int4, write 2 of bf16, read them back in the matmul) whatever the rows, ~2.25x a bf16 matmul's 2, while
 # tinygemm measured 1.9x bf16 at 16 rows, 3x at 32 and 5x at 64 (14B shapes, one H100, benchmarks/RESULTS.md).
@@ -91,19 +93,9 @@ def dequantize_int4_weight(weight: torch.Tensor) -> torch.Tensor:
         return dequantize(weight.qdata, weight.scale_and_zero, weight.block_size[-1], tuple(weight.shape))
 
 
-class ManyRowInt4Linear(nn.Linear):
+class ManyRowInt4Linear(LinearOver):
     """`nn.Linear` over a tile-packed int4 weight (same parameters, same state dict keys) that computes calls of
     `DEQUANT_MIN_ROWS` rows or more through the dequantized weight. Build it with `from_linear`."""
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> ManyRowInt4Linear:
-        """A ManyRowInt4Linear sharing `linear`'s parameters (nothing is copied)."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.register_parameter("weight", linear.weight)
-        layer.register_parameter("bias", linear.bias)
-        return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight, bias)`: through the dequantized weight for many rows, through tinygemm otherwise."""
