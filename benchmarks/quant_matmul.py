@@ -9,8 +9,9 @@ time of one layer call in bf16 and through torchao's int8 / int4 weight-only ten
 (`model/quantization.py`), eager (CUDA-event timed, median of repeats). A prefill runs every block's layers once
 at ~95 rows; a decode step at one. "int4" is the layer as the model runs it (from `DEQUANT_MIN_ROWS` rows on, a
 bf16 matmul over the dequantized weight: `model/int4_many_rows.py`); "int4 tinygemm" is torchao's int4 matmul at
-every row count, whose cost grows with the rows (its kernel is built for a few); the int8 rows show what the
-per-call cast of the weight costs.
+every row count, whose cost grows with the rows (its kernel is built for a few); "int4 dequantization alone" is
+what the many-row path adds to a bf16 matmul (the same at every row count); the int8 rows show what the per-call
+cast of the weight costs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import CONFIGS, machine, sync
+from minigpt4qwen.model.int4_many_rows import ManyRowInt4Linear, dequantize_int4_weight
 from minigpt4qwen.model.quantization import quantize_llm_weights
 
 ROWS = (1, 16, 32, 64, 96, 128)
@@ -87,6 +89,8 @@ def main() -> None:
                 calls = {mode: holder.layer}
                 if mode == "int4":
                     calls["int4 tinygemm"] = lambda x, weight=weight: F.linear(x, weight)
+                if isinstance(holder.layer, ManyRowInt4Linear):  # CUDA: what the many-row path adds to a bf16 matmul
+                    calls["int4 dequantization alone"] = lambda x, weight=weight: dequantize_int4_weight(weight)
                 for label, call in calls.items():
                     cells = []
                     for rows in ROWS:

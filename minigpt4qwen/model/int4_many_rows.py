@@ -27,10 +27,10 @@ from torch import nn
 
 from minigpt4qwen.model.linear_over import LinearOver
 
-# From this many rows on, the dequantized path is expected to beat tinygemm. It moves ~4.5 bytes per weight (read
-# 0.5 of int4, write 2 of bf16, read them back in the matmul) whatever the rows, ~2.25x a bf16 matmul's 2, while
-# tinygemm measured 1.9x bf16 at 16 rows, 3x at 32 and 5x at 64 (14B shapes, one H100, benchmarks/RESULTS.md).
-# `python -m benchmarks.quant_matmul` prints both int4 paths by rows, to set this from measurement.
+# From this many rows on, the dequantized path beats tinygemm. Its cost hardly depends on the rows (14B shapes, one
+# H100: dequantization + bf16 matmul 0.25 ms for qkv, 0.38 for gate+up, 0.41 for down), while tinygemm's grows with
+# them (32 rows: 0.27, 0.40, 0.22; 64 rows: 0.46, 0.72, 0.39): about even at 32 rows, a clear gain from ~48 for the
+# larger layers (benchmarks/RESULTS.md; `python -m benchmarks.quant_matmul` prints both int4 paths by rows).
 DEQUANT_MIN_ROWS = 48
 TILE_PACKED_TYPE = "Int4TilePackedTo4dTensor"  # torchao's class name, checked without importing torchao
 INNER_K_TILES = 8  # the packing torchao uses; the layout below assumes it
@@ -47,8 +47,10 @@ def unpack_tile_packed(packed: torch.Tensor) -> torch.Tensor:
     if lanes != 32 or words != INNER_K_TILES // 2:
         raise ValueError(f"not a tile-packed int4 weight with {INNER_K_TILES} inner k-tiles: shape "
                          f"{tuple(packed.shape)}")
-    # Constant shifts (not a tensor of them): a compiled kernel then needs no guard for out-of-range shift amounts.
-    nibbles = torch.stack([(packed >> shift) & 0xF for shift in range(0, 32, 4)], dim=-1)
+    # One shift by a tensor of amounts: compiled, each element loads its word once (a stack of 8 constant shifts
+    # compiles to 8 masked loads per element, 1.7x slower on an H100).
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
     # Name the index parts: lane = (row in tile, k pair in tile), nibble = (odd column, k-tile half, 8-column half).
     nibbles = nibbles.view(n_tiles, k_tiles, 8, 4, words, 2, 2, 2)
     #                      tile   k128    row kpair word  odd  half16 half8
@@ -77,12 +79,13 @@ def dequantize_tile_packed(packed: torch.Tensor, scale_and_zero: torch.Tensor, g
 
 @functools.cache
 def _compiled_dequantize():
-    # One fused kernel: eager, the unpacking would pass over the weight's memory several times. Sizes are static:
-    # with symbolic ones, every element's index needs 64-bit divisions by runtime sizes (that kernel took 0.73 ms
-    # for a 14B qkv weight on an H100, ~6x its memory traffic); with constant ones they are shifts and masks. A
-    # model has a handful of quantized layer shapes (4 in a Qwen LLM with fused projections), each compiled once;
-    # past dynamo's recompile limit a new shape would run eagerly, correct but slower (no `fullgraph`, which would
-    # make that an error; the tests check there is no graph break).
+    # One fused kernel: eager, the unpacking passes over the weight's memory several times (4.7 ms for a 14B qkv
+    # weight on an H100). Sizes are static: with symbolic ones every element's index needs 64-bit divisions by
+    # runtime sizes (0.62 ms); with constant ones they are shifts and masks (0.17 ms; reading the int4 and writing
+    # the bf16 weight takes 0.066 at the card's bandwidth). A model has a handful of quantized layer shapes (4 in a
+    # Qwen LLM with fused projections), each compiled once; past dynamo's recompile limit a new shape would run
+    # eagerly, correct but slower (no `fullgraph`, which would make that an error; the tests check there is no
+    # graph break).
     return torch.compile(dequantize_tile_packed, dynamic=False)
 
 
