@@ -91,7 +91,7 @@ def _compiled_dequantize():
 
 def dequantize_int4_weight(weight: torch.Tensor) -> torch.Tensor:
     """The bf16 matrix of a torchao tile-packed int4 weight, in its own (unpadded) shape; on CUDA through one
-    compiled kernel (inside a compiled caller, the caller's compile fuses it)."""
+    compiled kernel per weight shape (inside a compiled caller, the caller's compile fuses it)."""
     own_compile = weight.is_cuda and not torch.compiler.is_compiling()
     dequantize = _compiled_dequantize() if own_compile else dequantize_tile_packed
     with torch.no_grad():  # frozen weights (int4 has no backward); one grad mode, one compile
