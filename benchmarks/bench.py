@@ -30,6 +30,7 @@ from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.float8 import apply_float8
+from minigpt4qwen.model.float8_weights import store_float8_weights
 from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
@@ -101,16 +102,19 @@ def bench_generation(model, device: str, batch: int, new_tokens: int, cache: str
     return first * 1000, batch * (new_tokens - 1) / (full - first), peak_gib(device)
 
 
-def cap_rows(model, args: argparse.Namespace) -> None:
-    """Training under a memory cap, with every k-th LLM block checkpointed (k from --cap-every, ascending)."""
+def cap_rows(model, args: argparse.Namespace, engine: str = "") -> None:
+    """Training under a memory cap, with every k-th LLM block checkpointed (k from --cap-every; 0: none first, then
+    descending k), at each micro-batch of --cap-batches."""
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
-    for every in sorted((int(k) for k in args.cap_every.split(",")), reverse=True):
+    for every in sorted((int(k) for k in args.cap_every.split(",")), key=lambda k: (k != 0, -k)):
         # Wrapping is additive: going from every=2 to every=1 wraps the remaining blocks.
-        apply_activation_checkpointing(model, vision=False, language_model=True, every=every)
-        for batch in (4, 8, 16):
-            name = f"{args.cap_gib:.0f} GiB cap, checkpoint 1/{every} of LLM blocks"
+        if every:
+            apply_activation_checkpointing(model, vision=False, language_model=True, every=every)
+        for batch in (int(b) for b in args.cap_batches.split(",")):
+            kept = f"checkpoint 1/{every} of LLM blocks" if every else "no checkpointing"
+            name = f"{engine}{args.cap_gib:.0f} GiB cap, {kept}"
             try:
                 sps, peak = bench_training(model, args.device, batch, args.steps, warmup=2)
                 print(f"| {name} | {batch} | {sps:.1f} | {sps * SEQ:.0f} | | | {peak:.1f} |", flush=True)
@@ -164,11 +168,14 @@ def build_plain(args: argparse.Namespace):
 
 def build_ours(args: argparse.Namespace, float8: bool = False):
     """Our model, projection trainable; with `float8` its LLM blocks' matmuls in float8 (`model.float8`, converted
-    before compiling, as training does; the CPU dry run takes torch's CPU fp8 matmul)."""
+    before compiling, as training does; the CPU dry run takes torch's CPU fp8 matmul), and with `--float8-weights`
+    its frozen weights stored in float8 (`model.float8_weights`)."""
     model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "fp32", "bf16"))
     model.set_trainable(TrainableParts())
     if float8:
         apply_float8(model, allow_cpu=args.device == "cpu")
+        if getattr(args, "float8_weights", False):  # the frozen weights cast once, stored in float8
+            store_float8_weights(model.language_model)
     if args.compile:
         compile_blocks(model)
     return model.train()
@@ -188,14 +195,21 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
     parser.add_argument("--float8", action="store_true", help="then the training rows again on a fresh model with "
                         "the LLM blocks' matmuls in float8 (model.float8: sm_89+, torchao)")
+    parser.add_argument("--float8-weights", action="store_true", help="with --float8: the float8 rows' frozen LLM "
+                        "weights stored in float8 (model.float8_weights: half their memory)")
     parser.add_argument("--caches", default="dynamic,static,ours-compiled",
                         help="generation rows: dynamic, static (transformers), ours, ours-compiled, ours-autotuned, "
                              "ours-compiled-sampling (top-p 0.8, top-k 50); any with -fused: q/k/v and gate/up "
                              "fused first (fuse_projections; those rows run last)")
     parser.add_argument("--compile-vision", action="store_true", help="compile the ViT blocks for generation (TTFT)")
-    parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap")
+    parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap "
+                        "(0: none)")
+    parser.add_argument("--cap-batches", default="4,8,16", help="micro-batch sizes under the cap")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    # The cap rows change micro-batches and checkpoint wrappers under compiled blocks: more variants than dynamo's
+    # default 8 per block, past which a block would run eagerly and the row measure that instead.
+    torch._dynamo.config.recompile_limit = 64
     compiled = " + compile" if args.compile else ""
     print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{compiled} | {machine()}")
     print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
@@ -218,7 +232,10 @@ def main() -> None:
         print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
               "| peak GiB |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        training_rows(build_ours(args, float8=True), args, "ours + float8 LLM blocks")
+        float8_model = build_ours(args, float8=True)
+        training_rows(float8_model, args, "ours + float8 LLM blocks")
+        if args.device.startswith("cuda") and args.cap_every:
+            cap_rows(float8_model, args, "float8 LLM blocks, ")
     if args.engine == "both":
         print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
               "| peak GiB |")

@@ -95,6 +95,10 @@ class ModelConfig:
     # compile_blocks=true, which fuses the casts. A trainable LLM's weight gradients are float8 matmuls too.
     # Weights stay bf16; inference and export ignore it
     float8: bool = False
+    # true (with float8 and a frozen LLM): each frozen block weight is cast to float8 once and stored so, its bf16
+    # copy dropped (model/float8_weights.py): the same matmuls, half the LLM blocks' memory. The DDP engine only;
+    # training then saves the trained parts (train.save_contents=trainable)
+    float8_weights: bool = False
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None, schema: type[T]) -> T:

@@ -126,6 +126,8 @@ class RunConfig:
         if self.model.float8 and self.model.quantize is not None:
             raise ValueError("model.float8 casts the LLM's bf16 weights to fp8 each step and model.quantize stores "
                              "them quantized: set model.float8=false or model.quantize=null")
+        if self.model.float8_weights:
+            self._validate_float8_weights()
         if self.parallel.engine != "ddp" and self.train.save_contents != "trainable":
             raise ValueError("the DeepSpeed engines save trained weights only: use train.save_contents=trainable")
         if self.data.packing and self.data.pack_length and "flash" in self.model.attn_implementation:
@@ -140,6 +142,19 @@ class RunConfig:
             # trained ones), which would silently override model.dtypes.
             raise ValueError(f"parallel.engine=deepspeed with train.precision={self.train.precision} stores every part "
                              f"in that dtype: set all model.dtypes to {self.train.precision} (now {sorted(dtypes)})")
+
+    def _validate_float8_weights(self) -> None:
+        """Float8-stored weights: frozen LLM weights cast once (model/float8_weights.py), under DDP, not saved."""
+        if not self.model.float8:
+            raise ValueError("model.float8_weights stores the weights that model.float8 casts: set model.float8=true")
+        if self.model.trainable.language_model:
+            raise ValueError("model.float8_weights stores frozen weights once: set model.trainable.language_model="
+                             "false (train.lora.enabled=true trains adapters over them)")
+        if self.parallel.engine != "ddp":
+            raise ValueError(f"model.float8_weights trains with parallel.engine=ddp, not {self.parallel.engine} "
+                             "(DeepSpeed manages parameters, and these weights are buffers)")
+        if self.train.save_contents != "trainable":
+            raise ValueError("model.float8_weights drops the LLM's bf16 weights: use train.save_contents=trainable")
 
     def _validate_quantized_llm(self) -> None:
         """A quantized LLM trains only frozen, in int8 (int4 kernels have no backward), under DDP, saved without it."""

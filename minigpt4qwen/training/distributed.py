@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from minigpt4qwen.model.float8_weights import float8_weight_buffer_names
 from minigpt4qwen.model.quantization import quantized_parameter_names
 
 
@@ -67,8 +68,10 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    # A quantized LLM (model.quantize) is frozen and loaded alike on every rank; DDP could not broadcast it.
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized_parameter_names(model))
+    # A quantized LLM (model.quantize) is frozen and loaded alike on every rank; DDP could not broadcast it. Weights
+    # stored in float8 (model.float8_weights) are cast alike on every rank; DDP would broadcast them every step.
+    ignored = quantized_parameter_names(model) + float8_weight_buffer_names(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
 
 

@@ -74,6 +74,11 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             from minigpt4qwen.model.float8 import apply_float8
 
             logger.info("float8: %d LLM Linear layers", apply_float8(model, device=info.device))
+            if cfg.model.float8_weights:
+                from minigpt4qwen.model.float8_weights import store_float8_weights
+
+                logger.info("float8 weights: %d frozen LLM weights stored in float8",
+                            store_float8_weights(model.language_model))
         apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
         checkpointing = cfg.model.activation_checkpointing
         if cfg.train.check_memory and not pipeline:  # the estimate is for a whole model on one device

@@ -67,7 +67,8 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
     Returns:
         A `MemoryEstimate`.
     """
-    weights = sum(stored_bytes(p) for p in model.parameters())  # quantized weights: their packed size
+    # Quantized weights count their packed size; float8-stored weights (model.float8_weights) are buffers.
+    weights = sum(stored_bytes(p) for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     # fp32 master state per trainable parameter: its gradient (in its own dtype) + AdamW's two moments (fp32).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = sum(p.numel() * (p.element_size() + 8) for p in trainable)

@@ -1,0 +1,79 @@
+"""Frozen LLM weights stored in float8 for training (`model.float8_weights`): half the memory of bf16 weights, the
+same matmuls as `model.float8`.
+
+`model.float8` (torchao's float8 training, `model/float8.py`) keeps each weight in bf16 and casts it to e4m3 with
+one dynamic scale per tensor on every call. For a frozen weight that cast gives the same bits every step, so
+`store_float8_weights` does it once: each converted layer keeps the e4m3 bits and their scale and drops the bf16
+weight. The layer then hands torchao's matmul (`matmul_with_hp_or_float8_args`, which takes an already-cast
+weight) the stored cast: forward and gradient to the input are bitwise those of `model.float8`, and a 7B LLM's
+blocks hold 6.5 GB instead of 13 GB, which is what lets a 24 GB card train at larger micro-batches.
+
+What it gives up: the bf16 weights are gone from the model, so a checkpoint of every weight (`train.save_contents
+=all`), an export of the trained model with its LLM, or DeepSpeed (which manages parameters, not these buffers)
+cannot run with it; training saves the trained parts, as the published recipe does. The bits are stored as uint8
+buffers (not saved in state dicts), which every process group and `.to()` can move.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minigpt4qwen.model.activation_checkpointing import decoder_layers
+
+
+class Float8WeightLinear(nn.Module):
+    """A frozen Linear computing as torchao's `Float8Linear` from a weight cast to float8 once."""
+
+    def __init__(self, linear: nn.Module):
+        """Takes a torchao `Float8Linear` with a frozen weight (its bf16 weight is not kept)."""
+        super().__init__()
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+
+        if linear.weight.requires_grad:
+            raise ValueError("model.float8_weights stores frozen weights only, but this Linear's weight trains")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.config, self.linear_mm_config = linear.config, linear.linear_mm_config
+        cast = hp_tensor_to_float8_dynamic(linear.weight.detach(), self.config.cast_config_weight.target_dtype,
+                                           self.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT)
+        self.float8_dtype, self.weight_dtype = cast._data.dtype, linear.weight.dtype
+        self.register_buffer("weight_bits", cast._data.view(torch.uint8), persistent=False)
+        self.register_buffer("weight_scale", cast._scale, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
+
+        if torch.is_autocast_enabled():  # as Float8Linear does: the matmul's output takes the input's dtype
+            input = input.to(torch.get_autocast_dtype("cuda" if input.is_cuda else "cpu"))
+        weight = Float8TrainingTensor(self.weight_bits.view(self.float8_dtype), self.weight_scale, self.weight_dtype,
+                                      self.linear_mm_config, GemmInputRole.WEIGHT)
+        output = matmul_with_hp_or_float8_args.apply(input, weight.t(), self.linear_mm_config, self.config)
+        if self.bias is not None:
+            output = output + self.bias.to(output.dtype)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.float8_dtype}"
+
+
+def store_float8_weights(language_model: nn.Module) -> int:
+    """Replaces, in place, every torchao `Float8Linear` inside the decoder blocks whose weight is frozen by a
+    `Float8WeightLinear` (call after `apply_float8`, before compiling); returns how many were replaced. One layer at
+    a time: memory only shrinks."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    planned = [(parent, name) for parent in decoder_layers(language_model).modules()
+               for name, child in parent.named_children()
+               if type(child) is Float8Linear and not child.weight.requires_grad]
+    for parent, name in planned:
+        setattr(parent, name, Float8WeightLinear(getattr(parent, name)))
+    return len(planned)
+
+
+def float8_weight_buffer_names(module: nn.Module) -> list[str]:
+    """The full names of the float8 weights' buffers in `module` (what DDP must not broadcast)."""
+    return [f"{name}.{buffer}" for name, child in module.named_modules() if isinstance(child, Float8WeightLinear)
+            for buffer in ("weight_bits", "weight_scale")]

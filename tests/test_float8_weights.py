@@ -1,0 +1,153 @@
+"""Frozen LLM weights stored in float8 (`model.float8_weights`): bitwise the matmuls of `model.float8` (its per-step
+cast of a frozen weight gives the stored bits), half the weights' bytes, adapters still training, the refusals, and
+a training run equal to `model.float8`'s loss for loss. Runs on the CPU through `allow_cpu` (torch's CPU fp8
+matmul), as tests/test_float8.py does."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from minigpt4qwen.config import load_config  # noqa: E402
+from minigpt4qwen.model import float8, float8_weights  # noqa: E402
+from minigpt4qwen.model.float8 import apply_float8, check_float8_support  # noqa: E402
+from minigpt4qwen.model.float8_weights import (  # noqa: E402
+    Float8WeightLinear,
+    float8_weight_buffer_names,
+    store_float8_weights,
+)
+from minigpt4qwen.model.parts import PartDtypes, TrainableParts  # noqa: E402
+from minigpt4qwen.training.config import LoraConfig, RunConfig  # noqa: E402
+from minigpt4qwen.training.memory import estimate_memory  # noqa: E402
+from tests.conftest import make_tiny_model  # noqa: E402
+from tests.test_cli_train import project  # noqa: E402, F401 (a fixture)
+from tests.test_float8 import batch, loss_and_gradient  # noqa: E402
+
+
+def float8_pair(llm_dtype: str):
+    """A tiny model under `model.float8` and a copy of it with its frozen weights stored in float8."""
+    model = make_tiny_model()
+    model.set_trainable(TrainableParts())
+    model.cast_parts(PartDtypes("fp32", "fp32", "fp32", "fp32", llm_dtype))
+    apply_float8(model, allow_cpu=True)
+    stored = copy.deepcopy(model)
+    assert store_float8_weights(stored.language_model) == 14
+    return model, stored
+
+
+@pytest.mark.parametrize("llm_dtype", ["fp32", "bf16"])
+def test_same_loss_and_gradients_as_casting_every_step_in_half_the_bytes(llm_dtype):
+    model, stored = float8_pair(llm_dtype)
+    data = batch(model)
+    want_loss, want_grad = loss_and_gradient(model, data, autocast=llm_dtype == "bf16")
+    loss, grad = loss_and_gradient(stored, data, autocast=llm_dtype == "bf16")
+    assert loss == want_loss and torch.equal(grad, want_grad)  # the same e4m3 bits, the same fp8 matmuls
+
+    def block_bytes(llm) -> int:
+        tensors = [*llm.model.layers.parameters(), *llm.model.layers.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    layers = stored.language_model.model.layers
+    biases_and_norms = sum(p.numel() * p.element_size() for p in layers.parameters())
+    width = 1 if llm_dtype == "bf16" else 3  # bf16 -> 1 byte per weight; fp32 -> 1 (4 bytes before: 3 saved)
+    saved = block_bytes(model.language_model) - block_bytes(stored.language_model)
+    weights = sum(m.in_features * m.out_features for m in stored.modules() if isinstance(m, Float8WeightLinear))
+    assert saved == weights * width - 4 * 14  # less one fp32 scale per layer
+    assert biases_and_norms < weights  # what stays a parameter: biases and norms
+    assert not any(n.endswith("proj.weight") for n, _ in layers.named_parameters())
+
+
+def test_lora_adapters_train_over_float8_weights():
+    from minigpt4qwen.training.lora import apply_lora
+
+    model = make_tiny_model()
+    model.set_trainable(TrainableParts())
+    apply_lora(model, LoraConfig(enabled=True, r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    apply_float8(model, allow_cpu=True)
+    stored = copy.deepcopy(model)
+    assert store_float8_weights(stored.language_model) == 14  # the adapters' base layers included
+    data = batch(model)
+    for m in (model, stored):
+        torch.manual_seed(0)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:  # LoRA starts at zero; make the adapters' gradients depend on the base path
+                torch.nn.init.normal_(p, std=0.1)
+    want = loss_and_gradient(model, data, autocast=False)
+    got = loss_and_gradient(stored, data, autocast=False)
+    assert want[0] == got[0] and torch.equal(want[1], got[1])
+    grads = {n for n, p in stored.named_parameters() if p.grad is not None}
+    assert {n for n in grads if "lora_" in n} and all("lora_" in n or "language_projection" in n for n in grads)
+
+
+def test_what_ddp_skips_and_the_memory_estimate_counts():
+    model, stored = float8_pair("bf16")
+    names = float8_weight_buffer_names(stored)
+    assert len(names) == 28 and dict(stored.named_buffers()).keys() >= set(names)
+    assert float8_weight_buffer_names(model) == []
+    args = {"micro_batch_size": 2, "max_length": 64, "activation_bytes": 2, "checkpointed_llm": False,
+            "device": torch.device("cpu")}
+    fp8_bytes = sum(m.weight_bits.numel() for m in stored.modules() if isinstance(m, Float8WeightLinear))
+    assert estimate_memory(model, **args).weights - estimate_memory(stored, **args).weights == fp8_bytes - 4 * 14
+
+
+def test_config_refusals_say_what_to_set(project):  # noqa: F811
+    def validated(*overrides: str) -> RunConfig:
+        cfg = load_config(project / "train.yaml", list(overrides), RunConfig)
+        cfg.validate()
+        return cfg
+
+    assert validated("model.float8=true", "model.float8_weights=true").model.float8_weights is True
+    refusals = {
+        "set model.float8=true": ["model.float8=false"],
+        "model.trainable.language_model=false": ["model.trainable.language_model=true"],
+        "parallel.engine=ddp": ["parallel.engine=deepspeed"],
+        "train.save_contents=trainable": ["train.save_contents=all"],
+    }
+    for message, overrides in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            validated("model.float8=true", "model.float8_weights=true", *overrides)
+
+
+def test_training_runs_loss_for_loss_as_model_float8(project, tmp_path, monkeypatch):  # noqa: F811
+    from minigpt4qwen.training import entry
+
+    def cpu_allowed(device: torch.device, **_) -> None:
+        check_float8_support(device, allow_cpu=True)
+
+    stored_layers = []
+
+    def recording(language_model) -> int:
+        stored_layers.append(store_float8_weights(language_model))
+        return stored_layers[-1]
+
+    monkeypatch.setattr(float8, "check_float8_support", cpu_allowed)
+    monkeypatch.setattr(float8_weights, "store_float8_weights", recording)
+    common = ["model.float8=true", "train.max_steps=3", "train.resume=none"]
+    cast = entry.train_main(str(project / "train.yaml"), [f"train.output_dir={tmp_path / 'cast'}", *common])
+    stored = entry.train_main(str(project / "train.yaml"), [f"train.output_dir={tmp_path / 'stored'}", *common,
+                                                            "model.float8_weights=true"])
+    assert stored_layers == [4]  # the project's LLM: one block, its 88-wide MLP left in bf16
+    assert len(stored.losses) == 3 and all(math.isfinite(x) for x in stored.losses)
+    assert stored.losses == cast.losses
+
+
+def test_ddp_does_not_broadcast_the_float8_weights(tmp_path):
+    import gc
+
+    from minigpt4qwen.training.distributed import DistInfo, wrap_ddp
+
+    _, stored = float8_pair("fp32")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = wrap_ddp(stored, DistInfo(world_size=2))
+        # Each rank casts its own loaded weights alike; DDP would otherwise broadcast them with every forward.
+        assert set(float8_weight_buffer_names(stored)) <= set(wrapped.parameters_to_ignore)
+        wrapped(**batch(stored)).loss.backward()
+    finally:
+        wrapped = None  # DDP's reducer goes before its process group (see distributed.destroy)
+        gc.collect()
+        torch.distributed.destroy_process_group()
+    assert stored.language_projection.weight.grad.abs().sum() > 0
