@@ -195,6 +195,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    # One model runs every row (random and grouped lengths, two attention implementations, with and without
+    # gradients): more variants of each compiled block than dynamo's default 8, past which blocks run eagerly and
+    # a row would time that instead (the ninth session's group_by_length rows did).
+    torch._dynamo.config.recompile_limit = 64
     max_lens = [int(v) for v in args.max_lens.split(",")]
     sizes = [int(b) for b in args.batches.split(",")]
     mix = draw_rounds(args.seed)

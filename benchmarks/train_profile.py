@@ -17,9 +17,9 @@ from benchmarks.bench import build_ours, training_batch
 from benchmarks.common import machine, sync
 
 KINDS = (  # first match wins: kernel names of cuBLAS / cuDNN / flash / torchao / inductor on Hopper
-    ("fp8 GEMM", re.compile(r"e4m3|e5m2|fp8|f8f8|nvjet_sm90_q[qr]", re.I)),  # nvjet: q/r = e4m3/e5m2 operands
-    ("bf16 GEMM", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|sm90_", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|cudnn", re.I)),
+    ("fp8 GEMM", re.compile(r"e4m3|e5m2|fp8|f8f8|nvjet_sm90_q[qr]", re.I)),  # nvjet_sm90_qq / _qr: fp8 operands
+    ("bf16 GEMM", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|sm90_", re.I)),
     ("inductor fused", re.compile(r"^triton_")),
     ("copies / casts", re.compile(r"copy|cast|convert|elementwise|vectorized", re.I)),
 )
