@@ -26,6 +26,7 @@ KINDS = (  # first match wins: kernel names of cuBLAS / cuDNN / flash / torchao 
 
 
 def kind_of(kernel: str) -> str:
+    """The kind of a kernel, by its name (`KINDS`)."""
     return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "other")
 
 
@@ -71,9 +72,9 @@ def main() -> None:
         step()
     step_s = timed(step, dev, args.steps)
     towers_s = timed(towers, dev, args.steps)
+    stored = " (weights stored in float8)" if args.float8 and args.float8_weights else ""
     print(f"# training step profile, MiniGPT4Qwen-{args.size}, micro-batch {args.batch}, "
-          f"{'float8' if args.float8 else 'bf16'} LLM blocks"
-          f"{' (weights stored in float8)' if args.float8_weights else ''}, {'compiled' if args.compile else 'eager'} "
+          f"{'float8' if args.float8 else 'bf16'} LLM blocks{stored}, {'compiled' if args.compile else 'eager'} "
           f"| {machine()}")
     print(f"step {step_s * 1000:.1f} ms ({args.batch / step_s:.1f} samples/s); ViT + Q-Former + projection forward "
           f"{towers_s * 1000:.1f} ms ({towers_s / step_s:.0%} of the step)")

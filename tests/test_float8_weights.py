@@ -151,3 +151,34 @@ def test_ddp_does_not_broadcast_the_float8_weights(tmp_path):
         gc.collect()
         torch.distributed.destroy_process_group()
     assert stored.language_projection.weight.grad.abs().sum() > 0
+
+
+def test_dtype_casts_keep_the_bits_and_the_fp32_scale():
+    _, stored = float8_pair("bf16")
+    layer = stored.language_model.model.layers[0].self_attn.o_proj  # no bias: only the stored weight computes
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = layer(x)
+    layer.half()  # what a careless cast after storing would do: `_scaled_mm` refuses a half scale
+    assert layer.weight_bits.dtype == torch.uint8 and layer.weight_scale.dtype == torch.float32
+    assert torch.equal(layer(x), want)
+
+
+def test_other_float8_recipes_are_refused():
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    model = make_tiny_model()
+    model.language_model.requires_grad_(False)
+    convert_to_float8_training(model.language_model.model.layers, config=Float8LinearConfig.from_recipe_name("rowwise"))
+    with pytest.raises(ValueError, match="one per-tensor cast of each weight"):
+        store_float8_weights(model.language_model)
+
+
+def test_the_memory_check_counts_a_model_already_on_the_device_as_available():
+    from minigpt4qwen.training.memory import available_memory
+
+    model, _ = float8_pair("bf16")
+    estimate = estimate_memory(model, micro_batch_size=1, max_length=8, activation_bytes=2, checkpointed_llm=False,
+                               device=torch.device("cpu"))
+    # The model is on the host already: its bytes are in the estimate and no longer in MemAvailable.
+    assert estimate.available - available_memory(torch.device("cpu")) == pytest.approx(estimate.weights, rel=0.05,
+                                                                                          abs=2**24)

@@ -14,7 +14,8 @@ What it costs, in torchao 0.18:
   three per layer (and two casts) whose result autograd drops. Compiled blocks do not: the compiler drops the
   unused matmul. A layer that cast frozen weights once and skipped that matmul was measured (one H100, 7B,
   compiled, micro-batch 64: 103.3 samples/s vs torchao's 105.0, peak 73.1 vs 67.1 GiB for the fp8 copies) and
-  removed: no faster, 1 byte per weight larger.
+  removed: no faster, 1 byte per weight larger (it kept the bf16 weights too). `model.float8_weights`
+  (`model/float8_weights.py`) casts once and drops the bf16 weights instead: torchao's matmuls, half the memory.
 - That weight-gradient matmul runs over the tokens, and CUDA's `torch._scaled_mm` wants its inner dimension a
   multiple of 16: `pad_inner_dim` zero-pads it, so any micro-batch shape trains (in eager mode at the price of one
   copy of each fp8 operand).

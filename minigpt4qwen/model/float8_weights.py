@@ -11,7 +11,8 @@ blocks hold 6.5 GB instead of 13 GB, which is what lets a 24 GB card train at la
 What it gives up: the bf16 weights are gone from the model, so a checkpoint of every weight (`train.save_contents
 =all`), an export of the trained model with its LLM, or DeepSpeed (which manages parameters, not these buffers)
 cannot run with it; training saves the trained parts, as the published recipe does. The bits are stored as uint8
-buffers (not saved in state dicts), which every process group and `.to()` can move.
+buffers (not saved in state dicts), which every process group and `.to()` can move; dtype casts of the module
+(`.half()`) leave both the bits and their fp32 scale as they are.
 """
 
 from __future__ import annotations
@@ -28,11 +29,20 @@ class Float8WeightLinear(nn.Module):
     def __init__(self, linear: nn.Module):
         """Takes a torchao `Float8Linear` with a frozen weight (its bf16 weight is not kept)."""
         super().__init__()
+        from torchao.float8.config import ScalingGranularity, ScalingType
         from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
         from torchao.float8.float8_training_tensor import GemmInputRole
 
         if linear.weight.requires_grad:
             raise ValueError("model.float8_weights stores frozen weights only, but this Linear's weight trains")
+        weight_casts = (linear.config.cast_config_weight, linear.config.cast_config_weight_for_grad_input)
+        # One stored cast serves the forward and the gradient to the input: exact only for one dynamic scale per
+        # tensor, the same for both, not rounded to a power of 2 (the recipe `apply_float8` converts with).
+        if (weight_casts[0] != weight_casts[1] or weight_casts[0].scaling_type is not ScalingType.DYNAMIC
+                or weight_casts[0].scaling_granularity is not ScalingGranularity.TENSORWISE
+                or linear.config.round_scales_to_power_of_2):
+            raise ValueError(f"model.float8_weights stores one per-tensor cast of each weight, but this Linear's "
+                             f"float8 recipe differs: {linear.config}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.config, self.linear_mm_config = linear.config, linear.linear_mm_config
         cast = hp_tensor_to_float8_dynamic(linear.weight.detach(), self.config.cast_config_weight.target_dtype,
@@ -46,14 +56,25 @@ class Float8WeightLinear(nn.Module):
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
         from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
 
-        if torch.is_autocast_enabled():  # as Float8Linear does: the matmul's output takes the input's dtype
-            input = input.to(torch.get_autocast_dtype("cuda" if input.is_cuda else "cpu"))
+        # Float8Linear casts the input to CUDA autocast's dtype (the matmul's output takes the input's dtype); the
+        # same here, and CPU autocast likewise (CPU tests).
+        device_type = "cuda" if input.is_cuda else "cpu"
+        if torch.is_autocast_enabled(device_type):
+            input = input.to(torch.get_autocast_dtype(device_type))
         weight = Float8TrainingTensor(self.weight_bits.view(self.float8_dtype), self.weight_scale, self.weight_dtype,
                                       self.linear_mm_config, GemmInputRole.WEIGHT)
         output = matmul_with_hp_or_float8_args.apply(input, weight.t(), self.linear_mm_config, self.config)
         if self.bias is not None:
             output = output + self.bias.to(output.dtype)
         return output
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` would cast the fp32 scale, which `_scaled_mm` refuses: it keeps its dtype (the
+        # bits are uint8, which float casts leave alone). Device moves apply to both.
+        scale = self.weight_scale
+        result = super()._apply(fn, recurse)
+        self.weight_scale = self.weight_scale.to(scale.dtype)
+        return result
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.float8_dtype}"

@@ -68,7 +68,11 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
         A `MemoryEstimate`.
     """
     # Quantized weights count their packed size; float8-stored weights (model.float8_weights) are buffers.
-    weights = sum(stored_bytes(p) for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    sizes = [(stored_bytes(p), p.device) for p in model.parameters()] + [(b.nbytes, b.device) for b in model.buffers()]
+    weights = sum(size for size, _ in sizes)
+    # What the model already holds on `device` is counted in the estimate, and not free any more: add it back.
+    resident = sum(size for size, where in sizes if where.type == device.type)
+    available = available_memory(device)
     # fp32 master state per trainable parameter: its gradient (in its own dtype) + AdamW's two moments (fp32).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = sum(p.numel() * (p.element_size() + 8) for p in trainable)
@@ -77,7 +81,7 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
     layers = getattr(text, "num_hidden_layers", 0)
     per_layer = micro_batch_size * max_length * hidden * activation_bytes
     activations = per_layer * (layers + _ACTIVATION_FACTOR if checkpointed_llm else layers * _ACTIVATION_FACTOR)
-    return MemoryEstimate(weights, optimizer, activations, available_memory(device))
+    return MemoryEstimate(weights, optimizer, activations, None if available is None else available + resident)
 
 
 def check_fits(estimate: MemoryEstimate) -> None:
