@@ -33,6 +33,7 @@ from benchmarks.bench import EXTRA_0, PROMPT_GEN, bench_generation, bench_traini
 from benchmarks.common import CONFIGS, benchmark_config, fill_random, machine, peak_gib, reset_peak, sync
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
+from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 from minigpt4qwen.model.quantization import quantize_language_model, quantize_llm_weights
@@ -100,6 +101,8 @@ def chat_rows(args: argparse.Namespace) -> None:
         try:
             reset_peak(args.device)
             model = build(args.size, args.device, mode).eval()
+            if args.fused:  # as `load_for_inference` loads for chat and serve
+                fuse_projections(model.requires_grad_(False).language_model)
             loaded = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
             load_peak = peak_gib(args.device)
             with torch.no_grad():
@@ -268,6 +271,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=1, help="0: no LLM activation checkpointing")
     parser.add_argument("--prompts", type=int, default=4, help="prompts of the quality rows (0: none)")
     parser.add_argument("--skip-chat", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="chat rows with q/k/v and gate/up fused (quantized rows "
+                        "stacked), as chat and serve load")
     parser.add_argument("--loading", action="store_true", help="add the streamed-loading rows (writes shards)")
     parser.add_argument("--work-dir", help="where --loading writes its random Qwen1 directory (kept for reuse)")
     parser.add_argument("--layers-per-shard", type=int, default=4,

@@ -1,6 +1,7 @@
 """Fused q/k/v and gate/up projections: the same logits as the unfused LLM (full forward and cached decoding, on
 tiny Qwen2, Llama and Qwen3 LLMs with grouped-query attention and random biases and norms), the same greedy tokens
-from the CUDA-graph decoder, the scheduler and beam search, no more parameters, and no fusing of a trainable LLM.
+from the CUDA-graph decoder, the scheduler and beam search, no more parameters, and no fusing of a trainable LLM
+(over quantized weights: tests/test_quantized_fusion.py).
 
 Tolerance: the fused GEMM sums the same products as the separate ones, but a GEMM of another width may block its
 float32 sums differently; logits (of order 0.5) agree to 1e-6 relative and absolute (measured: 6e-8).
@@ -99,16 +100,17 @@ def test_refuses_a_trainable_llm_and_leaves_it_unchanged():
     assert type(llm.model.layers[0].self_attn).__name__ == "Qwen2Attention"
 
 
-def test_skips_quantized_layers():
+def test_fuses_quantized_layers_beside_unquantized_ones():  # quantized fusion itself: tests/test_quantized_fusion.py
     pytest.importorskip("torchao")
     from minigpt4qwen.model.quantization import quantize_llm_weights
 
     llm = tiny_llm("qwen2")
     quantize_llm_weights(llm.model.layers[0], "int8")
-    assert fuse_projections(llm) == 1
-    assert type(llm.model.layers[0].self_attn).__name__ == "Qwen2Attention"
-    assert type(llm.model.layers[1].self_attn) is FusedAttention
-    llm(input_ids=torch.tensor([[3, 4, 5]]))  # the mixed model still runs
+    expected = llm(input_ids=torch.tensor([[3, 4, 5]])).logits
+    assert fuse_projections(llm) == 2
+    assert type(llm.model.layers[0].self_attn.qkv_proj.weight).__name__ == "Int8Tensor"
+    assert type(llm.model.layers[1].self_attn.qkv_proj.weight) is torch.nn.Parameter
+    torch.testing.assert_close(llm(input_ids=torch.tensor([[3, 4, 5]])).logits, expected, **TOLERANCE)
 
 
 def _prompt(seed: int):

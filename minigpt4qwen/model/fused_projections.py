@@ -8,9 +8,11 @@ each reading one contiguous matrix. The fused modules reuse transformers' own pi
 
 Inference only: the fused parameters have other names (`qkv_proj`, `gate_up_proj`), so a fused model is neither
 trained nor saved; `inference/loading.py:load_for_inference` applies it. Supported: transformers' Qwen2, Llama and
-Qwen3 attention and MLP modules. Left unfused (and logged): projections wrapped (LoRA) or quantized by torchao,
-weights not loaded yet (meta), and attention written for transformers before its `cache` argument. transformers
-records attention weights (`output_attentions`) only from its own attention classes: a fused model returns none.
+Qwen3 attention and MLP modules, in bf16/fp32 or quantized by torchao (int8, int4: their rows are stacked exactly,
+`model/quantized_rows.py`). Left unfused (and logged): projections wrapped (LoRA), quantized weights that cannot
+be stacked, weights not loaded yet (meta), and attention written for transformers before its `cache` argument.
+transformers records attention weights (`output_attentions`) only from its own attention classes: a fused model
+returns none.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP
 
-from minigpt4qwen.model.quantization import is_quantized
+from minigpt4qwen.model.int4_many_rows import ManyRowInt4Linear
+from minigpt4qwen.model.quantization import adapt_quantized_layers, is_quantized
+from minigpt4qwen.model.quantized_rows import stack_rows, stacking_problem
 
 ATTENTION_TYPES = (Qwen2Attention, LlamaAttention, Qwen3Attention)
 MLP_TYPES = (Qwen2MLP, LlamaMLP, Qwen3MLP)
@@ -39,10 +43,14 @@ logger = logging.getLogger(__name__)
 def unfusable_reason(linears: Sequence[nn.Module]) -> str | None:
     """Why `linears` cannot become one Linear, or None when they can."""
     weights = [linear.weight for linear in linears]
-    if any(is_quantized(w) for w in weights):
-        return "weights quantized by torchao"
-    if any(type(linear) is not nn.Linear for linear in linears):
+    # ManyRowInt4Linear computes an int4 weight's long calls another way; the fused layer is routed again.
+    if any(type(linear) not in (nn.Linear, ManyRowInt4Linear) for linear in linears):
         return "projections are not plain nn.Linear (e.g. LoRA adapters)"
+    quantized = [is_quantized(w) for w in weights]
+    if any(quantized) and not all(quantized):
+        return "some projections quantized by torchao, others not"
+    if all(quantized) and (problem := stacking_problem(weights)):
+        return problem
     if any(w.is_meta for w in weights):
         return "weights not loaded (meta)"
     if len({(w.device, w.dtype, w.shape[1]) for w in weights}) > 1:
@@ -55,7 +63,8 @@ def unfusable_reason(linears: Sequence[nn.Module]) -> str | None:
 def fuse_linears(linears: Sequence[nn.Linear]) -> nn.Linear:
     """One frozen Linear whose output is the concatenation of `linears`' outputs (weights and biases copied once;
     the originals are freed when nothing else holds them)."""
-    weight = torch.cat([linear.weight.detach() for linear in linears])
+    weights = [linear.weight.detach() for linear in linears]
+    weight = stack_rows(weights) if is_quantized(weights[0]) else torch.cat(weights)
     has_bias = linears[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -182,6 +191,8 @@ def fuse_projections(language_model: nn.Module) -> int:
                 planned.append((parent, name, fused_type))
     for parent, name, fused_type in planned:
         setattr(parent, name, fused_type(getattr(parent, name)))
+    if planned and any(is_quantized(p) for p in language_model.parameters()):
+        adapt_quantized_layers(language_model)  # the fused int4 layers' many-row calls, as their parts' were
     for reason, names in skipped.items():
         logger.info("left %d modules unfused (%s), e.g. %s", len(names), reason, names[0])
     return len({id(parent) for parent, _, _ in planned})
