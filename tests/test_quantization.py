@@ -339,6 +339,9 @@ def test_front_ends_quantize_an_unquantized_export(project, tmp_path, monkeypatc
     for mode in ("int8", "int4"):
         loaded, _ = load_for_inference(parser.parse_args(["--model-dir", str(tmp_path / "plain"), "--quantize", mode]))
         assert loaded.config.llm_quantization == mode and is_quantized(loaded.language_model.lm_head.weight)
+        if mode == "int8":  # fused for decoding like a bf16 model (int4's CPU rows come in blocks wider than these)
+            attention = loaded.language_model.model.layers[0].self_attn
+            assert type(attention).__name__ == "FusedAttention" and is_quantized(attention.qkv_proj.weight)
     seen = []
     monkeypatch.setattr(assemble, "build_model", lambda cfg, **kwargs: seen.append(cfg) or (model, tokenizer))
     load_for_inference(parser.parse_args(["--config", str(project / "quant.yaml"), "--quantize", "int4"]))

@@ -21,13 +21,14 @@ from minigpt4qwen.model.quantized_rows import stack_rows, stacking_problem  # no
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def quantized_llm(mode: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A frozen tiny Qwen2 (4 query heads over 2 key/value heads, widths multiples of int4's 128-wide groups),
-    its Linear layers quantized in `mode`."""
+def quantized_llm(mode: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  kv_heads: int = 2) -> torch.nn.Module:
+    """A frozen tiny Qwen2 (4 query heads of 32 over `kv_heads` key/value heads, widths multiples of int4's
+    128-wide groups), its Linear layers quantized in `mode`."""
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=1, tie_word_embeddings=False)
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=1, tie_word_embeddings=False)
     llm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device, dtype)
     with torch.no_grad():
         for name, p in llm.named_parameters():
@@ -99,3 +100,17 @@ def test_tile_packed_int4_stacks_and_its_fused_layers_take_the_many_row_path():
         ids = torch.randint(2, 64, (1, rows), device="cuda", generator=torch.Generator("cuda").manual_seed(rows))
         expected, got = (m(input_ids=ids).logits.float() for m in (llm, fused))
         torch.testing.assert_close(got, expected, rtol=0.0, atol=2**-7 * expected.abs().max().item())
+
+
+def test_cpu_int4_rows_packed_in_blocks_are_stacked_only_in_whole_blocks():
+    # ATen's CPU int4 packing lays rows out in blocks of 32-64; with one key/value head k and v have 32 rows each,
+    # and stacking q, k, v would scramble them: the attention stays unfused, the MLP (256 + 256 rows) fuses.
+    llm = quantized_llm("int4", dtype=torch.bfloat16, kv_heads=1)
+    ids = torch.randint(2, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    expected = llm(input_ids=ids).logits
+    assert fuse_projections(llm) == 2
+    assert all(type(layer.self_attn).__name__ == "Qwen2Attention" and type(layer.mlp) is FusedMLP
+               for layer in llm.model.layers)
+    attention = llm.model.layers[0].self_attn
+    assert "blocks of 64 rows" in stacking_problem([attention.k_proj.weight, attention.v_proj.weight])
+    assert torch.equal(llm(input_ids=ids).logits, expected)

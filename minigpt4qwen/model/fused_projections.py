@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 def unfusable_reason(linears: Sequence[nn.Module]) -> str | None:
     """Why `linears` cannot become one Linear, or None when they can."""
     weights = [linear.weight for linear in linears]
-    # ManyRowInt4Linear computes an int4 weight's long calls another way; the fused layer is routed again.
+    # ManyRowInt4Linear computes an int4 weight's many-row calls another way; the fused layer is routed again.
     if any(type(linear) not in (nn.Linear, ManyRowInt4Linear) for linear in linears):
         return "projections are not plain nn.Linear (e.g. LoRA adapters)"
     quantized = [is_quantized(w) for w in weights]
@@ -192,7 +192,8 @@ def fuse_projections(language_model: nn.Module) -> int:
     for parent, name, fused_type in planned:
         setattr(parent, name, fused_type(getattr(parent, name)))
     if planned and any(is_quantized(p) for p in language_model.parameters()):
-        adapt_quantized_layers(language_model)  # the fused int4 layers' many-row calls, as their parts' were
+        # The fused int4 layers' many-row calls, as their parts' were (layers already adapted are left alone).
+        adapt_quantized_layers(language_model)
     for reason, names in skipped.items():
         logger.info("left %d modules unfused (%s), e.g. %s", len(names), reason, names[0])
     return len({id(parent) for parent, _, _ in planned})

@@ -2,11 +2,12 @@
 
 Every mode of `model/quantization.py` quantizes each output row on its own (int8: one scale per row; int4: groups
 along the input within a row), so the quantized weight of `cat([w_q, w_k, w_v])` is the quantized q, k and v
-weights' parts stacked: exact, with no dequantizing and requantizing. What "stacked" means per torchao class is
-declared in `ROW_DIMS`: for each tensor field, the dimension that indexes output rows (or tiles of 8 rows, in
-tinygemm's tile-packed layout, whose scales and zeros are `[groups, rows, 2]`). A class not listed, or a weight
-with activation scales or padding rows, is not stacked (`stacking_problem` says why; the caller leaves the
-projections separate).
+weights' parts stacked: exact, with no dequantizing and requantizing, as long as the packed layout keeps rows
+apart. What "stacked" means per torchao class is declared in `ROW_DIMS`: for each tensor field, the dimension that
+indexes output rows (or tiles of 8 rows, in tinygemm's tile-packed layout, whose scales and zeros are
+`[groups, rows, 2]`); `ROW_BLOCKS` names layouts that pack several rows together, whose parts must fill whole
+blocks. A class not listed, or weights with extra parts, padding rows or partial blocks, are not stacked
+(`stacking_problem` says why; the caller leaves the projections separate).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import torch
 ROW_DIMS = {
     "Int8Tensor": {"qdata": 0, "scale": 0, "zero_point": 0},  # int8: per-row scales and (zero) zero points [N, 1]
     "Int4TilePackedTo4dTensor": {"qdata": 0, "scale_and_zero": 1},  # CUDA int4: [N / 8, K / 128, 32, 4]
-    "Int4OpaqueTensor": {"qdata": 0, "scale_and_zero": 1},  # CPU int4: [N, K / 2]
+    "Int4OpaqueTensor": {"qdata": 0, "scale_and_zero": 1},  # CPU int4: [N, K / 2], in blocks of rows (below)
 }
 # Output rows per index of `qdata`'s row dimension (1 where not listed): padding rows would break the stacking.
 ROWS_PER_QDATA_INDEX = {"Int4TilePackedTo4dTensor": 8}
+# Rows packed together (k-major within the block): every part but the last must fill whole blocks. ATen's CPU int4
+# packing uses blocks of 64 rows with AVX-512 and 32 with AVX2; 64 covers both.
+ROW_BLOCKS = {"Int4OpaqueTensor": 64}
 
 
 def _attributes(weight: torch.Tensor) -> dict:
@@ -39,7 +43,9 @@ def stacking_problem(weights: Sequence[torch.Tensor]) -> str | None:
     stacked = ROW_DIMS[kind]
     if any(getattr(w, name, None) is not None for w in weights
            for name in getattr(w, "optional_tensor_data_names", []) if name not in stacked):
-        return "quantized weights with activation scales"
+        return "quantized weights with extra parts (activation scales, DA8W4 zero points)"
+    if any(w.block_size[0] != 1 for w in weights):
+        return "quantized weights without per-row scales"
     if any(len({getattr(w, name, None) is None for w in weights}) > 1 for name in stacked):
         return "quantized weights with and without zero points"
     if any(_attributes(w) != _attributes(weights[0]) for w in weights) or len({w.shape[1] for w in weights}) > 1:
@@ -47,6 +53,8 @@ def stacking_problem(weights: Sequence[torch.Tensor]) -> str | None:
     rows = ROWS_PER_QDATA_INDEX.get(kind, 1)
     if any(w.qdata.shape[0] * rows != w.shape[0] for w in weights):
         return "quantized weights whose rows are padded"
+    if any(w.shape[0] % ROW_BLOCKS.get(kind, 1) for w in weights[:-1]):
+        return f"quantized weights packed in blocks of {ROW_BLOCKS.get(kind)} rows that the parts do not fill"
     return None
 
 
