@@ -56,6 +56,7 @@ from minigpt4qwen.data.packing import PackingCollator, default_pack_length
 from minigpt4qwen.data.sampler import epoch_plan
 from minigpt4qwen.model.compilation import compile_blocks
 from minigpt4qwen.model.float8 import apply_float8
+from minigpt4qwen.model.float8_weights import store_float8_weights
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
 PAD_ID, IGNORE = 151643, -100
@@ -192,6 +193,8 @@ def main() -> None:
     parser.add_argument("--engine", default="both", choices=["ours", "plain", "both"])
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block (ours)")
     parser.add_argument("--float8", action="store_true", help="our LLM blocks' matmuls in float8 (model.float8)")
+    parser.add_argument("--float8-weights", action="store_true", help="with --float8: the frozen weights stored in "
+                        "float8 (model.float8_weights)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -203,7 +206,8 @@ def main() -> None:
     sizes = [int(b) for b in args.batches.split(",")]
     mix = draw_rounds(args.seed)
     print(f"# MiniGPT4Qwen-{args.size}, the original's length mix (18.8k samples){' + compile' if args.compile else ''}"
-          f"{' + float8 (ours)' if args.float8 else ''} | {machine()}")
+          f"{' + float8 (ours)' if args.float8 else ''}{' + float8 weights' if args.float8_weights else ''} "
+          f"| {machine()}")
     describe(mix, max_lens)
     rng = np.random.default_rng(args.seed)
     items = {m: [make_item(f, rng) for f in (fit(s, m) for s in mix) if f is not None] for m in max_lens}
@@ -214,6 +218,8 @@ def main() -> None:
         model.set_trainable(TrainableParts())
         if args.float8:  # before compiling, as training does; the CPU smoke test takes torch's CPU fp8 matmul
             apply_float8(model, allow_cpu=args.device == "cpu")
+            if args.float8_weights:
+                store_float8_weights(model.language_model)
         if args.compile:
             compile_blocks(model)
         model.train()
