@@ -119,8 +119,9 @@ def test_training_runs_loss_for_loss_as_model_float8(project, tmp_path, monkeypa
 
     stored_layers = []
 
-    def recording(language_model) -> int:
-        stored_layers.append(store_float8_weights(language_model))
+    def recording(language_model, device) -> int:
+        assert device == torch.device("cpu")  # where training runs: cast there
+        stored_layers.append(store_float8_weights(language_model, device))
         return stored_layers[-1]
 
     monkeypatch.setattr(float8, "check_float8_support", cpu_allowed)

@@ -26,8 +26,9 @@ from minigpt4qwen.model.activation_checkpointing import decoder_layers
 class Float8WeightLinear(nn.Module):
     """A frozen Linear computing as torchao's `Float8Linear` from a weight cast to float8 once."""
 
-    def __init__(self, linear: nn.Module):
-        """Takes a torchao `Float8Linear` with a frozen weight (its bf16 weight is not kept)."""
+    def __init__(self, linear: nn.Module, device: torch.device | str | None = None):
+        """Takes a torchao `Float8Linear` with a frozen weight (its bf16 weight is not kept); casts it on `device`
+        (None: where it is), where the bits then stay."""
         super().__init__()
         from torchao.float8.config import ScalingGranularity, ScalingType
         from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
@@ -45,8 +46,9 @@ class Float8WeightLinear(nn.Module):
                              f"float8 recipe differs: {linear.config}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.config, self.linear_mm_config = linear.config, linear.linear_mm_config
-        cast = hp_tensor_to_float8_dynamic(linear.weight.detach(), self.config.cast_config_weight.target_dtype,
-                                           self.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT)
+        cast = hp_tensor_to_float8_dynamic(linear.weight.detach().to(device),
+                                           self.config.cast_config_weight.target_dtype, self.linear_mm_config,
+                                           gemm_input_role=GemmInputRole.WEIGHT)
         self.float8_dtype, self.weight_dtype = cast._data.dtype, linear.weight.dtype
         self.register_buffer("weight_bits", cast._data.view(torch.uint8), persistent=False)
         self.register_buffer("weight_scale", cast._scale, persistent=False)
@@ -80,17 +82,23 @@ class Float8WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.float8_dtype}"
 
 
-def store_float8_weights(language_model: nn.Module) -> int:
+def store_float8_weights(language_model: nn.Module, device: torch.device | str | None = None) -> int:
     """Replaces, in place, every torchao `Float8Linear` inside the decoder blocks whose weight is frozen by a
     `Float8WeightLinear` (call after `apply_float8`, before compiling); returns how many were replaced. One layer at
-    a time: memory only shrinks."""
+    a time: memory only shrinks.
+
+    Args:
+        language_model: the LLM, e.g. built on the host.
+        device: where to cast and keep the float8 weights (a bf16 LLM on the host reaches the GPU one weight at a
+            time, already float8, and casts as it would every step there); None: where each weight is.
+    """
     from torchao.float8.float8_linear import Float8Linear
 
     planned = [(parent, name) for parent in decoder_layers(language_model).modules()
                for name, child in parent.named_children()
                if type(child) is Float8Linear and not child.weight.requires_grad]
     for parent, name in planned:
-        setattr(parent, name, Float8WeightLinear(getattr(parent, name)))
+        setattr(parent, name, Float8WeightLinear(getattr(parent, name), device))
     return len(planned)
 
 

@@ -61,8 +61,8 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         set_seed(cfg.train.seed)
         pipeline = cfg.parallel.engine == "pipeline"
         # The pipeline engine moves only its own stage's layers to the device: the whole model would not fit. With
-        # float8-stored weights the bf16 model is built on the host and only the float8 one reaches the device (a
-        # 14B model's 28 GB of bf16 weights would not fit the 24 GB card its float8 weights fit).
+        # float8-stored weights the bf16 model is built on the host and its weights reach the device one at a time,
+        # cast there (a 14B model's 28 GB of bf16 weights would not fit the 24 GB card its float8 weights fit).
         on_host = pipeline or cfg.model.float8_weights
         model, tokenizer = build_model(cfg.model, device=torch.device("cpu") if on_host else info.device,
                                        runtime=False)
@@ -81,8 +81,8 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
                 from minigpt4qwen.model.float8_weights import store_float8_weights
 
                 logger.info("float8 weights: %d frozen LLM weights stored in float8",
-                            store_float8_weights(model.language_model))
-                model.to(info.device)
+                            store_float8_weights(model.language_model, info.device))
+                model.to(info.device)  # the rest of the model
         apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
         checkpointing = cfg.model.activation_checkpointing
         if cfg.train.check_memory and not pipeline:  # the estimate is for a whole model on one device
