@@ -1,10 +1,13 @@
 """Frozen LLM weights stored in float8 (`model.float8_weights`): bitwise the matmuls of `model.float8` (its per-step
-cast of a frozen weight gives the stored bits), half the weights' bytes, adapters still training, the refusals, and
-a training run equal to `model.float8`'s loss for loss. Runs on the CPU through `allow_cpu` (torch's CPU fp8
-matmul), as tests/test_float8.py does."""
+cast of a frozen weight gives the stored bits), half the weights' bytes, adapters still training, the refusals, a
+training run equal to `model.float8`'s loss for loss, and 2 DDP processes equal to one (the `__main__` block below
+is the torchrun worker). Runs on the CPU through `allow_cpu` (torch's CPU fp8 matmul), as tests/test_float8.py
+does."""
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +186,51 @@ def test_the_memory_check_counts_a_model_already_on_the_device_as_available():
     # The model is on the host already: its bytes are in the estimate and no longer in MemAvailable.
     assert estimate.available - available_memory(torch.device("cpu")) == pytest.approx(estimate.weights, rel=0.05,
                                                                                           abs=2**24)
+
+
+def float8_stored_tiny() -> torch.nn.Module:
+    """tests/test_trainer.py's tiny model (dropout off, the projection trained), its LLM weights stored in float8."""
+    from tests.test_trainer import tiny
+
+    model = tiny(TrainableParts())
+    apply_float8(model, allow_cpu=True)
+    assert store_float8_weights(model.language_model) == 14
+    return model
+
+
+def test_two_ddp_processes_train_as_one(tmp_path):
+    from tests.test_deepspeed import launch
+    from tests.test_packing import STEPS, packed_trainer
+    from tests.test_trainer import trainable
+
+    launch("tests.test_float8_weights", tmp_path / "dist")
+    losses, weights = torch.load(tmp_path / "dist" / "results.pt")
+    model = float8_stored_tiny()
+    reference = packed_trainer(tmp_path / "one", model, max_steps=STEPS, micro_batch_size=2, grad_accum=4).fit()
+    assert losses == pytest.approx(reference.losses, rel=1e-5)
+    for key, value in trainable(model).items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _worker(out: Path) -> None:
+    from minigpt4qwen.data.packing import PackingCollator
+    from minigpt4qwen.training.distributed import DistInfo, destroy, init_distributed, wrap_ddp
+    from minigpt4qwen.training.trainer import Trainer
+    from tests.test_packing import DIST_BATCH, PAD, STEPS, PackToy
+    from tests.test_trainer import config, trainable
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    info = DistInfo(rank=info.rank, world_size=info.world_size)
+    data, model = PackToy(), float8_stored_tiny()
+    trainer = Trainer(wrap_ddp(model, info), config(out / "ddp", max_steps=STEPS, **DIST_BATCH), data,
+                      PackingCollator(PAD), info=info, packed_lengths=data.lengths)
+    result = (trainer.fit().losses, trainable(model))
+    if info.is_main:
+        torch.save(result, out / "results.pt")
+    trainer = None  # its DDP reducer goes before the process group (see distributed.destroy)
+    destroy()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
