@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import subprocess
+import sys
 import time
 
 import torch
@@ -35,6 +37,7 @@ from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 
 SEQ, ANSWER, PROMPT_GEN = 209, 120, 63
+SECTIONS = ("ours", "float8", "plain")
 TRAIN_TFLOP_PER_SAMPLE_7B = 6.5  # anchors.md: ViT + Q-Former + LLM fwd + LLM bwd-to-inputs at 209 tokens
 MATMUL_CEILING_TFLOPS = 790.0
 
@@ -191,10 +194,10 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--engine", default="ours", choices=["ours", "plain", "both"],
                         help="plain = transformers' Blip2ForConditionalGeneration, the anchors' baseline; both = "
-                             "ours, then plain's training rows in the same run")
+                             "ours, then plain's training rows in the same call (each table in a process of its own)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block")
-    parser.add_argument("--float8", action="store_true", help="then the training rows again on a fresh model with "
-                        "the LLM blocks' matmuls in float8 (model.float8: sm_89+, torchao)")
+    parser.add_argument("--float8", action="store_true", help="then the training rows again on a model (in a process "
+                        "of its own) with the LLM blocks' matmuls in float8 (model.float8: sm_89+, torchao)")
     parser.add_argument("--float8-weights", action="store_true", help="with --float8: the float8 rows' frozen LLM "
                         "weights stored in float8 (model.float8_weights: half their memory)")
     parser.add_argument("--caches", default="dynamic,static,ours-compiled",
@@ -205,42 +208,44 @@ def main() -> None:
     parser.add_argument("--cap-every", default="1,2", help="activation-checkpoint every k-th LLM block under the cap "
                         "(0: none)")
     parser.add_argument("--cap-batches", default="4,8,16", help="micro-batch sizes under the cap")
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # a child process's one table
     args = parser.parse_args()
+    if args.section is None:
+        compiled = " + compile" if args.compile else ""
+        print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{compiled} | {machine()}", flush=True)
+        # One process per table: a model built after another in the same process trained up to 10% slower (one
+        # H100: 14B float8 59.9 samples/s after the bf16 rows, 64.2 alone), which would bias the comparison.
+        for section in sections(args):
+            subprocess.run([sys.executable, "-m", "benchmarks.bench", *sys.argv[1:], "--section", section],
+                           check=True)
+        return
     torch.backends.cuda.matmul.allow_tf32 = True
     # The cap rows change micro-batches and checkpoint wrappers under compiled blocks: more variants than dynamo's
     # default 8 per block, past which a block would run eagerly and the row measure that instead.
     torch._dynamo.config.recompile_limit = 64
-    compiled = " + compile" if args.compile else ""
-    print(f"# MiniGPT4Qwen-{args.size} benchmark, engine {args.engine}{compiled} | {machine()}")
-    print("\n| training (projection only) | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling | peak GiB |")
+    print(f"\n| training (projection only){'' if args.section == 'ours' else ', same call'} | micro-batch | samples/s "
+          "| tokens/s | TFLOP/s | of ceiling | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    if args.engine == "plain":
+    if args.section == "plain":
         training_rows(build_plain(args), args, "plain")
         return
-    model = build_ours(args)
-    training_rows(model, args, "ours")
+    # float8: a model of its own, its float8 blocks compiled afresh.
+    model = build_ours(args, float8=args.section == "float8")
+    training_rows(model, args, "ours" if args.section == "ours" else "ours + float8 LLM blocks")
     if args.device.startswith("cuda") and args.cap_every:
-        cap_rows(model, args)
-    if not args.skip_generation:
+        cap_rows(model, args, "" if args.section == "ours" else "float8 LLM blocks, ")
+    if args.section == "ours" and not args.skip_generation:
         model.eval()
         if args.compile_vision:
             compile_blocks(model, vision=True, language_model=False)
         generation_rows(model, args)
-    del model
-    gc.collect()
-    if args.float8:  # a fresh model: no checkpoint wrappers from the cap rows, its float8 blocks compiled afresh
-        print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
-              "| peak GiB |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        float8_model = build_ours(args, float8=True)
-        training_rows(float8_model, args, "ours + float8 LLM blocks")
-        if args.device.startswith("cuda") and args.cap_every:
-            cap_rows(float8_model, args, "float8 LLM blocks, ")
-    if args.engine == "both":
-        print("\n| training (projection only), same run | micro-batch | samples/s | tokens/s | TFLOP/s | of ceiling "
-              "| peak GiB |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        training_rows(build_plain(args), args, "plain")
+
+
+def sections(args: argparse.Namespace) -> list[str]:
+    """The tables a run prints, each from its own process: ours, then float8 and plain as asked."""
+    if args.engine == "plain":
+        return ["plain"]
+    return ["ours"] + (["float8"] if args.float8 else []) + (["plain"] if args.engine == "both" else [])
 
 
 if __name__ == "__main__":
