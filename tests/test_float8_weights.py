@@ -213,22 +213,15 @@ def test_two_ddp_processes_train_as_one(tmp_path):
 
 
 def _worker(out: Path) -> None:
-    from minigpt4qwen.data.packing import PackingCollator
-    from minigpt4qwen.training.distributed import DistInfo, destroy, init_distributed, wrap_ddp
-    from minigpt4qwen.training.trainer import Trainer
-    from tests.test_packing import DIST_BATCH, PAD, STEPS, PackToy
-    from tests.test_trainer import config, trainable
+    from minigpt4qwen.training.distributed import DistInfo, destroy, init_distributed
+    from tests.test_packing import ddp_packed_fit
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     info = DistInfo(rank=info.rank, world_size=info.world_size)
-    data, model = PackToy(), float8_stored_tiny()
-    trainer = Trainer(wrap_ddp(model, info), config(out / "ddp", max_steps=STEPS, **DIST_BATCH), data,
-                      PackingCollator(PAD), info=info, packed_lengths=data.lengths)
-    result = (trainer.fit().losses, trainable(model))
+    result = ddp_packed_fit(out / "ddp", float8_stored_tiny(), info)
     if info.is_main:
         torch.save(result, out / "results.pt")
-    trainer = None  # its DDP reducer goes before the process group (see distributed.destroy)
     destroy()
 
 

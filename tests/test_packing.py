@@ -263,18 +263,24 @@ def test_two_processes_packed_equal_one(dist_run, single_process, engine):
         torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def ddp_packed_fit(out: Path, model: nn.Module, info) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Trains `model` STEPS steps on `PackToy` under DDP in this torchrun process: its losses and trained weights."""
+    from minigpt4qwen.training.distributed import wrap_ddp
+
+    data = PackToy()
+    trainer = Trainer(wrap_ddp(model, info), config(out, max_steps=STEPS, **DIST_BATCH), data, PackingCollator(PAD),
+                      info=info, packed_lengths=data.lengths)
+    return trainer.fit().losses, trainable(model)  # the trainer (and its DDP reducer) goes before the group
+
+
 def _worker(out: Path) -> None:
-    from minigpt4qwen.training.distributed import DistInfo, destroy, init_distributed, wrap_ddp
+    from minigpt4qwen.training.distributed import DistInfo, destroy, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     info = DistInfo(rank=info.rank, world_size=info.world_size)
     data = PackToy()
-    results = {}
-    model = tiny(TrainableParts())
-    trainer = Trainer(wrap_ddp(model, info), config(out / "ddp", max_steps=STEPS, **DIST_BATCH), data,
-                      PackingCollator(PAD), info=info, packed_lengths=data.lengths)
-    results["ddp"] = (trainer.fit().losses, trainable(model))
+    results = {"ddp": ddp_packed_fit(out / "ddp", tiny(TrainableParts()), info)}
     try:
         from minigpt4qwen.training.deepspeed_engine import DeepSpeedTrainer
         from minigpt4qwen.training.parallel_config import ParallelConfig

@@ -150,11 +150,9 @@ class RunConfig:
         if self.model.trainable.language_model:
             raise ValueError("model.float8_weights stores frozen weights once: set model.trainable.language_model="
                              "false (train.lora.enabled=true trains adapters over them)")
-        if self.parallel.engine != "ddp":
-            raise ValueError(f"model.float8_weights trains with parallel.engine=ddp, not {self.parallel.engine} "
-                             "(DeepSpeed manages parameters, and these weights are buffers)")
-        if self.train.save_contents != "trainable":
-            raise ValueError("model.float8_weights drops the LLM's bf16 weights: use train.save_contents=trainable")
+        self._require_ddp_and_trainable_saves("model.float8_weights",
+                                              engine_why="DeepSpeed manages parameters, and these weights are buffers",
+                                              save_why="the LLM's bf16 weights are dropped")
 
     def _validate_quantized_llm(self) -> None:
         """A quantized LLM trains only frozen, in int8 (int4 kernels have no backward), under DDP, saved without it."""
@@ -165,9 +163,15 @@ class RunConfig:
         if quantize == "int4":
             raise ValueError("model.quantize=int4 cannot train: its kernels have no backward, and the projection's "
                              "gradient flows back through the LLM; train with model.quantize=int8")
+        self._require_ddp_and_trainable_saves(
+            "model.quantize", engine_why="DeepSpeed casts and partitions every parameter, which torchao's quantized "
+            "weights do not support", save_why="the quantized LLM is rebuilt from model.llm; `minigpt4qwen export ... "
+            "model.quantize=int8` writes a quantized model")
+
+    def _require_ddp_and_trainable_saves(self, option: str, *, engine_why: str, save_why: str) -> None:
+        """Raises unless the DDP engine trains and checkpoints hold the trained parts only: what an LLM stored in
+        a form of its own (`option`) needs."""
         if self.parallel.engine != "ddp":
-            raise ValueError(f"model.quantize trains with parallel.engine=ddp, not {self.parallel.engine} (DeepSpeed "
-                             "casts and partitions every parameter, which torchao's quantized weights do not support)")
+            raise ValueError(f"{option} trains with parallel.engine=ddp, not {self.parallel.engine} ({engine_why})")
         if self.train.save_contents != "trainable":
-            raise ValueError("model.quantize: use train.save_contents=trainable (the quantized LLM is rebuilt from "
-                             "model.llm; `minigpt4qwen export ... model.quantize=int8` writes a quantized model)")
+            raise ValueError(f"{option}: use train.save_contents=trainable ({save_why})")
