@@ -191,6 +191,8 @@ def main() -> None:
                         "micro-batch; default: data.pack_length's, by attention and max_txt_len)")
     parser.add_argument("--pad-to", type=int, default=8, help="pad_to_multiple_of of both collators")
     parser.add_argument("--engine", default="both", choices=["ours", "plain", "both"])
+    parser.add_argument("--layouts", default="padded,grouped,packed", help="our rows: padded (random batches), "
+                        "grouped (data.group_by_length), packed (data.packing)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each ViT and LLM block (ours)")
     parser.add_argument("--float8", action="store_true", help="our LLM blocks' matmuls in float8 (model.float8)")
     parser.add_argument("--float8-weights", action="store_true", help="with --float8: the frozen weights stored in "
@@ -204,6 +206,9 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     max_lens = [int(v) for v in args.max_lens.split(",")]
     sizes = [int(b) for b in args.batches.split(",")]
+    layouts = set(args.layouts.split(","))
+    if not layouts <= {"padded", "grouped", "packed"}:
+        parser.error(f"--layouts takes padded, grouped and packed, not {args.layouts!r}")
     mix = draw_rounds(args.seed)
     print(f"# MiniGPT4Qwen-{args.size}, the original's length mix (18.8k samples){' + compile' if args.compile else ''}"
           f"{' + float8 (ours)' if args.float8 else ''}{' + float8 weights' if args.float8_weights else ''} "
@@ -228,14 +233,18 @@ def main() -> None:
             lengths = [len(item["input_ids"]) for item in items[m]]
             for b in sizes:
                 model.language_model.set_attn_implementation(args.padded_attn)
-                row(f"padded, {args.padded_attn}", model, items[m], batches(lengths, args, False, b), padded, args)
-                row(f"padded, group_by_length, {args.padded_attn}", model, items[m], batches(lengths, args, True, b),
-                    padded, args)
-                model.language_model.set_attn_implementation(args.attn)
-                pack = default_pack_length(args.attn, m) if args.pack_length is None else args.pack_length
-                packed = PackingCollator(PAD_ID, pack, pad_to_multiple_of=args.pad_to)
-                row(f"packed, {args.attn}, {f'rows of {pack}' if pack else 'one row'}", model, items[m],
-                    batches(lengths, args, False, b), packed, args)
+                if "padded" in layouts:
+                    row(f"padded, {args.padded_attn}", model, items[m], batches(lengths, args, False, b), padded,
+                        args)
+                if "grouped" in layouts:
+                    row(f"padded, group_by_length, {args.padded_attn}", model, items[m],
+                        batches(lengths, args, True, b), padded, args)
+                if "packed" in layouts:
+                    model.language_model.set_attn_implementation(args.attn)
+                    pack = default_pack_length(args.attn, m) if args.pack_length is None else args.pack_length
+                    packed = PackingCollator(PAD_ID, pack, pad_to_multiple_of=args.pad_to)
+                    row(f"packed, {args.attn}, {f'rows of {pack}' if pack else 'one row'}", model, items[m],
+                        batches(lengths, args, False, b), packed, args)
         del model
         gc.collect()
     if args.engine != "ours":
