@@ -34,6 +34,7 @@ from benchmarks.common import CONFIGS, benchmark_config, fill_random, machine, p
 from minigpt4qwen.model.activation_checkpointing import apply_activation_checkpointing
 from minigpt4qwen.model.configs import minigpt4qwen_config, tiny_qformer_config, tiny_qwen2_config, tiny_vision_config
 from minigpt4qwen.model.fused_projections import fuse_projections
+from minigpt4qwen.model.gemlite_layers import route_through_gemlite
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts
 from minigpt4qwen.model.quantization import quantize_language_model, quantize_llm_weights
@@ -100,9 +101,14 @@ def chat_rows(args: argparse.Namespace) -> None:
     for mode in args.modes.split(","):
         try:
             reset_peak(args.device)
-            model = build(args.size, args.device, mode).eval()
+            quantization, _, kernels = mode.partition("+")
+            model = build(args.size, args.device, quantization).eval()
             if args.fused:  # as `load_for_inference` loads for chat and serve
                 fuse_projections(model.requires_grad_(False).language_model)
+            if kernels == "gemlite":  # after fusing, as `load_for_inference` does
+                route_through_gemlite(model.language_model)
+            elif kernels:
+                raise ValueError(f"unknown kernels {kernels!r} (int8+gemlite, int4+gemlite)")
             loaded = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
             load_peak = peak_gib(args.device)
             with torch.no_grad():
@@ -261,7 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--modes", default=",".join(MODES), help="of bf16, int8, int4")
+    parser.add_argument("--modes", default=",".join(MODES), help="of bf16, int8, int4; int8+gemlite and int4+gemlite "
+                        "(chat rows only): the quantized layers computed by gemlite's kernels")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="torch.cuda.set_per_process_memory_fraction")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--compile-decode", action="store_true", help="compile the CUDA-graph decoder's step")

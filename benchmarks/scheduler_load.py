@@ -90,7 +90,7 @@ def rows(args: argparse.Namespace) -> None:
         setup = f"{args.slots} slots x {args.slot_tokens} tokens, {args.check_every} steps a chunk, " \
             f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
-            (f", LLM {args.quantize}" if args.quantize else "") + \
+            (f", LLM {args.quantize} ({args.quantize_kernels})" if args.quantize else "") + \
             (f", switch interval {args.switch_interval}" if args.switch_interval else "") + \
             (", prompt prepared per request (worker thread)" if args.prepare_per_request else "")
         print(f"\n| scheduler alone, in-process, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "

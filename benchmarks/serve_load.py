@@ -87,7 +87,7 @@ def server_rows(args: argparse.Namespace) -> None:
                args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
                "--check-every", str(args.check_every), "--prefill-tokens", str(args.prefill_tokens),
                "--graph-prefill-tokens", str(args.graph_prefill_tokens),
-               *(["--quantize", args.quantize] if args.quantize else []),
+               *(["--quantize", args.quantize, "--quantize-kernels", args.quantize_kernels] if args.quantize else []),
                *(["--compile-decode"] if args.compile_decode else []),
                "--frontend-processes", str(args.frontend_processes)]
     server_options = [("loop", args.loop), ("http", args.http), ("switch interval", args.switch_interval)]

@@ -44,6 +44,8 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-prefill-tokens", type=int, default=512,
                         help="prefill forwards up to this many padded tokens replay CUDA graphs")
     parser.add_argument("--quantize", choices=["int8", "int4"], help="the LLM quantized (torchao), as serve does")
+    parser.add_argument("--quantize-kernels", default="torchao", choices=["torchao", "gemlite"],
+                        help="what computes the quantized layers, as serve's --quantize-kernels")
     parser.add_argument("--compile-decode", action="store_true", help="the decode step compiled")
     parser.add_argument("--switch-interval", type=float, default=0.0,
                         help="the model process's sys.setswitchinterval in seconds (0: Python's default, 5 ms)")
@@ -86,11 +88,15 @@ def build_scheduler(args: argparse.Namespace):
         sys.setswitchinterval(args.switch_interval)
     model, tokenizer = model_and_tokenizer(args.size, args.device)
     model.requires_grad_(False)
-    if args.quantize:  # quantized projections then stay unfused
+    if args.quantize:
         from minigpt4qwen.model.quantization import quantize_language_model
 
         quantize_language_model(model, args.quantize)
     fuse_projections(model.language_model)
+    if args.quantize and args.quantize_kernels == "gemlite":
+        from minigpt4qwen.model.gemlite_layers import route_through_gemlite
+
+        route_through_gemlite(model.language_model)
     scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=args.slot_tokens, stop_token_ids=(),
                                     check_every=args.check_every, prefill_tokens=args.prefill_tokens,
                                     graph_prefill_tokens=args.graph_prefill_tokens,

@@ -15,6 +15,7 @@ from benchmarks.bench import EXTRA_0, PROMPT_GEN
 from benchmarks.common import build_random_model, machine, sync
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder, prefill_bucket
 from minigpt4qwen.model.fused_projections import fuse_projections
+from minigpt4qwen.model.gemlite_layers import route_through_gemlite
 from minigpt4qwen.model.parts import PartDtypes
 from minigpt4qwen.model.quantization import quantize_language_model
 
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quantize", choices=["int8", "int4"], help="quantize the LLM's weights first (torchao)")
     parser.add_argument("--fused", action="store_true", help="fuse q/k/v and gate/up (as load_for_inference does)")
+    parser.add_argument("--kernels", default="torchao", choices=["torchao", "gemlite"],
+                        help="what computes the quantized layers (--quantize-kernels)")
     args = parser.parse_args()
     dev = args.device
     model = build_random_model(args.size, dev, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
@@ -47,11 +50,14 @@ def main() -> None:
         quantize_language_model(model.requires_grad_(False), args.quantize)
     if args.fused:
         fuse_projections(model.requires_grad_(False).language_model)
+    if args.quantize and args.kernels == "gemlite":
+        route_through_gemlite(model.language_model)
     ids = torch.randint(0, 150000, (1, PROMPT_GEN), generator=torch.Generator().manual_seed(0)).to(dev)
     ids[:, 5:37] = EXTRA_0
     px = torch.randn(1, 3, 224, 224, device=dev, dtype=torch.bfloat16)
     feats = model.encode_images(px)
-    llm = (f", LLM {args.quantize}" if args.quantize else "") + (", projections fused" if args.fused else "")
+    llm = (f", LLM {args.quantize} ({args.kernels})" if args.quantize else "")
+    llm += ", projections fused" if args.fused else ""
     print(f"# time to first token, MiniGPT4Qwen-{args.size}{llm}, batch 1, {PROMPT_GEN}-token prompt | {machine()}")
     vit = timed(lambda: model.vision_model(pixel_values=px), dev)
     enc = timed(lambda: model.encode_images(px), dev)

@@ -52,6 +52,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "an export written with --quantize is already quantized. On a GPU int4 decodes fastest; "
                         "int8 decodes slower than bf16 (each weight is cast to bf16 per step), except a chat "
                         "with --compile-decode, whose one-row steps compile (for minutes) to fused int8 kernels")
+    g.add_argument("--quantize-kernels", choices=("torchao", "gemlite"), default="torchao",
+                   help="what computes a quantized LLM's layers on a GPU: torchao's kernels, or gemlite's Triton "
+                        "kernels (pip install gemlite; same weights, repacked at load; faster prefills and batches)")
 
 
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:
@@ -233,11 +236,26 @@ def load_for_inference(args: argparse.Namespace) -> tuple[MiniGPT4Qwen, PreTrain
         model, tokenizer = _build(args, dtype, load_device)
     # Fewer, larger GEMVs per decode step; before spreading, so each layer moves with its fused weights.
     fuse_projections(model.requires_grad_(False).language_model)
+    if getattr(args, "quantize_kernels", "torchao") == "gemlite":
+        _route_through_gemlite(model, device)
     if device == "cuda":  # return the unfused weights' blocks: the larger fused weights cannot reuse them
         torch.cuda.empty_cache()
     if args.llm_device_map:
         spread_language_model(model)
     return model.eval(), tokenizer
+
+
+def _route_through_gemlite(model: MiniGPT4Qwen, device: str) -> None:
+    """Repacks the quantized LLM's layers for gemlite's kernels (`model/gemlite_layers.py`), or says why not."""
+    from minigpt4qwen.model.gemlite_layers import route_through_gemlite
+    from minigpt4qwen.model.quantization import CONFIG_ATTRIBUTE
+
+    if getattr(model.config, CONFIG_ATTRIBUTE, None) is None:
+        raise ValueError("--quantize-kernels gemlite computes quantized layers: add --quantize int8|int4 (or load an "
+                         "export written with --quantize)")
+    if device != "cuda":
+        raise ValueError("--quantize-kernels gemlite runs on a CUDA GPU: drop it (or --cpu-only)")
+    route_through_gemlite(model.language_model)
 
 
 def _build(args: argparse.Namespace, dtype: str, device: str) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:

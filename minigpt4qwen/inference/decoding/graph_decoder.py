@@ -79,7 +79,7 @@ class GraphDecoder:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
         self._decode_forward = self._decode_logits if compile_mode is None else \
             compile_decode_step(self._decode_logits, model, mode=compile_mode, dynamic=False)
-        self.chooser = TokenChooser(self.llm.get_output_embeddings().weight.shape[0], self.device)
+        self.chooser = TokenChooser(self.llm.get_output_embeddings().out_features, self.device)
         self._encoders: dict[tuple[int, ...], tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
         self.lock = threading.Lock()
         self._allocate(max_cache_len)

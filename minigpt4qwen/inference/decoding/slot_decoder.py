@@ -105,7 +105,7 @@ class SlotDecoder:
         self.cache = SlotCache(self.llm.config, slots + 1, capacity, self.dtype, devices)  # + a scratch slot
         self.scratch = slots
         rows, dev = slots + 1, self.device
-        self.chooser = RowChooser(rows, self.lm_head.weight.shape[0], dev)
+        self.chooser = RowChooser(rows, self.lm_head.out_features, dev)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # each slot's last token, the next input
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # its position
         self.live = torch.zeros(rows, dtype=torch.bool, device=dev)  # decoding (not free, not prefilling)
