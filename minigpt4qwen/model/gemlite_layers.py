@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,17 @@ def import_gemlite() -> Any:
         import gemlite
     except ImportError as err:
         raise ImportError(f"quantize_kernels=gemlite needs gemlite ({err}): {INSTALL_HINT}") from None
+    _load_sibling_config(gemlite)
     return gemlite
+
+
+def _load_sibling_config(gemlite: Any) -> None:
+    """gemlite ships tuned kernel settings per GPU name (an H100's among them) and autotunes every shape and batch
+    size on others, for minutes. An H200 is an H100's chip with faster memory: it takes the H100's settings."""
+    name = torch.cuda.get_device_name().lower() if torch.cuda.is_available() else ""
+    if "h200" in name:
+        configs = Path(gemlite.__file__).parent / "configs"
+        gemlite.core.GemLiteLinear.load_config(str(configs / "h100.json"))
 
 
 def gemlite_from_int8(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
