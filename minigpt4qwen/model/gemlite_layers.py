@@ -28,7 +28,7 @@ from minigpt4qwen.model.int4_many_rows import TILE_PACKED_TYPE, unpack_tile_pack
 
 log = logging.getLogger(__name__)
 INT8_TYPE = "Int8Tensor"  # torchao's per-row int8 weight (qdata [N, K] int8, scale [N, 1])
-INSTALL_HINT = "pip install gemlite (it needs triton and a CUDA GPU)"
+INSTALL_HINT = "pip install 'minigpt4qwen[gemlite]' (gemlite needs triton and a CUDA GPU)"
 
 
 @functools.cache
