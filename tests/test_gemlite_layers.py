@@ -5,7 +5,7 @@ what the torchao layer it came from computes, and a tiny LLM's logits and greedy
 
 Tolerance: int8 keeps the same int8 values and scales, so the two differ only by how the kernels sum in fp32 and round
 to bf16 (rtol 2e-2 on bf16 outputs). int4's zero point is stored as `zero - 8 * scale` in bf16 (torchao keeps
-`zero`): up to ~1/60 of a quantization step per weight, well inside the same tolerance.
+`zero`): at most 1/16 of a quantization step per weight (test below), well inside the same tolerance.
 """
 
 import argparse
@@ -17,10 +17,34 @@ import torch
 pytest.importorskip("torchao")
 
 from minigpt4qwen.inference.loading import _route_through_gemlite  # noqa: E402
-from minigpt4qwen.model.gemlite_layers import import_gemlite, route_through_gemlite  # noqa: E402
+from minigpt4qwen.model.gemlite_layers import import_gemlite, int4_parts, route_through_gemlite  # noqa: E402
+from minigpt4qwen.model.int4_many_rows import dequantize_tile_packed  # noqa: E402
 from minigpt4qwen.model.quantization import quantize_language_model  # noqa: E402
 from tests.conftest import make_tiny_model  # noqa: E402
+from tests.test_int4_many_rows import pack_like_cuda  # noqa: E402
 from tests.test_quantized_fusion import quantized_llm  # noqa: E402
+
+
+def test_int4_parts_in_gemlites_form_give_tinygemms_weight():
+    """gemlite computes `q * scale + zeros'` with `zeros' = -zeros * scale`, zeros and zeros' rounded to bf16 (as
+    `A16Wn` and `GemLiteLinearTriton.pack` store them): tinygemm's weight to within those two roundings."""
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randint(0, 16, (16, 256), generator=gen)
+    scale_and_zero = torch.stack([torch.rand(2, 16, generator=gen) * 0.02 + 0.01,
+                                  torch.randn(2, 16, generator=gen) * 0.05], dim=-1).to(torch.bfloat16)
+    packed = pack_like_cuda(values)
+    q, scale, zeros = int4_parts(packed, scale_and_zero, (10, 256))  # a corner: 10 of the 16 rows
+    assert q.dtype == torch.uint8 and torch.equal(q, values[:10].to(torch.uint8))
+    scale = scale.bfloat16().float()
+    shift = (-zeros.bfloat16().float() * scale).bfloat16().float()
+    gemlites = q.float() * scale.repeat_interleave(128, 1) + shift.repeat_interleave(128, 1)
+    step = scale.repeat_interleave(128, 1)
+    zero = scale_and_zero[..., 1].t()[:10].float().repeat_interleave(128, 1)
+    tinygemms = (q.float() - 8) * step + zero  # in fp32, before any rounding of the weight
+    assert torch.equal(dequantize_tile_packed(packed, scale_and_zero, 128, (10, 256)), tinygemms.bfloat16())
+    # Two bf16 roundings: zeros (in steps, below 16: half a spacing is <= 1/32 of a step), then zeros' (about 8
+    # steps: <= 1/32 of a step again).
+    assert ((gemlites - tinygemms).abs() / step).max() <= 1 / 16
 
 
 def test_gemlite_needs_a_quantized_llm(tiny_model):

@@ -1,4 +1,4 @@
-"""Quantized Linear layers computed by gemlite's Triton kernels (`quantize_kernels: gemlite`), CUDA only.
+"""Quantized Linear layers computed by gemlite's Triton kernels (`--quantize-kernels gemlite`), CUDA only.
 
 torchao's kernels each fit one case: tinygemm's int4 matmul is built for a few rows (a prefill of 64+ rows costs
 ~5x bf16's), and its int8 weight-only matmul is fast only once inductor fuses the cast into the decode step's
@@ -9,7 +9,7 @@ The quantization itself does not change: the layers keep torchao's numbers (what
 exports hold), and `route_through_gemlite` repacks each one for gemlite when a model is loaded for inference:
 - int8 (one symmetric scale per output row): the same int8 values and scales, exactly;
 - int4 (tinygemm's `(q - 8) * scale + zero`, groups of 128): the same 4-bit values and scales, with gemlite's
-  zero `zero - 8 * scale` rounded to bf16 (at most ~1/60 of a quantization step off).
+  zero `zero - 8 * scale` rounded to bf16 (at most 1/16 of a quantization step off: `int4_parts`'s test).
 The repacked layer replaces the Linear (its torchao weight is freed), so a gemlite model is for inference only: it
 has no backward and cannot be exported (export the torchao model it was loaded from).
 """
@@ -62,19 +62,29 @@ def gemlite_from_int8(weight: torch.Tensor, bias: torch.Tensor | None, dtype: to
                                                                                scales=scale)
 
 
+def int4_parts(packed: torch.Tensor, scale_and_zero: torch.Tensor, shape: tuple[int, int]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tinygemm tile-packed int4 weight as gemlite takes it: the 4-bit values `[n, k]` (uint8), the group scales
+    and gemlite's zeros `[n, k / group]` (fp32), so that gemlite's `q * scale - zeros * scale` is tinygemm's
+    `(q - 8) * scale + zero` (`zeros = 8 - zero / scale`).
+
+    Args:
+        packed: `[n / 8, k / 128, 32, 4]` int32; scale_and_zero: `[k / group, n, 2]`; shape: the weight's (n, k).
+    """
+    n, k = shape
+    values = unpack_tile_packed(packed)[:n, :k].to(torch.uint8)
+    scale = scale_and_zero[..., 0].t()[:n].float()
+    zero = scale_and_zero[..., 1].t()[:n].float()
+    return values, scale, 8 - zero / scale
+
+
 def gemlite_from_tile_packed_int4(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """A gemlite layer over a tinygemm tile-packed int4 weight: the same 4-bit values and group scales, its zero
-    point in gemlite's form (`q * scale + zero'` with `zero' = zero - 8 * scale`)."""
+    """A gemlite layer over a tinygemm tile-packed int4 weight: the same 4-bit values and group scales, the zero
+    point in gemlite's form (`int4_parts`)."""
     gemlite = import_gemlite()
-    n, k = weight.shape
-    group = weight.block_size[-1]
-    values = unpack_tile_packed(weight.qdata)[:n, :k].to(torch.uint8)
-    scale = weight.scale_and_zero[..., 0].t()[:n].float()  # [n, k / group]
-    zero = weight.scale_and_zero[..., 1].t()[:n].float()
-    # gemlite's fma form stores -zeros * scales: zeros = 8 - zero / scale gives zero - 8 * scale.
-    gemlite_zeros = 8 - zero / scale
+    values, scale, zeros = int4_parts(weight.qdata, weight.scale_and_zero, tuple(weight.shape))
     return gemlite.helper.A16Wn(device=weight.device, dtype=dtype).from_weights(
-        values, scale.to(dtype), gemlite_zeros, 4, group, bias=bias)
+        values, scale.to(dtype), zeros, 4, weight.block_size[-1], bias=bias)
 
 
 def to_gemlite(linear: nn.Linear) -> nn.Module | None:
