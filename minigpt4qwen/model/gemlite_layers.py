@@ -37,7 +37,7 @@ def import_gemlite() -> Any:
     try:
         import gemlite
     except ImportError as err:
-        raise ImportError(f"quantize_kernels=gemlite needs gemlite ({err}): {INSTALL_HINT}") from None
+        raise ImportError(f"--quantize-kernels gemlite needs gemlite ({err}): {INSTALL_HINT}") from None
     _load_sibling_config(gemlite)
     return gemlite
 
