@@ -1,0 +1,101 @@
+"""Where the scheduler's batched decode step spends its GPU time: per batch size, the replayed step against the
+weight-read bound, and the kernels of one step, grouped (the serving counterpart of decode_profile.py).
+
+    python -m benchmarks.slot_profile --size 7b --batches 1,8,32,64 [--compile-mode default]
+    python -m benchmarks.slot_profile --size tiny --device cpu --batches 2,4     # a dry run
+
+Each row fills `batch` slots with serve_load's prompt (63 tokens + one image's 32 placeholders) through the
+`SlotDecoder` the scheduler drives, then times chunks of `check_every` decode steps replayed from their CUDA graphs,
+as the scheduler queues them (no host work between chunks). The profile runs the same step eagerly, so its kernels
+are visible; its total leaves out launch gaps, which the graph removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench import EXTRA_0, PROMPT_GEN
+from benchmarks.common import build_random_model, machine, sync
+from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder
+from minigpt4qwen.model.fused_projections import fuse_projections
+from minigpt4qwen.model.parts import PartDtypes
+
+CHUNKS = 6
+
+
+def fill_slots(decoder: SlotDecoder, model, batch: int, device: str) -> int:
+    """Prefills `batch` slots with one prompt each; returns the longest position reached."""
+    ids = torch.randint(0, 150000, (PROMPT_GEN,), generator=torch.Generator().manual_seed(0))
+    ids[5:37] = EXTRA_0
+    features = model.encode_images(torch.randn(1, 3, 224, 224, device=device, dtype=torch.bfloat16))
+    embeds = model.embed(ids[None].to(device), features)[0]
+    for first in range(0, batch, 16):  # 16 prompts a forward: within the default prefill budget
+        chunks = [Chunk(slot, embeds, 0, True) for slot in range(first, min(first + 16, batch))]
+        for chunk in chunks:
+            decoder.start(chunk.slot, sample=False, seed=0, temperature=1.0, top_p=1.0, top_k=0,
+                          repetition_penalty=1.0)
+        decoder.launch_prefill(chunks, sample=False).tolist()
+    return PROMPT_GEN
+
+
+@torch.no_grad()
+def profile_batch(decoder: SlotDecoder, model, batch: int, args: argparse.Namespace, streamed: float) -> None:
+    longest = fill_slots(decoder, model, batch, args.device) + (CHUNKS + 2) * decoder.check_every
+    steps = decoder.check_every
+    decoder.launch_decode(steps, batch, longest, sample=False).tolist()  # captures this bucket's graph
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(CHUNKS):
+        readback = decoder.launch_decode(steps, batch, longest, sample=False)
+    readback.tolist()
+    step_ms = (time.perf_counter() - start) / (CHUNKS * steps) * 1000
+    print(f"\n## batch {batch}: {step_ms:.2f} ms per step (graph replay), {batch * 1000 / step_ms:.0f} tokens/s; "
+          f"weights alone read in {streamed / args.bandwidth * 1000:.2f} ms at {args.bandwidth / 1e12:g} TB/s")
+    cuda = args.device.startswith("cuda")
+    bucket, span = batch, decoder.span_for(longest)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            decoder._decode_step(bucket, span, False)  # the same step without the graph: kernels are visible
+        sync(args.device)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+
+    def self_ms(e) -> float:
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps / 1000
+
+    print(f"kernel time {sum(self_ms(e) for e in events):.2f} ms per step (eager, without launch gaps); top kernels:")
+    for e in sorted(events, key=lambda e: -self_ms(e))[: args.top]:
+        print(f"  {self_ms(e):6.3f} ms  x{e.count // steps:<4} {e.key[:110]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", default="1,8,32,64", help="decoding slots of each row")
+    parser.add_argument("--slot-tokens", type=int, default=256, help="tokens per slot (serve_load's default)")
+    parser.add_argument("--compile-mode", default="none", help="inductor mode of the decode step ('none': eager, "
+                        "as serve runs without --compile-decode)")
+    parser.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s of the weight-read bound "
+                        "(H100 SXM 3.35e12, H200 4.8e12)")
+    parser.add_argument("--top", type=int, default=14, help="kernels listed per row")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
+    fuse_projections(model.requires_grad_(False).language_model)  # as load_for_inference and serve_load do
+    llm = model.language_model
+    streamed = sum(p.numel() * p.element_size() for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
+    mode = None if args.compile_mode == "none" else args.compile_mode
+    decoder = SlotDecoder(model, slots=max(batches), capacity=args.slot_tokens, compile_mode=mode)
+    print(f"# batched decode step profile (SlotDecoder), MiniGPT4Qwen-{args.size}, projections fused, compile mode "
+          f"{mode}, slots of {args.slot_tokens} tokens, {streamed / 1e9:.2f} GB of weights per step | {machine()}")
+    for batch in batches:
+        profile_batch(decoder, model, batch, args, streamed)
+
+
+if __name__ == "__main__":
+    main()
