@@ -85,7 +85,8 @@ def fast_decoder(model: MiniGPT4Qwen, args: argparse.Namespace) -> GraphDecoder 
     devices = {p.device for p in model.parameters()}
     if args.no_cuda_graphs or len(devices) != 1 or next(iter(devices)).type != "cuda":
         return None
-    if getattr(args, "quantize", None) == "int8" and not args.compile_decode:
+    torchao_int8 = getattr(args, "quantize", None) == "int8" and getattr(args, "quantize_kernels", None) != "gemlite"
+    if torchao_int8 and not args.compile_decode:
         print("[note] int8 weights decode slower than bf16 without --compile-decode (torchao's eager int8 linear "
               "casts each weight to bf16 on every call); int4 is the fast setting", file=sys.stderr)
     try:
