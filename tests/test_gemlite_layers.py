@@ -33,7 +33,7 @@ def test_int4_parts_in_gemlites_form_give_tinygemms_weight():
     scale_and_zero = torch.stack([torch.rand(2, 16, generator=gen) * 0.02 + 0.01,
                                   torch.randn(2, 16, generator=gen) * 0.05], dim=-1).to(torch.bfloat16)
     packed = pack_like_cuda(values)
-    q, scale, zeros = int4_parts(packed, scale_and_zero, (10, 256))  # a corner: 10 of the 16 rows
+    q, scale, zeros = int4_parts(packed, scale_and_zero, (10, 256), 128)  # a corner: 10 of the 16 rows
     assert q.dtype == torch.uint8 and torch.equal(q, values[:10].to(torch.uint8))
     scale = scale.bfloat16().float()
     shift = (-zeros.bfloat16().float() * scale).bfloat16().float()
@@ -45,6 +45,19 @@ def test_int4_parts_in_gemlites_form_give_tinygemms_weight():
     # Two bf16 roundings: zeros (in steps, below 16: half a spacing is <= 1/32 of a step), then zeros' (about 8
     # steps: <= 1/32 of a step again).
     assert ((gemlites - tinygemms).abs() / step).max() <= 1 / 16
+
+
+def test_int4_parts_drop_the_paddings_groups():
+    """torchao pads a weight's inputs to a multiple of 1024; a 128-input weight is one group, as gemlite must see it
+    (with the padding's 7 groups kept it would take the weight for a grouped one)."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 16, (8, 1024), generator=gen)
+    scale_and_zero = (torch.rand(8, 8, 2, generator=gen) + 0.5).to(torch.bfloat16)  # [k_pad / 128, n, 2]
+    q, scale, zeros = int4_parts(pack_like_cuda(values), scale_and_zero, (8, 128), 128)
+    assert q.shape == (8, 128) and scale.shape == zeros.shape == (8, 1)
+    assert torch.equal(scale, scale_and_zero[0, :, 0, None].float())
+    with pytest.raises(ValueError, match="groups of 64"):
+        int4_parts(pack_like_cuda(values), scale_and_zero, (8, 96), 64)
 
 
 def test_gemlite_needs_a_quantized_llm(tiny_model):
@@ -90,11 +103,14 @@ def test_gpu_gemlite_llm_matches_torchao(mode):
     ids = torch.randint(2, 64, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         want = torchao_llm(ids).logits.float()
+        want_one = torchao_llm(ids[:1, :1]).logits.float()  # one row: the GEMV kernels (split-K, atomic adds)
     linears = sum(isinstance(m, torch.nn.Linear) for m in torchao_llm.modules())
     assert route_through_gemlite(torchao_llm) == linears  # 7 per block x 2 + the head
     assert not any(isinstance(m, torch.nn.Linear) for m in torchao_llm.modules())
     with torch.no_grad():
+        got_one = torchao_llm(ids[:1, :1]).logits.float()  # gemlite's first call at one row: autotuned on the way
         got = torchao_llm(ids).logits.float()
+    torch.testing.assert_close(got_one, want_one, rtol=2e-2, atol=2e-2 * want_one.abs().max().item())
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     top2 = want.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * (got - want).abs().max()

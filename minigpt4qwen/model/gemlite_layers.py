@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt4qwen.model.int4_many_rows import TILE_PACKED_TYPE, unpack_tile_packed
+from minigpt4qwen.model.int4_many_rows import TILE_PACKED_TYPE, tinygemm_layout_matches, unpack_tile_packed
 
 log = logging.getLogger(__name__)
 INT8_TYPE = "Int8Tensor"  # torchao's per-row int8 weight (qdata [N, K] int8, scale [N, 1])
@@ -39,12 +39,17 @@ def import_gemlite() -> Any:
     except ImportError as err:
         raise ImportError(f"--quantize-kernels gemlite needs gemlite ({err}): {INSTALL_HINT}") from None
     _load_sibling_config(gemlite)
+    # Split-K kernels add their partial sums atomically; on Hopper gemlite adds them in bf16 by default, rounding at
+    # each add (and in a varying order). fp32 partial sums with one rounding at the end keep the layer's output
+    # that of one bf16 matmul.
+    gemlite.core.set_native_atomic_bfp16(False)
     return gemlite
 
 
 def _load_sibling_config(gemlite: Any) -> None:
-    """gemlite ships tuned kernel settings per GPU name (an H100's among them) and autotunes every shape and batch
-    size on others, for minutes. An H200 is an H100's chip with faster memory: it takes the H100's settings."""
+    """gemlite ships tuned kernel settings for some shapes per GPU name (an H100's among them) and autotunes other
+    shapes and batch sizes on first use (seconds each). An H200 is an H100's chip with faster memory: it takes the
+    H100's settings."""
     name = torch.cuda.get_device_name().lower() if torch.cuda.is_available() else ""
     if "h200" in name:
         configs = Path(gemlite.__file__).parent / "configs"
@@ -62,19 +67,24 @@ def gemlite_from_int8(weight: torch.Tensor, bias: torch.Tensor | None, dtype: to
                                                                                scales=scale)
 
 
-def int4_parts(packed: torch.Tensor, scale_and_zero: torch.Tensor, shape: tuple[int, int]
+def int4_parts(packed: torch.Tensor, scale_and_zero: torch.Tensor, shape: tuple[int, int], group: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A tinygemm tile-packed int4 weight as gemlite takes it: the 4-bit values `[n, k]` (uint8), the group scales
     and gemlite's zeros `[n, k / group]` (fp32), so that gemlite's `q * scale - zeros * scale` is tinygemm's
     `(q - 8) * scale + zero` (`zeros = 8 - zero / scale`).
 
     Args:
-        packed: `[n / 8, k / 128, 32, 4]` int32; scale_and_zero: `[k / group, n, 2]`; shape: the weight's (n, k).
+        packed: `[n / 8, k / 128, 32, 4]` int32 and scale_and_zero: `[k / group, n, 2]`, both of the padded shape;
+        shape: the weight's own (n, k); group: inputs per scale.
     """
     n, k = shape
+    if k % group:
+        raise ValueError(f"{k} inputs do not split into groups of {group}")
     values = unpack_tile_packed(packed)[:n, :k].to(torch.uint8)
-    scale = scale_and_zero[..., 0].t()[:n].float()
-    zero = scale_and_zero[..., 1].t()[:n].float()
+    # The weight's own rows and groups: with the padding's groups kept, a one-group weight would look grouped to
+    # gemlite, which would then read its zeros in the wrong form.
+    scale = scale_and_zero[: k // group, :n, 0].t().float()
+    zero = scale_and_zero[: k // group, :n, 1].t().float()
     return values, scale, 8 - zero / scale
 
 
@@ -82,7 +92,11 @@ def gemlite_from_tile_packed_int4(weight: torch.Tensor, bias: torch.Tensor | Non
     """A gemlite layer over a tinygemm tile-packed int4 weight: the same 4-bit values and group scales, the zero
     point in gemlite's form (`int4_parts`)."""
     gemlite = import_gemlite()
-    values, scale, zeros = int4_parts(weight.qdata, weight.scale_and_zero, tuple(weight.shape))
+    if not tinygemm_layout_matches(str(weight.device)):  # the layout is an ATen internal: checked, as for prefills
+        raise ValueError("this torch's int4 packing is not the layout model/int4_many_rows.py reads: use "
+                         "--quantize-kernels torchao")
+    values, scale, zeros = int4_parts(weight.qdata, weight.scale_and_zero, tuple(weight.shape),
+                                      weight.block_size[-1])
     return gemlite.helper.A16Wn(device=weight.device, dtype=dtype).from_weights(
         values, scale.to(dtype), zeros, 4, weight.block_size[-1], bias=bias)
 
