@@ -54,7 +54,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "with --compile-decode, whose one-row steps compile (for minutes) to fused int8 kernels")
     g.add_argument("--quantize-kernels", choices=("torchao", "gemlite"), default="torchao",
                    help="what computes a quantized LLM's layers on a GPU: torchao's kernels, or gemlite's Triton "
-                        "kernels (pip install gemlite; same weights, repacked at load; faster prefills and batches)")
+                        "kernels (pip install 'minigpt4qwen[gemlite]'; the same weights, repacked at load; meant for "
+                        "faster prefills and batches, not yet measured)")
 
 
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:

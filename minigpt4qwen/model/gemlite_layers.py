@@ -40,8 +40,8 @@ def import_gemlite() -> Any:
         raise ImportError(f"--quantize-kernels gemlite needs gemlite ({err}): {INSTALL_HINT}") from None
     _load_sibling_config(gemlite)
     # Split-K kernels add their partial sums atomically; on Hopper gemlite adds them in bf16 by default, rounding at
-    # each add (and in a varying order). fp32 partial sums with one rounding at the end keep the layer's output
-    # that of one bf16 matmul.
+    # each add (and in a varying order). fp32 partial sums, rounded once at the end, stay as close to one bf16
+    # matmul's output as the unsplit kernels.
     gemlite.core.set_native_atomic_bfp16(False)
     return gemlite
 
