@@ -9,7 +9,10 @@ to bf16 (rtol 2e-2 on bf16 outputs). int4's zero point is stored as `zero - 8 * 
 """
 
 import argparse
+import json
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +119,33 @@ def test_gpu_gemlite_llm_matches_torchao(mode):
     clear = (top2[..., 0] - top2[..., 1]) > 2 * (got - want).abs().max()
     assert clear.float().mean() > 0.5  # most positions are decided, so the check below means something
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_tuned_settings_are_read_at_start_and_saved_at_exit(monkeypatch, tmp_path):
+    """gemlite tunes each new shape on first use (seconds each): what one run tuned is there for the next."""
+    from minigpt4qwen.model import gemlite_layers
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = gemlite_layers.tuned_settings_file()
+    assert path.parent == tmp_path / "minigpt4qwen" / "gemlite" and path.suffix == ".json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"GEMV": {"old": 1}}')
+    tuned: dict = {}
+
+    class FakeLinear:
+        @staticmethod
+        def load_config(filename, print_error=True):
+            tuned.update(json.loads(Path(filename).read_text()))
+            return True
+
+        @staticmethod
+        def cache_config(filename):
+            Path(filename).write_text(json.dumps({**tuned, "GEMM": {"new": 2}}))
+
+    at_exit = []
+    monkeypatch.setattr(gemlite_layers.atexit, "register", at_exit.append)
+    gemlite_layers._keep_tuned_settings(types.SimpleNamespace(core=types.SimpleNamespace(GemLiteLinear=FakeLinear)))
+    assert tuned == {"GEMV": {"old": 1}}
+    at_exit[0]()
+    assert json.loads(path.read_text()) == {"GEMV": {"old": 1}, "GEMM": {"new": 2}}
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind

@@ -16,8 +16,11 @@ has no backward and cannot be exported (export the torchao model it was loaded f
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ def import_gemlite() -> Any:
     except ImportError as err:
         raise ImportError(f"--quantize-kernels gemlite needs gemlite ({err}): {INSTALL_HINT}") from None
     _load_sibling_config(gemlite)
+    _keep_tuned_settings(gemlite)
     # Split-K kernels add their partial sums atomically; on Hopper gemlite adds them in bf16 by default, rounding at
     # each add (and in a varying order). fp32 partial sums, rounded once at the end, stay as close to one bf16
     # matmul's output as the unsplit kernels.
@@ -54,6 +58,33 @@ def _load_sibling_config(gemlite: Any) -> None:
     if "h200" in name:
         configs = Path(gemlite.__file__).parent / "configs"
         gemlite.core.GemLiteLinear.load_config(str(configs / "h100.json"))
+
+
+def tuned_settings_file() -> Path:
+    """Where the kernel settings gemlite tuned on this GPU model are kept between runs:
+    `$XDG_CACHE_HOME/minigpt4qwen/gemlite/<gpu-name>.json` (~/.cache by default)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt4qwen" / "gemlite"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return root / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".json")
+
+
+def _keep_tuned_settings(gemlite: Any) -> None:
+    """Loads the settings an earlier run tuned (so its shapes and batch sizes are not tuned again) and saves this
+    run's at exit, written to a temporary file first so a killed run never leaves a half-written one."""
+    path = tuned_settings_file()
+    if path.is_file() and gemlite.core.GemLiteLinear.load_config(str(path), print_error=False):
+        log.info("gemlite: tuned kernel settings read from %s", path)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            gemlite.core.GemLiteLinear.cache_config(str(partial))
+            os.replace(partial, path)
+        except Exception as err:  # a read-only home must not fail the run that is ending
+            log.warning("gemlite: could not save its tuned kernel settings to %s: %s", path, err)
+
+    atexit.register(save)
 
 
 def gemlite_from_int8(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
