@@ -386,6 +386,39 @@ def test_the_next_round_starts_two_steps_before_the_chunk_in_flight_ends(model_a
     assert marks == [2, 0]  # the new chunk's `nearly` mark after 2 of its 4 steps, then its tokens' after all 4
 
 
+def test_submit_is_not_held_up_while_the_chunk_in_flight_is_handed_out_for_a_lock_holder(model_and_tokenizer,
+                                                                                             monkeypatch):
+    # Taking `model_lock` (beam search) makes the loop hand out the chunk in flight, which waits for the device:
+    # that wait must not hold the scheduler's condition, or every `submit` and `cancel` waits for it too.
+    scheduler = GenerationScheduler(*model_and_tokenizer, slots=2, capacity=128, check_every=4)
+    draining, release = threading.Event(), threading.Event()
+    drain = scheduler.rounds.drain
+
+    def slow_drain():
+        draining.set()
+        release.wait(30)
+        drain()
+
+    monkeypatch.setattr(scheduler.rounds, "drain", slow_drain)
+    prompt = _prompt(model_and_tokenizer, "what colour is the shape", "red")
+    try:
+        first = scheduler.submit(**prompt, settings=GenerationSettings(max_new_tokens=40))
+        locker = threading.Thread(target=lambda: scheduler.model_lock.__enter__(), daemon=True)
+        locker.start()
+        assert draining.wait(30)
+        started = time.perf_counter()
+        second = scheduler.submit(**prompt, settings=GenerationSettings(max_new_tokens=4))
+        first.cancel()
+        assert time.perf_counter() - started < 1.0 and not second.done
+        release.set()
+        locker.join(30)
+        scheduler.model_lock.__exit__(None, None, None)
+        assert second.result(30) and first.wait(30)
+    finally:
+        release.set()
+        scheduler.close()
+
+
 def test_a_request_ending_while_the_next_chunk_runs_leaves_the_moved_one_intact(model_and_tokenizer, alone):
     # The short request ends when its tokens are read, with the next chunk already queued over both rows; the long
     # one then moves into its slot (behind that chunk) and must still get the tokens it gets alone.

@@ -209,12 +209,17 @@ class GenerationScheduler:
         self.rounds.wait_for_device()  # newcomers that arrive meanwhile join this round
         with self._cond:
             self._cond.wait_for(lambda: self._inbox or self.rounds.busy or self._closed or self._pausers)
-            if self._pausers and not self._closed:
-                self.rounds.drain()  # the chunk in flight is handed out before the model is lent
+            pausing = self._pausers and not self._closed
+        if pausing:
+            # The chunk in flight is handed out before the model is lent; outside the condition, so that `submit`
+            # and `cancel` are not held up while the device finishes it.
+            self.rounds.drain()
+            with self._cond:
                 self._paused = True
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: not self._pausers or self._closed)
                 self._paused = False
+        with self._cond:
             if self._closed:
                 self.rounds.fail_all(RuntimeError("the generation scheduler was closed"), self._inbox)
                 self._inbox = []
