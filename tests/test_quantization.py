@@ -486,6 +486,26 @@ def test_a_large_int8_weight_on_a_gpu_is_quantized_on_the_host_with_the_same_num
     assert host_extra_mib < 0.25 * gpu_extra_mib, (host_extra_mib, gpu_extra_mib)
 
 
+def test_int8_quantized_in_blocks_of_rows_holds_the_whole_weight_s_numbers(monkeypatch):
+    # torchao's int8 scales go through fp32 copies of all it is given (+5.9 GiB of host memory for 14B's output
+    # head); per-row int8 treats each row on its own, so blocks of rows (the last one short) give the same tensor.
+    from torchao.quantization import quantize_
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 100, bias=False, dtype=torch.bfloat16)
+    whole = copy.deepcopy(base)
+    quantize_(whole, quantization.torchao_config("int8", "cpu", torch.bfloat16))
+    monkeypatch.setattr(quantization, "INT8_BLOCK_ELEMENTS", 64 * 32)  # blocks of 32 rows: 32, 32, 32, 4
+    blocked = torch.nn.Sequential(copy.deepcopy(base))
+    assert quantization.quantize_llm_weights(blocked, "int8") == 1
+    got, want = blocked[0].weight, whole.weight
+    assert type(got) is type(want) and list(got.block_size) == list(want.block_size) and got.dtype == want.dtype
+    assert torch.equal(got.qdata, want.qdata) and torch.equal(got.scale, want.scale)
+    assert (got.zero_point is None and want.zero_point is None) or torch.equal(got.zero_point, want.zero_point)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(blocked(x), whole(x))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_scheduler_replays_cuda_graphs_over_int8_weights():
     from tests.conftest import make_tiny_chat_model

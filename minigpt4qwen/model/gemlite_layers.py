@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from minigpt4qwen.model.int4_many_rows import TILE_PACKED_TYPE, tinygemm_layout_matches, unpack_tile_packed
+from minigpt4qwen.model.quantization import INT8_TYPE
 
 log = logging.getLogger(__name__)
-INT8_TYPE = "Int8Tensor"  # torchao's per-row int8 weight (qdata [N, K] int8, scale [N, 1])
 INSTALL_HINT = "pip install 'minigpt4qwen[gemlite]' (gemlite needs triton and a CUDA GPU)"
 
 

@@ -44,6 +44,9 @@ INT4_GROUP_SIZE = 128  # tinygemm's usual group; every Qwen / Llama hidden and M
 CONFIG_ATTRIBUTE = "llm_quantization"
 # int8 weights this large are quantized on the host (`_quantize_layer`): output heads of 0.5B+ parameters.
 HOST_INT8_ELEMENTS = 2**29
+# int8 weights are quantized this many elements' worth of rows at a time (`_quantize_int8_by_rows`).
+INT8_BLOCK_ELEMENTS = 2**26
+INT8_TYPE = "Int8Tensor"  # torchao's per-row int8 weight (qdata [N, K] int8, scale [N, 1])
 INSTALL_HINT = "pip install 'minigpt4qwen[quant]' (or pip install torchao)"
 
 
@@ -168,14 +171,43 @@ def _quantize_layer(module: nn.Linear, mode: str, device: torch.device) -> None:
     `HOST_INT8_ELEMENTS` or more bound for a GPU is quantized on the host first."""
     from torchao.quantization import quantize_
 
-    # torchao computes int8's per-row scales through full-size fp32 copies of the weight: for a 14B model's output
-    # head (152064 x 5120) that is 6 GiB on the GPU for a moment, enough to break a 24 GiB card's load. The
-    # per-row scheme gives the same numbers on the host, where that memory is cheap and brief.
+    # A large int8 weight (an output head) bound for a GPU is quantized on the host: the GPU then never holds its
+    # bf16 copy beside the rest of the model (1.5 GiB for 14B's head).
     on_host = mode == "int8" and device.type == "cuda" and module.weight.numel() >= HOST_INT8_ELEMENTS
     module.to("cpu" if on_host else device)
     config = torchao_config(mode, module.weight.device, module.weight.dtype)
-    quantize_(module, config, filter_fn=lambda m, _fqn, target=module: m is target)
+    if mode == "int8" and module.weight.numel() > INT8_BLOCK_ELEMENTS:
+        _quantize_int8_by_rows(module, config)
+    else:
+        quantize_(module, config, filter_fn=lambda m, _fqn, target=module: m is target)
     module.to(device)
+
+
+def _quantize_int8_by_rows(module: nn.Linear, config: Any) -> None:
+    """Quantizes an int8 weight `INT8_BLOCK_ELEMENTS` at a time, into one torchao weight with the numbers of a
+    whole-weight quantization: torchao computes the scales through fp32 copies of all it is given (+5.9 GiB of
+    host memory for 14B's output head), and per-row int8 quantizes each row on its own."""
+    from torchao.quantization import quantize_
+
+    weight, rows = module.weight.detach(), max(1, INT8_BLOCK_ELEMENTS // module.in_features)
+    qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    blocks = []
+    for start in range(0, weight.shape[0], rows):
+        block = nn.Linear(module.in_features, len(weight[start:start + rows]), bias=False, device="meta")
+        block.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        quantize_(block, config)
+        qdata[start:start + rows] = block.weight.qdata
+        blocks.append(block.weight)
+    first = blocks[0]
+    extras = [name for name in ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs")
+              if getattr(first, name, None) is not None]
+    if type(first).__name__ != INT8_TYPE or extras or list(first.block_size) != [1, module.in_features]:
+        raise TypeError(f"expected torchao's per-row int8 weight-only tensor, got {type(first).__name__} "
+                        f"(block size {first.block_size}, {extras or 'no activation quantization'})")
+    zero = None if first.zero_point is None else torch.cat([b.zero_point for b in blocks])
+    module.weight = nn.Parameter(type(first)(qdata, torch.cat([b.scale for b in blocks]), first.block_size,
+                                             first.dtype, zero_point=zero, reduce_range=first.reduce_range),
+                                 requires_grad=False)
 
 
 def quantize_language_model(model: MiniGPT4Qwen, mode: str, *, device: torch.device | str | None = None
