@@ -191,23 +191,23 @@ def _quantize_int8_by_rows(module: nn.Linear, config: Any) -> None:
 
     weight, rows = module.weight.detach(), max(1, INT8_BLOCK_ELEMENTS // module.in_features)
     qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    blocks = []
+    scales, zeros = [], []
     for start in range(0, weight.shape[0], rows):
         block = nn.Linear(module.in_features, len(weight[start:start + rows]), bias=False, device="meta")
         block.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
         quantize_(block, config)
-        qdata[start:start + rows] = block.weight.qdata
-        blocks.append(block.weight)
-    first = blocks[0]
-    extras = [name for name in ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs")
-              if getattr(first, name, None) is not None]
-    if type(first).__name__ != INT8_TYPE or extras or list(first.block_size) != [1, module.in_features]:
-        raise TypeError(f"expected torchao's per-row int8 weight-only tensor, got {type(first).__name__} "
-                        f"(block size {first.block_size}, {extras or 'no activation quantization'})")
-    zero = None if first.zero_point is None else torch.cat([b.zero_point for b in blocks])
-    module.weight = nn.Parameter(type(first)(qdata, torch.cat([b.scale for b in blocks]), first.block_size,
-                                             first.dtype, zero_point=zero, reduce_range=first.reduce_range),
-                                 requires_grad=False)
+        part = block.weight
+        extras = [name for name in ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs")
+                  if getattr(part, name, None) is not None]
+        if type(part).__name__ != INT8_TYPE or extras or list(part.block_size) != [1, module.in_features]:
+            raise TypeError(f"expected torchao's per-row int8 weight-only tensor, got {type(part).__name__} "
+                            f"(block size {part.block_size}, {extras or 'no activation quantization'})")
+        qdata[start:start + rows] = part.qdata
+        scales.append(part.scale)
+        zeros.append(part.zero_point)
+    zero = None if zeros[0] is None else torch.cat(zeros)
+    module.weight = nn.Parameter(type(part)(qdata, torch.cat(scales), part.block_size, part.dtype, zero_point=zero,
+                                            reduce_range=part.reduce_range), requires_grad=False)
 
 
 def quantize_language_model(model: MiniGPT4Qwen, mode: str, *, device: torch.device | str | None = None
