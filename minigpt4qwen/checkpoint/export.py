@@ -22,15 +22,14 @@ from transformers.utils import is_torchvision_available
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
 from minigpt4qwen.checkpoint.native import atomic_directory
+from minigpt4qwen.checkpoint.quantized_safetensors import flatten_quantized, unflatten_quantized
 from minigpt4qwen.model.fused_projections import FUSED_TYPES
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 from minigpt4qwen.model.quantization import (
     CONFIG_ATTRIBUTE,
     adapt_quantized_layers,
-    flatten_quantized,
     is_quantized,
     quantize_language_model,
-    unflatten_quantized,
 )
 from minigpt4qwen.text.conversation import end_of_turn_token_id
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
