@@ -149,3 +149,25 @@ def test_tuned_settings_are_read_at_start_and_saved_at_exit(monkeypatch, tmp_pat
     at_exit[0]()
     assert json.loads(path.read_text()) == {"GEMV": {"old": 1}, "GEMM": {"new": 2}}
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_each_replaced_layer_is_freed_before_the_next_is_repacked(monkeypatch):
+    """The GPU must hold one layer in both forms at a time, not the whole LLM: a replaced Linear (its torchao weight)
+    is gone, without a garbage collection, by the time the next one is repacked."""
+    import weakref
+
+    from minigpt4qwen.model import gemlite_layers
+
+    llm = make_tiny_model().language_model
+    replaced: list[weakref.ref] = []
+
+    def fake_to_gemlite(linear):
+        assert all(ref() is None for ref in replaced), "an earlier layer is still alive"
+        replaced.append(weakref.ref(linear))
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(gemlite_layers, "import_gemlite", lambda: None)
+    monkeypatch.setattr(gemlite_layers, "to_gemlite", fake_to_gemlite)
+    count = sum(isinstance(m, torch.nn.Linear) for m in llm.modules())
+    assert route_through_gemlite(llm) == count > 2
+    assert not any(isinstance(m, torch.nn.Linear) for m in llm.modules())

@@ -157,10 +157,13 @@ def route_through_gemlite(module: nn.Module) -> int:
     """
     import_gemlite()
     replaced = 0
-    for child in list(module.modules()):
-        for child_name, layer in list(child.named_children()):
-            if isinstance(layer, nn.Linear) and (fast := to_gemlite(layer)) is not None:
-                setattr(child, child_name, fast)
+    # Only the parents are listed: each replaced layer (its torchao weight) is freed as soon as it is replaced, so
+    # the GPU holds one layer in both forms at a time, not the whole LLM (14B int4 on an H100: 22.2 GiB at load).
+    parents = [m for m in module.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+    for parent in parents:
+        for name in [name for name, child in parent.named_children() if isinstance(child, nn.Linear)]:
+            if (fast := to_gemlite(getattr(parent, name))) is not None:
+                setattr(parent, name, fast)
                 replaced += 1
     log.info("%d quantized layers run on gemlite's kernels", replaced)
     return replaced
