@@ -403,7 +403,7 @@ def test_submit_is_not_held_up_while_the_chunk_in_flight_is_handed_out_for_a_loc
     prompt = _prompt(model_and_tokenizer, "what colour is the shape", "red")
     try:
         first = scheduler.submit(**prompt, settings=GenerationSettings(max_new_tokens=40))
-        locker = threading.Thread(target=lambda: scheduler.model_lock.__enter__(), daemon=True)
+        locker = threading.Thread(target=scheduler.model_lock.__enter__, daemon=True)
         locker.start()
         assert draining.wait(30)
         started = time.perf_counter()

@@ -193,8 +193,9 @@ def _quantize_int8_by_rows(module: nn.Linear, config: Any) -> None:
     qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales, zeros = [], []
     for start in range(0, weight.shape[0], rows):
-        block = nn.Linear(module.in_features, len(weight[start:start + rows]), bias=False, device="meta")
-        block.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        rows_here = weight[start:start + rows]
+        block = nn.Linear(module.in_features, len(rows_here), bias=False, device="meta")
+        block.weight = nn.Parameter(rows_here, requires_grad=False)
         quantize_(block, config)
         part = block.weight
         extras = [name for name in ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs")
