@@ -18,7 +18,7 @@ import torch
 import transformers.masking_utils
 from PIL import Image
 
-from minigpt4qwen.inference.decoding import readback, slot_decoder
+from minigpt4qwen.inference.decoding import readback, slot_decoder, slot_rounds
 from minigpt4qwen.inference.decoding.cuda_graphs import host_syncs
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle, _Pieces
 from minigpt4qwen.inference.decoding.job import Job
@@ -350,6 +350,7 @@ def _job(model_and_tokenizer, text, colour, max_new, order=0):
 
 def test_a_round_queues_its_chunk_before_handing_out_the_previous_one(model_and_tokenizer, alone):
     # The device stays one chunk ahead of the host: the tokens of a round's own steps are handed out next round.
+    # The round that admits the request queues a short chunk (ADMISSION_STEPS = 3 here), the next ones check_every.
     model, _ = model_and_tokenizer
     rounds = SlotRounds(model, SlotDecoder(model, slots=4, capacity=128, check_every=4), stop_ids=set())
     job = _job(model_and_tokenizer, "what colour is the shape", "red", max_new=10)
@@ -358,7 +359,8 @@ def test_a_round_queues_its_chunk_before_handing_out_the_previous_one(model_and_
         rounds.run(newcomers)
         handed.append(job.handle.num_tokens)
         issued.append(job.issued)
-    assert handed == [1, 5, 9, 10] and issued == [5, 9, 10, 10] and job.handle.done and not rounds.busy
+    assert slot_rounds.ADMISSION_STEPS == 3
+    assert handed == [1, 4, 8, 10] and issued == [4, 8, 10, 10] and job.handle.done and not rounds.busy
     assert job.handle.token_ids == alone[1][0][1][:10]  # requests[0] alone, greedy
 
 
@@ -381,7 +383,8 @@ def test_the_next_round_starts_two_steps_before_the_chunk_in_flight_ends(model_a
     marks.clear()
     waits.clear()
     rounds.wait_for_device()
-    assert waits == [slot_decoder.LEAD_STEPS] and rounds.in_flight.tokens.nearly.steps_before == 2
+    # the admitting round's chunk of 3 steps: its mark after 1 (LEAD_STEPS before its end)
+    assert waits == [1] and rounds.in_flight.tokens.nearly.steps_before == 1
     rounds.run([])
     assert marks == [2, 0]  # the new chunk's `nearly` mark after 2 of its 4 steps, then its tokens' after all 4
 
@@ -439,8 +442,6 @@ def test_a_request_ending_while_the_next_chunk_runs_leaves_the_moved_one_intact(
 def test_a_failed_capture_of_a_newcomer_s_prefill_leaves_the_others_decoding(model_and_tokenizer, alone,
                                                                              monkeypatch):
     # Capturing a graph zeroes the slots' state for its warm-ups; an out-of-memory capture must put it back.
-    from minigpt4qwen.inference.decoding import slot_decoder
-
     model, _ = model_and_tokenizer
     decoder = SlotDecoder(model, slots=4, capacity=128, check_every=4)
     rounds = SlotRounds(model, decoder, stop_ids=set())

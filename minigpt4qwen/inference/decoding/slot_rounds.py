@@ -13,6 +13,9 @@ when the chunk in flight is `LEAD_STEPS` steps from its end (`wait_for_device`),
 then waits behind those steps only, not behind a whole chunk queued ahead of it. The price: a
 request that ends in one chunk has been given a place in the next (its tokens there are dropped), and the host's
 bookkeeping runs on what has been *queued* (`Job.columns`, `Job.issued`), not on what has been read back.
+A round that admits newcomers queues a short chunk (`ADMISSION_STEPS`): a burst of requests reaches the loop
+spread over a few milliseconds, the round takes only those already there, and the rest of the burst then waits for
+the next round; after a short chunk that is one step away instead of `check_every - LEAD_STEPS`.
 A request's failure (its images, its prompt, its prefill) ends that request only; a failure of a batched decode
 step ends the requests in it.
 """
@@ -30,12 +33,17 @@ import torch
 
 from minigpt4qwen.inference.decoding.job import Job
 from minigpt4qwen.inference.decoding.readback import Readback
-from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder, padded_length, power_of_two
+from minigpt4qwen.inference.decoding.slot_decoder import LEAD_STEPS, Chunk, SlotDecoder, padded_length, power_of_two
 from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
 RATE_WINDOW_S = 10.0
+# Decode steps queued by a round that admitted newcomers: the next round starts one step later (LEAD_STEPS before
+# the chunk's end) and admits the rest of their burst. A chunk of check_every steps would make those wait ~6 steps
+# (about 50 ms at 32 rows of a 7B model); simulated with the real loop, 32 clients' median first token fell by a
+# third (`benchmarks/scheduler_sim.py`).
+ADMISSION_STEPS = LEAD_STEPS + 1
 
 
 @dataclasses.dataclass
@@ -82,9 +90,10 @@ class SlotRounds:
         start = time.perf_counter()
         self.waiting.extend(newcomers)
         self._drop_cancelled()
-        self._admit()
+        admitted = self._admit()
         prefills = self._queue_prefill()
-        previous, self.in_flight = self.in_flight, self._queue_decode()
+        steps = min(ADMISSION_STEPS, self.decoder.check_every) if admitted else self.decoder.check_every
+        previous, self.in_flight = self.in_flight, self._queue_decode(steps)
         if previous is not None:
             self._hand_out(previous)
         for queued in prefills:
@@ -158,8 +167,9 @@ class SlotRounds:
             self.waiting.remove(job)
             self._finish(job, "cancelled")
 
-    def _admit(self) -> None:
-        """Gives free slots to waiting requests; encodes their images (one batch) and embeds their prompts."""
+    def _admit(self) -> int:
+        """Gives free slots to waiting requests; encodes their images (one batch) and embeds their prompts. Returns
+        how many were admitted."""
         admitted: list[Job] = []
         while self.waiting and len(self.slots) < self.decoder.slots:
             job = self.waiting.popleft()
@@ -181,6 +191,7 @@ class SlotRounds:
                                    top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty)
             except Exception as err:  # e.g. placeholders that do not match the images
                 self._finish(job, "error", err)
+        return len(admitted)
 
     def _encode(self, jobs: list[Job]) -> None:
         """Encodes the images of `jobs` in one batch; on a failure, each job alone (failing only the bad one)."""
@@ -235,14 +246,14 @@ class SlotRounds:
                 job.embeds, job.issued = None, 1
         return [_Queued(first, jobs, list(range(len(jobs))))]
 
-    def _queue_decode(self) -> _Queued | None:
-        """Queues up to `check_every` decode steps over every decoding slot (rows whose queued tokens already reach
+    def _queue_decode(self, most_steps: int) -> _Queued | None:
+        """Queues up to `most_steps` decode steps over every decoding slot (rows whose queued tokens already reach
         their limit run along when others need steps; their extra tokens are dropped)."""
         decoding = [job for job in self.slots if job.decoding]
         wanted = [job.max_new - job.issued for job in decoding if job.issued < job.max_new]
         if not wanted:
             return None
-        steps = min(self.decoder.check_every, max(wanted))
+        steps = min(most_steps, max(wanted))
         longest = max(job.columns for job in decoding) + steps  # the last token is written by the first step
         try:
             tokens = self.decoder.launch_decode(steps, len(self.slots), longest,
