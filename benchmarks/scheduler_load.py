@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import time
@@ -31,7 +32,8 @@ import torch
 
 from benchmarks.common import machine, peak_gib, reset_peak
 from benchmarks.serve_load_clients import summarize
-from benchmarks.serve_load_server import add_workload_options, build_scheduler, request_messages
+from benchmarks.serve_load_server import add_workload_options, build_scheduler, request_messages, set_admission_steps
+from minigpt4qwen.inference.decoding import slot_rounds
 
 
 def make_prepare(model, tokenizer, scheduler):
@@ -97,7 +99,9 @@ def rows(args: argparse.Namespace) -> None:
               "in the scheduler: p50 to a slot / to the first token, ms | errors | peak GiB | "
               "loop waiting for the GPU |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for clients in (int(c) for c in args.clients.split(",")):
+        for clients, steps in itertools.product((int(c) for c in args.clients.split(",")),
+                                                [int(s) for s in args.admission_steps.split(",")]):
+            set_admission_steps(steps)
             asyncio.run(_load(scheduler, prepare, payload, prepared, clients, 1))  # warm-up: captures graphs
             scheduler.rounds.latencies.clear()
             reset_peak(args.device)
@@ -108,7 +112,8 @@ def rows(args: argparse.Namespace) -> None:
             peak = f"{peak_gib(args.device):.1f}" if args.device.startswith("cuda") else "-"
             rounds = after["round_s"] - before["round_s"]
             waiting = (after["device_wait_s"] - before["device_wait_s"]) / rounds if rounds > 0 else float("nan")
-            print(f"| {row['requests']} requests, {args.new_tokens} new tokens each | {clients} | "
+            print(f"| {row['requests']} requests, {args.new_tokens} new tokens each, "
+                  f"{slot_rounds.ADMISSION_STEPS} steps after an admission | {clients} | "
                   f"{row['tokens_per_s']:.0f} | {row['ttft_p50']:.0f} | {row['ttft_p95']:.0f} | "
                   f"{_ms([w for _, w, _ in latencies])} / {_ms([f for _, _, f in latencies])} | {row['errors']} | "
                   f"{peak} | {waiting:.0%} of {rounds:.1f} s |", flush=True)

@@ -39,6 +39,7 @@ from benchmarks.serve_load_server import (
     model_and_tokenizer,
     request_messages,
     run_server,
+    set_admission_steps,
 )
 
 
@@ -86,6 +87,7 @@ def server_rows(args: argparse.Namespace) -> None:
     command = [sys.executable, "-m", "benchmarks.serve_load", "--role", "server", "--size", args.size, "--device",
                args.device, "--port", str(port), "--slots", str(args.slots), "--slot-tokens", str(args.slot_tokens),
                "--check-every", str(args.check_every), "--prefill-tokens", str(args.prefill_tokens),
+               "--admission-steps", str(args.admission_steps),
                "--graph-prefill-tokens", str(args.graph_prefill_tokens),
                *(["--quantize", args.quantize, "--quantize-kernels", args.quantize_kernels] if args.quantize else []),
                *(["--compile-decode"] if args.compile_decode else []),
@@ -101,6 +103,7 @@ def server_rows(args: argparse.Namespace) -> None:
             f"prefills of {args.prefill_tokens} tokens (graphs up to {args.graph_prefill_tokens})" + \
             (", compiled step" if args.compile_decode else "") + \
             (f", LLM {args.quantize}" if args.quantize else "") + \
+            (f", {args.admission_steps} steps after an admission" if args.admission_steps != "0" else "") + \
             (f", HTTP front ends in {args.frontend_processes} processes" if args.frontend_processes else "") + \
             "".join(f", {name} {value}" for name, value in server_options if value not in ("auto", 0.0))
         print(f"\n| serve, {setup}, streaming | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | "
@@ -176,8 +179,11 @@ def main() -> None:
     parser.add_argument("--role", choices=["driver", "server"], default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.admission_steps.isdigit():
+        parser.error("serve_load takes one --admission-steps value (scheduler_load takes a list)")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.role == "server":
+        set_admission_steps(int(args.admission_steps))
         run_server(args)
         return
     print(f"# serve under load, MiniGPT4Qwen-{args.size} random weights | {machine()}")

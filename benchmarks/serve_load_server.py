@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import build_random_model, peak_gib, reset_peak
+from minigpt4qwen.inference.decoding import slot_rounds
 from minigpt4qwen.model.parts import PartDtypes
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "qwen7b" / "qwen.tiktoken"
@@ -49,6 +50,9 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-decode", action="store_true", help="the decode step compiled")
     parser.add_argument("--switch-interval", type=float, default=0.0,
                         help="the model process's sys.setswitchinterval in seconds (0: Python's default, 5 ms)")
+    parser.add_argument("--admission-steps", default="0", help="decode steps queued by a round that admits "
+                        "newcomers (slot_rounds.ADMISSION_STEPS; 0: the scheduler's own; --check-every: no shorter "
+                        "chunk, as before the ADMISSION_STEPS rule); scheduler_load takes a list, a row set each")
 
 
 def question_text(tokenizer, target: int) -> str:
@@ -76,6 +80,11 @@ def request_messages(tokenizer) -> list[dict]:
     uri = f"data:image/png;base64,{base64.b64encode(image.getvalue()).decode()}"
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                          {"type": "text", "text": question_text(tokenizer, PROMPT_TOKENS)}]}]
+
+
+def set_admission_steps(steps: int, default: int = slot_rounds.ADMISSION_STEPS) -> None:
+    """This benchmark process's scheduler queues `steps` decode steps after an admission (0: its own default)."""
+    slot_rounds.ADMISSION_STEPS = steps or default
 
 
 def build_scheduler(args: argparse.Namespace):
