@@ -122,6 +122,13 @@ class _Model:
         return torch.zeros(1, input_ids.shape[1], 4)
 
 
+def _hold_the_interpreter(seconds: float) -> None:
+    """Python work of `seconds` (holding the GIL, as parsing and image decoding in the server do)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def run_row(clients: int, admission_steps: int, args: argparse.Namespace, tokenizer) -> dict[str, float]:
     """`clients` asyncio clients, each `requests` requests back to back after a warm-up one."""
     clock = _Clock()
@@ -142,6 +149,7 @@ def run_row(clients: int, admission_steps: int, args: argparse.Namespace, tokeni
         async def client() -> None:
             for request in range(args.requests + 1):
                 start = time.perf_counter()
+                _hold_the_interpreter(args.intake_ms / 1000)  # the server's intake, on the consumers' event loop
                 handle = loop.submit(ids, pixel_values=pixels, settings=GenerationSettings(max_new_tokens=128))
                 first = None
                 async for _ in handle:
@@ -178,10 +186,13 @@ def main() -> None:
                         "the rows (keys and values, sampling)")
     parser.add_argument("--prefill-us", type=float, default=27.0, help="per padded prefill token")
     parser.add_argument("--image-ms", type=float, default=1.0, help="per image of a padded encoder batch")
+    parser.add_argument("--intake-ms", type=float, default=0.0, help="host work per request before its submission, "
+                        "on the clients' event loop (an HTTP server's intake: ~2-3 ms)")
     args = parser.parse_args()
     tokenizer = build_qwen1_tokenizer(TOKENIZER)
     print(f"# scheduler over a simulated device: decode step {args.step_ms} ms at 32 rows, prefill "
-          f"{args.prefill_us} us/token, image {args.image_ms} ms; 63-token prompts, 128 new tokens | host: {machine()}")
+          f"{args.prefill_us} us/token, image {args.image_ms} ms, intake {args.intake_ms} ms; 63-token prompts, "
+          f"128 new tokens | host: {machine()}")
     print("| clients | admission steps | tokens/s | first token p50 / p95 ms | to a slot p50 ms | loop waiting for "
           "the device |\n| --- | --- | --- | --- | --- | --- |")
     for clients in (int(c) for c in args.clients.split(",")):

@@ -13,9 +13,7 @@ when the chunk in flight is `LEAD_STEPS` steps from its end (`wait_for_device`),
 then waits behind those steps only, not behind a whole chunk queued ahead of it. The price: a
 request that ends in one chunk has been given a place in the next (its tokens there are dropped), and the host's
 bookkeeping runs on what has been *queued* (`Job.columns`, `Job.issued`), not on what has been read back.
-A round that admits newcomers queues a short chunk (`ADMISSION_STEPS`): a burst of requests reaches the loop
-spread over a few milliseconds, the round takes only those already there, and the rest of the burst then waits for
-the next round; after a short chunk that is one step away instead of `check_every - LEAD_STEPS`.
+A round that admits newcomers queues a short chunk (`ADMISSION_STEPS`), so the rest of their burst joins soon.
 A request's failure (its images, its prompt, its prefill) ends that request only; a failure of a batched decode
 step ends the requests in it.
 """
@@ -39,10 +37,9 @@ from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
 RATE_WINDOW_S = 10.0
-# Decode steps queued by a round that admitted newcomers: the next round starts one step later (LEAD_STEPS before
-# the chunk's end) and admits the rest of their burst. A chunk of check_every steps would make those wait ~6 steps
-# (about 50 ms at 32 rows of a 7B model); simulated with the real loop, 32 clients' median first token fell by a
-# third (`benchmarks/scheduler_sim.py`).
+# Decode steps queued by a round that admitted newcomers. A burst of requests reaches the loop over a few ms and a
+# round takes only those already there; after this chunk the next round (LEAD_STEPS before its end) is one step
+# away, not check_every - LEAD_STEPS (~60 ms at 32 rows of 7B). Modelled in benchmarks/scheduler_sim.py.
 ADMISSION_STEPS = LEAD_STEPS + 1
 
 
