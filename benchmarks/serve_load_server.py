@@ -110,6 +110,7 @@ def build_scheduler(args: argparse.Namespace):
                                     check_every=args.check_every, prefill_tokens=args.prefill_tokens,
                                     graph_prefill_tokens=args.graph_prefill_tokens,
                                     compile_mode="default" if args.compile_decode else None)
+    scheduler.warm_up(show_progress=True)  # as `serve` does before its first request
     return model, tokenizer, scheduler
 
 

@@ -121,6 +121,32 @@ def test_concurrent_requests_get_their_alone_answers(scheduler, alone):
     assert scheduler.stats()["active_slots"] == 0 and scheduler.stats()["completed"] >= 2 * len(requests)
 
 
+def test_warm_up_prepares_every_decode_step_and_changes_no_answer(model_and_tokenizer, alone):
+    # Before serving, every (bucket, span, sampling) decode step is captured (rehearsed here): 4 buckets up to 8
+    # slots, spans 64 / 128 / 192 of a 192-token slot, greedy and sampled. The captures' warm-ups run real steps:
+    # the answers afterwards are the ones requests get without a warm-up.
+    requests, expected = alone
+    scheduler = GenerationScheduler(*model_and_tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
+                                    rehearse_captures=True)
+    try:
+        reports = []
+        assert scheduler.warm_up() == 4 * 3 * 2
+        assert sorted(key[1:] for key in scheduler.decoder._graphs) == sorted(
+            (bucket, span, sample) for bucket in (1, 2, 4, 8) for span in (64, 128, 192) for sample in (False, True))
+        scheduler.decoder.warm_up(lambda done, total: reports.append((done, total)))  # already prepared: cheap
+        assert reports[-1] == (24, 24) and len(reports) == 24
+        handles = [scheduler.submit(**prompt, settings=settings) for prompt, settings in requests]
+        for handle, (text, tokens) in zip(handles, expected, strict=True):
+            assert handle.result(30) == text and handle.token_ids == tokens
+    finally:
+        scheduler.close()
+    eager = GenerationScheduler(*model_and_tokenizer, slots=2, capacity=128)  # on the CPU: nothing to prepare
+    try:
+        assert eager.warm_up() == 0 and eager.decoder._graphs == {}
+    finally:
+        eager.close()
+
+
 class _Gate:
     """Holds the scheduler before each decode chunk until the test lets a number of them through."""
 
@@ -500,15 +526,18 @@ def test_step_functions_never_synchronise_with_the_host(scheduler, monkeypatch):
         assert host_syncs(functools.partial(decoder._decode_step, 4, 128, sample)) == []
 
 
-def assert_graphs_give_the_eager_answers(model, tokenizer, compile_mode=None) -> None:
-    """`_requests` through a CUDA-graph scheduler (its decode step compiled in `compile_mode`), twice (captures,
-    then replays), equal the eager scheduler's."""
+def assert_graphs_give_the_eager_answers(model, tokenizer, compile_mode=None, warm_up=False) -> None:
+    """`_requests` through a CUDA-graph scheduler (its decode step compiled in `compile_mode`; every decode step
+    captured up front with `warm_up`, as the CLI does), twice (captures, then replays), equal the eager
+    scheduler's."""
     requests = _requests((model, tokenizer))
     eager = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
                                 cuda_graphs=False)
     graphs = GenerationScheduler(model, tokenizer, slots=8, capacity=192, check_every=4, prefill_tokens=128,
                                  compile_mode=compile_mode)
     try:
+        if warm_up:
+            assert graphs.warm_up() == 4 * 3 * 2  # buckets 1-8, spans 64 / 128 / 192, greedy and sampled
         expected = [handle.result(60) for handle in [eager.submit(**p, settings=s) for p, s in requests]]
         for _ in range(2):
             assert [h.result(60) for h in [graphs.submit(**p, settings=s) for p, s in requests]] == expected
@@ -526,7 +555,7 @@ def test_cuda_graphs_give_the_eager_answers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_of_a_compiled_decode_step_give_the_eager_answers():
     model, tokenizer = make_tiny_chat_model(seed=0, image_std=0.2, redraw_biases=True)
-    assert_graphs_give_the_eager_answers(model.cuda(), tokenizer, compile_mode="default")
+    assert_graphs_give_the_eager_answers(model.cuda(), tokenizer, compile_mode="default", warm_up=True)
 
 
 def test_a_compiled_decode_step_gives_the_answers_alone(model_and_tokenizer, alone):

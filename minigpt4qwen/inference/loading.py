@@ -115,7 +115,7 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
     g.add_argument("--compile-decode", action="store_true",
                    help="also compile the decode step: fused kernels, faster decoding, after a minute or two of "
-                        "compiling when the first requests arrive")
+                        "compiling at start (every decode step is prepared before the first request)")
 
 
 def build_scheduler(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
@@ -133,9 +133,11 @@ def build_scheduler(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase,
         raise ValueError(f"--slots must be >= 1 and --slot-tokens >= 2 (a prompt token and a reply token), got "
                          f"{args.slots} and {slot_tokens}")
     logging.getLogger(__name__).info("generation scheduler: %d slots of %d tokens", args.slots, slot_tokens)
-    return GenerationScheduler(model, tokenizer, slots=args.slots, capacity=slot_tokens,
-                               cuda_graphs=False if args.no_cuda_graphs else None,
-                               compile_mode="default" if args.compile_decode else None)
+    scheduler = GenerationScheduler(model, tokenizer, slots=args.slots, capacity=slot_tokens,
+                                    cuda_graphs=False if args.no_cuda_graphs else None,
+                                    compile_mode="default" if args.compile_decode else None)
+    scheduler.warm_up(show_progress=True)  # before any request, so that none waits for a capture or a compile
+    return scheduler
 
 
 def auto_slot_tokens(model: MiniGPT4Qwen, slots: int) -> int:

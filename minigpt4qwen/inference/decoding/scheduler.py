@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.checkpoint.export import chat_stop_token_ids
@@ -97,7 +98,7 @@ class GenerationScheduler:
             their kernels from the loop's thread, which holds the GIL meanwhile).
         stop_token_ids: tokens that end a reply (default: the tokenizer's ChatML stops).
         compile_mode: compile the decode step (see `SlotDecoder`): fused kernels after a minute or two of
-            compiling when the first requests arrive.
+            compiling, in `warm_up` (or else when the first requests arrive).
         rehearse_captures: see `SlotDecoder` (tests).
     """
 
@@ -161,6 +162,18 @@ class GenerationScheduler:
             self._inbox.append(Job(next(self._orders), handle, ids, pixel_values, image_features, seed, max_new, stop))
             self._cond.notify_all()
         return handle
+
+    def warm_up(self, show_progress: bool = False) -> int:
+        """Prepares every decode step now, with the loop paused (`SlotDecoder.warm_up`; nothing to do without CUDA
+        graphs): call before taking requests, so that none waits for a graph capture or a compile. Returns the steps
+        prepared."""
+        with self.model_lock, tqdm(desc="preparing the decode steps", unit="step", dynamic_ncols=True,
+                                   disable=not show_progress or not self.decoder.cuda_graphs) as bar:
+            def report(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            return self.decoder.warm_up(report)
 
     def stats(self) -> dict[str, Any]:
         """Slots in use, requests waiting, tokens/s over the last 10 s, requests completed and failed, the loop's

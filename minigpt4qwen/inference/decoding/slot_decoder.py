@@ -184,6 +184,22 @@ class SlotDecoder:
         return min(self.capacity, power_of_two(longest, MIN_SPAN))
 
     @torch.no_grad()
+    def warm_up(self, report: Callable[[int, int], None] | None = None) -> int:
+        """Captures the decode step of every batch bucket, attention span and sampling mode now (compiling it first,
+        with a `compile_mode`), so that no request later waits for a capture or a compile. Nothing to do without
+        CUDA graphs (unless rehearsing). `report(done, total)` follows the progress. Returns the steps prepared."""
+        if not (self.cuda_graphs or self.rehearse):
+            return 0
+        buckets = [1 << i for i in range(power_of_two(self.slots).bit_length())]
+        spans = sorted({self.span_for(1 << i) for i in range(self.capacity.bit_length() + 1)})
+        keys = [("decode", bucket, span, sample) for bucket in buckets for span in spans for sample in (False, True)]
+        for done, key in enumerate(keys, 1):
+            self._graph(key, functools.partial(self._decode_step, *key[1:]))
+            if report is not None:
+                report(done, len(keys))
+        return len(keys)
+
+    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`MiniGPT4Qwen.encode_images` of [N, 3, S, S], on a GPU padded to a power of two and replayed from a graph
         per size. -> [N, Q, H]."""
