@@ -145,12 +145,13 @@ def run_row(clients: int, admission_steps: int, args: argparse.Namespace, tokeni
         ids[5:5 + QUERY_TOKENS] = 0
         pixels = torch.zeros(1, 3, 8, 8)
         first_tokens: list[float] = []
+        settings = GenerationSettings(max_new_tokens=args.new_tokens)
 
         async def client() -> None:
             for request in range(args.requests + 1):
                 start = time.perf_counter()
                 _hold_the_interpreter(args.intake_ms / 1000)  # the server's intake, on the consumers' event loop
-                handle = loop.submit(ids, pixel_values=pixels, settings=GenerationSettings(max_new_tokens=128))
+                handle = loop.submit(ids, pixel_values=pixels, settings=settings)
                 first = None
                 async for _ in handle:
                     first = first or time.perf_counter() - start
@@ -166,7 +167,7 @@ def run_row(clients: int, admission_steps: int, args: argparse.Namespace, tokeni
         stats = loop.stats()
         loop.close()
     ordered = sorted(first_tokens)
-    return {"tokens_per_s": clients * (args.requests + 1) * 128 / (end - start),
+    return {"tokens_per_s": clients * (args.requests + 1) * args.new_tokens / (end - start),
             "p50": 1000 * statistics.median(ordered), "p95": 1000 * ordered[int(0.95 * (len(ordered) - 1))],
             "slot_wait": stats["slot_wait_ms_p50"], "device_share": stats["device_wait_s"] / stats["round_s"]}
 
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--admission-steps", default="8,3", help="decode steps queued by a round that admits "
                         "newcomers (slot_rounds.ADMISSION_STEPS; check_every: no shorter chunk)")
     parser.add_argument("--requests", type=int, default=3, help="timed requests per client")
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--slot-tokens", type=int, default=256)
     parser.add_argument("--check-every", type=int, default=8)
@@ -192,7 +194,7 @@ def main() -> None:
     tokenizer = build_qwen1_tokenizer(TOKENIZER)
     print(f"# scheduler over a simulated device: decode step {args.step_ms} ms at 32 rows, prefill "
           f"{args.prefill_us} us/token, image {args.image_ms} ms, intake {args.intake_ms} ms; 63-token prompts, "
-          f"128 new tokens | host: {machine()}")
+          f"{args.new_tokens} new tokens | host: {machine()}")
     print("| clients | admission steps | tokens/s | first token p50 / p95 ms | to a slot p50 ms | loop waiting for "
           "the device |\n| --- | --- | --- | --- | --- | --- |")
     for clients in (int(c) for c in args.clients.split(",")):
