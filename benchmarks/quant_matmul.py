@@ -11,7 +11,8 @@ at ~95 rows; a decode step at one. "int4" is the layer as the model runs it (fro
 bf16 matmul over the dequantized weight: `model/int4_many_rows.py`); "int4 tinygemm" is torchao's int4 matmul at
 every row count, whose cost grows with the rows (its kernel is built for a few); "int4 dequantization alone" is
 what the many-row path adds to a bf16 matmul (the same at every row count); the int8 rows show what the per-call
-cast of the weight costs.
+cast of the weight costs. "bf16+gemlite" is the bf16 weight through gemlite's 16-bit kernels (`W_nbits=16`, no
+scales): whether its one-row GEMV reads the weight faster than cuBLAS's, the bound of bf16 batch-1 decoding.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def layer_shapes(size: str) -> dict[str, tuple[int, int]]:
             "down": (hidden, ffn), "head": (config["vocab_size"], hidden)}
 
 
+def gemlite_bf16_linear(linear: nn.Linear) -> nn.Module:
+    """`linear`'s bf16 weight as gemlite's 16-bit layer (no scales, no zeros: its plain bf16 x bf16 kernels)."""
+    from minigpt4qwen.model.gemlite_layers import import_gemlite
+
+    gemlite = import_gemlite()
+    layer = gemlite.GemLiteLinearTriton(W_nbits=16, group_size=None, in_features=linear.in_features,
+                                        out_features=linear.out_features, input_dtype=gemlite.DType.BF16,
+                                        output_dtype=gemlite.DType.BF16)
+    layer.pack(linear.weight.data, scales=None, zeros=None, bias=None)
+    return layer
+
+
 def time_call(call, device: str, repeats: int = 20) -> float:
     """Median milliseconds of `call()`."""
     for _ in range(3):
@@ -67,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--modes", default="bf16,int8,int4")
+    parser.add_argument("--modes", default="bf16,int8,int4", help="of bf16, int8, int4, bf16+gemlite (CUDA)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     modes = args.modes.split(",")
@@ -83,7 +96,9 @@ def main() -> None:
                 holder = nn.Module()  # quantize_llm_weights quantizes the Linear layers of a module
                 holder.layer = nn.Linear(in_features, out_features, bias=False, device=args.device, dtype=dtype)
                 nn.init.normal_(holder.layer.weight, std=0.02)
-                if mode != "bf16":
+                if mode == "bf16+gemlite":
+                    holder.layer = gemlite_bf16_linear(holder.layer)
+                elif mode != "bf16":
                     quantize_llm_weights(holder, mode)
                 weight = holder.layer.weight
                 calls = {mode: holder.layer}
