@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,22 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     assert "torchvision" not in done.stderr, done.stderr[-2000:]
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_command_s_help_renders():
+    # argparse formats help texts with %: a bare "80% of" in one option's help made `serve --help` (and webui's,
+    # generate's) crash with a TypeError instead of printing.
+    from minigpt4qwen.cli.main import build_parser
+
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) > 10
+    for parser in parsers:
+        assert parser.format_help()

@@ -111,7 +111,7 @@ def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slot-tokens", type=int, default=None,
                    help="tokens per slot (prompt + reply): a longer prompt fails (serve: 400; generate, eval: that "
                         f"record is skipped and reported), replies stop there; default: up to {MAX_AUTO_SLOT_TOKENS}, "
-                        f"as many as fit {KV_CACHE_SHARE:.0%} of the GPU memory free after loading")
+                        f"as many as fit {KV_CACHE_SHARE:.0%}% of the GPU memory free after loading")  # %%: argparse
     g.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly (debugging)")
     g.add_argument("--compile-decode", action="store_true",
                    help="also compile the decode step: fused kernels, faster decoding, after a minute or two of "
