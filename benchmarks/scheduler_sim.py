@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import machine
 from benchmarks.serve_load_server import TOKENIZER
 from minigpt4qwen.inference.decoding import scheduler, slot_rounds
-from minigpt4qwen.inference.decoding.slot_decoder import LEAD_STEPS, MIN_SPAN, padded_length, power_of_two
+from minigpt4qwen.inference.decoding.slot_decoder import LEAD_STEPS, padded_length, power_of_two
 from minigpt4qwen.inference.generation import GenerationSettings
 from minigpt4qwen.text.qwen_tokenizer import build_qwen1_tokenizer
 
@@ -80,9 +80,6 @@ class SimulatedDecoder:
         """A decode step over a bucket of `rows`: weights read once, plus keys/values growing with the rows."""
         bucket = power_of_two(rows)
         return self.costs.step_ms / 1000 * (1 - self.costs.rows_share + self.costs.rows_share * bucket / 32)
-
-    def span_for(self, longest: int) -> int:
-        return min(self.capacity, power_of_two(longest, MIN_SPAN))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.clock.queue(self.costs.image_ms / 1000 * power_of_two(len(pixel_values)) + 0.002)
