@@ -1,7 +1,7 @@
 """Where the scheduler's batched decode step spends its GPU time: per batch size, the replayed step against the
 weight-read bound, and the kernels of one step, grouped (the serving counterpart of decode_profile.py).
 
-    python -m benchmarks.slot_profile --size 7b --batches 1,8,32,64 [--compile-mode default]
+    python -m benchmarks.slot_profile --size 7b --batches 1,8,32,64 [--compile-mode default] [--spans 128,192,256]
     python -m benchmarks.slot_profile --size tiny --device cpu --batches 2,4     # a dry run
 
 Each row fills `batch` slots with serve_load's prompt (63 tokens + one image's 32 placeholders) through the
@@ -14,6 +14,7 @@ the same step eagerly, so its kernels are visible; its total leaves out launch g
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -83,6 +84,23 @@ def profile_batch(decoder: SlotDecoder, model, batch: int, args: argparse.Namesp
     print(f"kernel time {sum(self_ms(e) for e in events):.2f} ms per step (eager, without launch gaps); top kernels:")
     for e in sorted(events, key=lambda e: -self_ms(e))[: args.top]:
         print(f"  {self_ms(e):6.3f} ms  x{e.count // steps:<4} {e.key[:110]}")
+    if args.spans:  # last: these steps run past the rows' prompts (their state is refilled by the next batch)
+        print("replayed step by attention span (columns every row reads): " + ", ".join(
+            f"{span}: {time_span(decoder, bucket, span, args.device):.2f} ms" for span in args.spans))
+
+
+def time_span(decoder: SlotDecoder, bucket: int, span: int, device: str, steps: int = 48) -> float:
+    """Milliseconds per replay of the decode step over `bucket` rows reading `span` cache columns (spans the
+    scheduler's power-of-two rule would not pick included: what a finer rule would save)."""
+    key = ("decode", bucket, span, False)
+    replay = decoder._graph(key, functools.partial(decoder._decode_step, *key[1:]))
+    replay()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        replay()
+    sync(device)
+    return (time.perf_counter() - start) / steps * 1000
 
 
 def main() -> None:
@@ -96,8 +114,11 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s of the weight-read bound "
                         "(H100 SXM 3.35e12, H200 4.8e12)")
     parser.add_argument("--top", type=int, default=14, help="kernels listed per row")
+    parser.add_argument("--spans", default="", help="also time the replayed step at these attention spans (e.g. "
+                        "128,192,256; at most --slot-tokens): the cost of the keys and values read")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    args.spans = [int(s) for s in args.spans.split(",") if s]
     model = build_random_model(args.size, args.device, PartDtypes("bf16", "bf16", "bf16", "bf16", "bf16")).eval()
     fuse_projections(model.requires_grad_(False).language_model)  # as load_for_inference and serve_load do
     llm = model.language_model
