@@ -21,11 +21,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ImportNoise(logging.Filter):
+    """Drops the warnings that importing transformers (which imports torchao when it is installed) logs on every
+    start and that say nothing about the user's run: torchao's optional kernels for other hardware that this build
+    cannot load ("Failed to load .../torchao/_C_mxfp8...so"), its note that kernels needing Triton (GPU kernels)
+    will not work on a machine without it, and torch's deprecation notice about how torchao registers its enums.
+    Shown with -v."""
+
+    NOISE = (("Failed to load", "torchao"), ("Detected no triton",), ("is an Enum subclass and is now natively",))
+    LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(all(part in message for part in parts) for parts in self.NOISE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for name in _ImportNoise.LOGGERS:
+            logging.getLogger(name).addFilter(_ImportNoise())
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as err:
