@@ -123,6 +123,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def seconds_per_call(fn, device: str, repeats: int) -> float:
+    """Mean seconds per call of `fn` over `repeats` calls in a row, after one warm-up call."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
 def peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
 

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench import EXTRA_0, PROMPT_GEN
-from benchmarks.common import build_random_model, machine, sync
+from benchmarks.common import build_random_model, machine, seconds_per_call, sync
 from minigpt4qwen.inference.decoding.slot_decoder import Chunk, SlotDecoder, power_of_two
 from minigpt4qwen.model.fused_projections import fuse_projections
 from minigpt4qwen.model.parts import PartDtypes
@@ -94,13 +94,7 @@ def time_span(decoder: SlotDecoder, bucket: int, span: int, device: str, steps: 
     scheduler's power-of-two rule would not pick included: what a finer rule would save)."""
     key = ("decode", bucket, span, False)
     replay = decoder._graph(key, functools.partial(decoder._decode_step, *key[1:]))
-    replay()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        replay()
-    sync(device)
-    return (time.perf_counter() - start) / steps * 1000
+    return seconds_per_call(replay, device, steps) * 1000
 
 
 def main() -> None:

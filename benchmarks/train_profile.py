@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench import build_ours, training_batch
-from benchmarks.common import machine, sync
+from benchmarks.common import machine, seconds_per_call, sync
 
 KINDS = (  # first match wins: kernel names of cuBLAS / cuDNN / flash / torchao / inductor on Hopper
     ("attention", re.compile(r"flash|fmha|attention|cudnn", re.I)),
@@ -28,17 +27,6 @@ KINDS = (  # first match wins: kernel names of cuBLAS / cuDNN / flash / torchao 
 def kind_of(kernel: str) -> str:
     """The kind of a kernel, by its name (`KINDS`)."""
     return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "other")
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Seconds per call of `fn` after one warm-up call."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -70,8 +58,8 @@ def main() -> None:
 
     for _ in range(2):
         step()
-    step_s = timed(step, dev, args.steps)
-    towers_s = timed(towers, dev, args.steps)
+    step_s = seconds_per_call(step, dev, args.steps)
+    towers_s = seconds_per_call(towers, dev, args.steps)
     stored = " (weights stored in float8)" if args.float8 and args.float8_weights else ""
     print(f"# training step profile, MiniGPT4Qwen-{args.size}, micro-batch {args.batch}, "
           f"{'float8' if args.float8 else 'bf16'} LLM blocks{stored}, {'compiled' if args.compile else 'eager'} "
