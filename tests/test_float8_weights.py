@@ -21,6 +21,7 @@ from minigpt4qwen.model.float8_weights import (  # noqa: E402
     Float8WeightLinear,
     float8_weight_buffer_names,
     store_float8_weights,
+    store_loaded_weights_in_float8,
 )
 from minigpt4qwen.model.parts import PartDtypes, TrainableParts  # noqa: E402
 from minigpt4qwen.training.config import LoraConfig, RunConfig  # noqa: E402
@@ -114,28 +115,80 @@ def test_config_refusals_say_what_to_set(project):  # noqa: F811
             validated("model.float8=true", "model.float8_weights=true", *overrides)
 
 
-def test_training_runs_loss_for_loss_as_model_float8(project, tmp_path, monkeypatch):  # noqa: F811
+def recorded(monkeypatch, name: str) -> list[int]:
+    """What each call of `float8_weights.<name>` returned (how many layers it stored), the calls still made."""
+    original, calls = getattr(float8_weights, name), []
+
+    def recording(language_model, device=None) -> int:
+        calls.append(original(language_model, device))
+        return calls[-1]
+
+    monkeypatch.setattr(float8_weights, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_runs_loss_for_loss_as_model_float8(project, tmp_path, monkeypatch, lora):  # noqa: F811
     from minigpt4qwen.training import entry
 
     def cpu_allowed(device: torch.device, **_) -> None:
         check_float8_support(device, allow_cpu=True)
 
-    stored_layers = []
-
-    def recording(language_model, device) -> int:
-        assert device == torch.device("cpu")  # where training runs: cast there
-        stored_layers.append(store_float8_weights(language_model, device))
-        return stored_layers[-1]
-
     monkeypatch.setattr(float8, "check_float8_support", cpu_allowed)
-    monkeypatch.setattr(float8_weights, "store_float8_weights", recording)
-    common = ["model.float8=true", "train.max_steps=3", "train.resume=none"]
+    common = ["model.float8=true", "train.max_steps=3", "train.resume=none", f"train.lora.enabled={lora}",
+              "train.lora.target_modules=[q_proj,v_proj]"]
     cast = entry.train_main(str(project / "train.yaml"), [f"train.output_dir={tmp_path / 'cast'}", *common])
+    while_loading = recorded(monkeypatch, "store_loaded_weights_in_float8")
+    after_lora = recorded(monkeypatch, "store_float8_weights")
     stored = entry.train_main(str(project / "train.yaml"), [f"train.output_dir={tmp_path / 'stored'}", *common,
                                                             "model.float8_weights=true"])
-    assert stored_layers == [4]  # the project's LLM: one block, its 88-wide MLP left in bf16
+    # The project's LLM: one block in two shards, its 88-wide MLP left in bf16. Without LoRA its weights were
+    # stored while each shard loaded (the last call finds nothing left); LoRA wraps the bf16 Linears first.
+    assert (sum(while_loading), sum(after_lora)) == ((0, 4) if lora else (4, 0))
+    assert lora or len(while_loading) == 3 and while_loading[-1] == 0
     assert len(stored.losses) == 3 and all(math.isfinite(x) for x in stored.losses)
     assert stored.losses == cast.losses
+
+
+def test_a_qwen1_directory_streams_into_float8_weights_with_the_bits_of_a_whole_load(tmp_path, monkeypatch):
+    from torchao.float8 import convert_to_float8_training
+
+    from minigpt4qwen.checkpoint import qwen1
+    from minigpt4qwen.checkpoint.llm import load_llm
+    from minigpt4qwen.model.activation_checkpointing import decoder_layers
+    from tests.test_qwen1 import random_qwen1_weights, tiny_config, write_qwen1_dir
+
+    qwen = tiny_config(hidden=128, layers=2, ffn=512)
+    weights = random_qwen1_weights(qwen)
+    order = sorted(weights, key=lambda k: ".h.1." in k)  # shards: [embeddings], [layer 0, norm, head], [layer 1]
+    write_qwen1_dir(tmp_path, qwen, {k: weights[k] for k in order}, shards=3)
+    reference, _ = load_llm(tmp_path, dtype=torch.bfloat16)  # whole, then converted as `model.float8` + storing
+    reference.requires_grad_(False)
+    convert_to_float8_training(decoder_layers(reference), config=float8.float8_recipe())
+    assert store_float8_weights(reference) == 14
+
+    def bf16_targets(llm) -> list[str]:
+        return [n for n, m in float8.float8_targets(llm).items() if not m.weight.is_meta]
+
+    unstored_at_each_shard = []
+    original_load = qwen1.load_checked
+
+    def checking(model, tensors, *args, **kwargs):
+        unstored_at_each_shard.append(bf16_targets(model))
+        return original_load(model, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(qwen1, "load_checked", checking)
+    calls = recorded(monkeypatch, "store_loaded_weights_in_float8")
+    streamed, _ = load_llm(tmp_path, dtype=torch.bfloat16, float8_weights=True)
+    assert calls == [0, 7, 7]  # each shard's layers stored as it arrived
+    assert unstored_at_each_shard == [[], [], []]  # no bf16 block weight was ever left while the next shard loaded
+    pairs = [(a, b) for a, b in zip(reference.modules(), streamed.modules()) if isinstance(a, Float8WeightLinear)]
+    assert len(pairs) == 14 and all(type(b) is Float8WeightLinear for _, b in pairs)
+    for a, b in pairs:
+        assert torch.equal(a.weight_bits, b.weight_bits) and torch.equal(a.weight_scale, b.weight_scale)
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, reference(ids).logits)
 
 
 def test_ddp_does_not_broadcast_the_float8_weights(tmp_path):
@@ -227,3 +280,20 @@ def _worker(out: Path) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_a_native_directory_reaches_float8_weights_one_layer_at_a_time(tmp_path, monkeypatch):
+    from minigpt4qwen.checkpoint.llm import load_llm
+    from tests.llm_families import write_llm_dir
+
+    write_llm_dir("Qwen3-8B", tmp_path / "qwen3")
+    reference, _ = load_llm(tmp_path / "qwen3", dtype=torch.bfloat16)
+    calls = recorded(monkeypatch, "store_loaded_weights_in_float8")
+    llm, _ = load_llm(tmp_path / "qwen3", dtype=torch.bfloat16, float8_weights=True)
+    # transformers' loader has no per-shard hook: read whole on the host, stored in one pass, layer by layer.
+    assert calls == [len(float8.float8_targets(reference))] and calls[0] > 0
+    reference.requires_grad_(False)
+    assert store_loaded_weights_in_float8(reference) == calls[0]
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(llm(ids).logits, reference(ids).logits)

@@ -39,7 +39,8 @@ FRESHLY_INITIALISED = ("language_projection",)
 
 
 def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime: bool = True,
-                fresh_projection: bool = True) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
+                fresh_projection: bool = True, float8_weights: bool = False
+                ) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
     """Loads every configured source and returns the model with trainable flags and dtypes applied.
 
     Args:
@@ -49,6 +50,9 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
             modify the modules first (e.g. LoRA) and apply them afterwards.
         fresh_projection: a projection no source provides is initialised randomly (a new training run); False
             (inference) makes it an error instead of a model that answers from an untrained projection.
+        float8_weights: store the LLM blocks' Linear weights in float8 on `device` (`model/float8_weights.py`),
+            frozen, shard by shard as they stream in (training's `model.float8_weights` where no LoRA is added
+            afterwards: peft wraps bf16 Linears only).
 
     Returns:
         (model, tokenizer).
@@ -65,13 +69,16 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
     checkpoint = (WeightSource("model.checkpoint", Path(cfg.checkpoint), read_model_checkpoint(cfg.checkpoint))
                   if cfg.checkpoint else None)
     lora = _checkpoint_lora(cfg.checkpoint)
-    # A quantized LLM streams onto the device, quantized shard by shard, unless the checkpoint still changes its
-    # weights (a trained LLM, LoRA adapters to merge): then it is quantized once they are in (end of this function).
-    stream = bool(cfg.quantize) and lora is None and not (
+    # A quantized (or float8-stored) LLM streams onto the device, shrunk shard by shard, unless the checkpoint still
+    # changes its weights (a trained LLM, LoRA adapters to merge): then it shrinks once they are in (see below).
+    if cfg.quantize and float8_weights:
+        raise ValueError("model.quantize and model.float8_weights both shrink the LLM's weights: choose one")
+    stream = bool(cfg.quantize or float8_weights) and lora is None and not (
         checkpoint and any(k.startswith("language_model.") for k in checkpoint.tensors))
     language_model, tokenizer = load_llm(
         cfg.llm, dtype=dtypes["language_model"], device=device if stream else "cpu",
         attn_implementation=cfg.attn_implementation, quantize=cfg.quantize if stream else None,
+        float8_weights=float8_weights and stream,
     )
     architecture = model_architecture(cfg, checkpoint)
     image_token_id = prepare_placeholder(language_model, tokenizer, cfg.placeholder_token)
@@ -113,6 +120,12 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
         from minigpt4qwen.model.quantization import quantize_language_model
 
         quantize_language_model(model, cfg.quantize, device=device)
+    if float8_weights:  # everything if it did not stream, one layer at a time onto the device
+        from minigpt4qwen.model.float8_weights import Float8WeightLinear, store_loaded_weights_in_float8
+
+        store_loaded_weights_in_float8(model.language_model, device)
+        logger.info("float8 weights: %d frozen LLM Linear layers stored in float8",
+                    sum(isinstance(m, Float8WeightLinear) for m in model.language_model.modules()))
     model = model.to(device)
     if runtime:
         apply_runtime_options(model, cfg)

@@ -62,6 +62,7 @@ def load_llm(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     quantize: str | None = None,
+    float8_weights: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a causal LM and its tokenizer from a local directory; remote code is never run.
 
@@ -72,6 +73,9 @@ def load_llm(
         attn_implementation: `"sdpa"`, `"eager"` or `"flash_attention_2"`.
         quantize: "int8" / "int4": the decoder blocks' Linear weights are quantized on `device` while the shards
             stream in (torchao, `model/quantization.py`); the output head stays for `quantize_language_model`.
+        float8_weights: the decoder blocks' Linear weights are frozen and stored in float8 on `device`
+            (`model/float8_weights.py`): while a Qwen1 directory's shards stream in; a `transformers`-native one is
+            read whole on the host first (its loader has no per-shard hook) and reaches `device` one layer at a time.
 
     Returns:
         (model in eval mode, tokenizer).
@@ -83,7 +87,7 @@ def load_llm(
     """
     if is_qwen1_dir(path):
         model = load_qwen1_dir(path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               quantize=quantize)
+                               quantize=quantize, float8_weights=float8_weights)
         return model, load_tokenizer(path)
     read_config_json(path)  # a clear error for a missing directory / config.json before transformers' own
     checkpoint_shards(path)  # and for a directory without weights
@@ -97,7 +101,7 @@ def load_llm(
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=dtype,
-        device_map={"": torch.device(device)},
+        device_map={"": torch.device("cpu" if float8_weights else device)},
         local_files_only=True,
         trust_remote_code=False,
         attn_implementation=attn_implementation,
@@ -108,6 +112,11 @@ def load_llm(
         # transformers' TorchAoConfig would be copied into exports and make them look like a transformers load).
         del model.config.quantization_config
         model.hf_quantizer = None
+    if float8_weights:
+        from minigpt4qwen.model.float8_weights import store_loaded_weights_in_float8
+
+        store_loaded_weights_in_float8(model, device)
+        model.to(device)  # the rest: embeddings, norms, output head
     return model.eval(), load_tokenizer(path)
 
 

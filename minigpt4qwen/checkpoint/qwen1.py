@@ -242,6 +242,7 @@ def load_qwen1_dir(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     quantize: str | None = None,
+    float8_weights: bool = False,
 ) -> Qwen2ForCausalLM:
     """Loads a published Qwen1 directory as `Qwen2ForCausalLM`, streaming its shards onto a meta-built model.
 
@@ -252,6 +253,8 @@ def load_qwen1_dir(
         attn_implementation: `"sdpa"`, `"eager"` or `"flash_attention_2"`.
         quantize: "int8" / "int4": each shard's Linear weights are quantized on `device` as soon as they are
             loaded (`model/quantization.py`; the output head is left to `quantize_language_model`).
+        float8_weights: each shard's block Linear weights are frozen and stored in float8 on `device` as soon as
+            they are loaded (`model/float8_weights.py`, training's `model.float8_weights`).
 
     Returns:
         The model in eval mode. Peak memory is about the model in `dtype` (or quantized) plus one shard.
@@ -291,11 +294,15 @@ def load_qwen1_dir(
             # copy=True: a parameter must own its storage, not a view of the fused c_attn or of a mmapped file.
             tensors[key] = converted.pop(key).to(device=device, dtype=dtype, copy=True)
         load_checked(model, tensors, str(file), allow_missing=True)
+        del tensors  # from here the model holds the weights: a quantized or float8 copy frees its bf16 source
         if quantize:
             from minigpt4qwen.model.quantization import quantize_llm_weights
 
-            del tensors  # the unquantized weights go as soon as their quantized copies exist
             quantize_llm_weights(model.model, quantize)
+        elif float8_weights:
+            from minigpt4qwen.model.float8_weights import store_loaded_weights_in_float8
+
+            store_loaded_weights_in_float8(model)
 
     if missing := [name for name, p in model.named_parameters() if p.is_meta]:
         raise CheckpointError(f"{path}: {len(missing)} parameter(s) found in no shard, e.g. {missing[:6]}")

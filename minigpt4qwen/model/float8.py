@@ -28,6 +28,8 @@ The conversion is a module swap inside the blocks, so every engine takes it: DDP
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -57,11 +59,19 @@ def check_float8_support(device: torch.device, *, allow_cpu: bool = False) -> No
         raise ImportError(f"model.float8 needs torchao's float8 training ({err}): {INSTALL_HINT}") from None
 
 
-def float8_targets(model: MiniGPT4Qwen) -> dict[str, nn.Linear]:
+def float8_recipe() -> Any:
+    """torchao's `Float8LinearConfig` every float8 layer is converted with (`apply_float8` and the float8-stored
+    weights alike, so both give the same bits): the default per-tensor recipe, inner dimension padded."""
+    from torchao.float8 import Float8LinearConfig
+
+    return Float8LinearConfig(pad_inner_dim=True)
+
+
+def float8_targets(language_model: nn.Module) -> dict[str, nn.Linear]:
     """The Linear layers `apply_float8` converts, by name inside the decoder blocks ("3.mlp.down_proj"): every plain
     `nn.Linear` of the LLM's blocks with both dimensions multiples of 16, except LoRA adapters."""
     targets = {}
-    for name, module in decoder_layers(model.language_model).named_modules():
+    for name, module in decoder_layers(language_model).named_modules():
         # Exactly nn.Linear: one already converted (torchao's Float8Linear subclasses it) is left alone.
         if type(module) is not nn.Linear or ".lora_" in f".{name}":
             continue
@@ -88,16 +98,16 @@ def apply_float8(model: MiniGPT4Qwen, *, device: torch.device | None = None, all
     """
     device = torch.device(device) if device is not None else next(model.language_model.parameters()).device
     check_float8_support(device, allow_cpu=allow_cpu)
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
     if any(is_quantized(p) for p in model.language_model.parameters()):
         raise ValueError("model.float8 casts the LLM's bf16 weights to fp8 each step; its weights are quantized "
                          "(model.quantize): set one of model.float8=false or model.quantize=null")
-    targets = float8_targets(model)
+    targets = float8_targets(model.language_model)
     if not targets:
         raise ValueError(f"model.float8: no Linear layer in the LLM's blocks is left to convert (none unconverted "
                          f"with both dimensions multiples of {FP8_ALIGNMENT}): set model.float8=false")
     chosen = {id(module) for module in targets.values()}
-    convert_to_float8_training(decoder_layers(model.language_model), config=Float8LinearConfig(pad_inner_dim=True),
+    convert_to_float8_training(decoder_layers(model.language_model), config=float8_recipe(),
                                module_filter_fn=lambda module, _fqn: id(module) in chosen)
     return len(targets)

@@ -13,6 +13,10 @@ What it gives up: the bf16 weights are gone from the model, so a checkpoint of e
 cannot run with it; training saves the trained parts, as the published recipe does. The bits are stored as uint8
 buffers (not saved in state dicts), which every process group and `.to()` can move; dtype casts of the module
 (`.half()`) leave both the bits and their fp32 scale as they are.
+
+Loading: `store_loaded_weights_in_float8` stores each weight as soon as its shard is in (the Qwen1 loader calls it
+per shard), so a 14B LLM reaches a 24 GB card without the host or the card holding its 28 GB of bf16 weights. LoRA
+must wrap the bf16 Linears first: then `apply_float8` and `store_float8_weights` run after the adapters.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from minigpt4qwen.model.activation_checkpointing import decoder_layers
+from minigpt4qwen.model.float8 import float8_recipe, float8_targets
 
 
 class Float8WeightLinear(nn.Module):
@@ -100,6 +105,36 @@ def store_float8_weights(language_model: nn.Module, device: torch.device | str |
     for parent, name in planned:
         setattr(parent, name, Float8WeightLinear(getattr(parent, name), device))
     return len(planned)
+
+
+def store_loaded_weights_in_float8(language_model: nn.Module, device: torch.device | str | None = None) -> int:
+    """Stores in float8 every weight `apply_float8` then `store_float8_weights` would, as soon as it is loaded: each
+    float8 target (`float8_targets`) whose weight is off the meta device becomes a `Float8WeightLinear` on `device`,
+    by way of torchao's `Float8Linear` in `apply_float8`'s recipe, so the bits are the same. Loaders call it after
+    each shard (`model.float8_weights` without LoRA): no device, nor the host, ever holds every bf16 weight.
+
+    The weights are frozen here: a caller stores them only for an LLM that does not train.
+
+    Args:
+        language_model: the causal LM, possibly still partly on meta (a load in progress).
+        device: where to cast and keep the float8 weights; None: where each weight is.
+
+    Returns:
+        The number of layers stored by this call.
+    """
+    from torchao.float8.float8_linear import Float8Linear
+
+    layers = decoder_layers(language_model)
+    done = 0
+    for name, linear in float8_targets(language_model).items():
+        if linear.weight.is_meta:
+            continue
+        linear.weight.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        stored = Float8WeightLinear(Float8Linear.from_float(linear, config=float8_recipe()), device)
+        setattr(layers.get_submodule(parent), child, stored)
+        done += 1
+    return done
 
 
 def float8_weight_buffer_names(module: nn.Module) -> list[str]:

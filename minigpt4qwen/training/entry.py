@@ -60,12 +60,14 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
         # RNGs, seeded alike on every rank so every replica starts from the same weights.
         set_seed(cfg.train.seed)
         pipeline = cfg.parallel.engine == "pipeline"
-        # The pipeline engine moves only its own stage's layers to the device: the whole model would not fit. With
-        # float8-stored weights the bf16 model is built on the host and its weights reach the device one at a time,
-        # cast there (a 14B model's 28 GB of bf16 weights would not fit the 24 GB card its float8 weights fit).
-        on_host = pipeline or cfg.model.float8_weights
+        # The pipeline engine moves only its own stage's layers to the device: the whole model would not fit.
+        # Float8-stored weights reach the device already float8 (a 14B model's 28 GB of bf16 weights would not fit
+        # the 24 GB card its float8 weights fit): stored as the shards stream in, or, where LoRA adapters must wrap
+        # the bf16 Linears first, from a bf16 model built on the host, one layer at a time after the adapters.
+        float8_while_loading = cfg.model.float8_weights and not cfg.train.lora.enabled
+        on_host = pipeline or (cfg.model.float8_weights and not float8_while_loading)
         model, tokenizer = build_model(cfg.model, device=torch.device("cpu") if on_host else info.device,
-                                       runtime=False)
+                                       runtime=False, float8_weights=float8_while_loading)
         if model.config.vision_config.image_size != cfg.data.image_size:  # a size read from the vision weights
             raise ValueError(f"the vision tower takes {model.config.vision_config.image_size} px images but "
                              f"data.image_size is {cfg.data.image_size}: set both to the tower's size")
@@ -73,7 +75,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
             from minigpt4qwen.training.lora import apply_lora
 
             logger.info("LoRA: %d trainable adapter parameters", apply_lora(model, cfg.train.lora))
-        if cfg.model.float8:  # after LoRA (its adapters stay in high precision), before compilation
+        if cfg.model.float8 and not float8_while_loading:  # after LoRA (its adapters stay in high precision)
             from minigpt4qwen.model.float8 import apply_float8
 
             logger.info("float8: %d LLM Linear layers", apply_float8(model, device=info.device))
