@@ -221,14 +221,22 @@ def rss_gib(field: str) -> float:
 def load_one(directory: str, mode: str, device: str) -> None:
     """(In a fresh process) streams the LLM directory in `mode`; prints host RSS and GPU peaks as JSON."""
     from minigpt4qwen.checkpoint.qwen1 import load_qwen1_dir
+    from minigpt4qwen.model.float8_weights import Float8WeightLinear
 
-    if mode != "bf16":  # torchao's first use imports a few hundred MB of modules (inductor...): not the load's
+    float8 = mode == "float8_weights"
+    # torchao's first use imports a few hundred MB of modules (inductor...): not the load's.
+    if float8:
+        from torchao.float8.float8_linear import Float8Linear
+
+        Float8WeightLinear(Float8Linear.from_float(nn.Linear(128, 128, device=device).requires_grad_(False)))
+    elif mode != "bf16":
         quantize_llm_weights(nn.Linear(128, 128, dtype=torch.bfloat16, device=device), mode)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak counts from here (imports excluded)
     baseline = rss_gib("VmRSS")
     start = time.perf_counter()
-    llm = load_qwen1_dir(directory, dtype=torch.bfloat16, device=device, quantize=None if mode == "bf16" else mode)
-    if mode != "bf16":
+    llm = load_qwen1_dir(directory, dtype=torch.bfloat16, device=device, float8_weights=float8,
+                         quantize=None if mode == "bf16" or float8 else mode)
+    if mode not in ("bf16", "float8_weights"):
         quantize_llm_weights(llm, mode)  # the head, as build_model's final pass
     sync(device)
     print(json.dumps({"mode": mode, "seconds": time.perf_counter() - start, "rss_before_gib": baseline,
@@ -268,7 +276,8 @@ def main() -> None:
     parser.add_argument("--size", default="7b", choices=["7b", "14b", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--modes", default=",".join(MODES), help="of bf16, int8, int4; int8+gemlite and int4+gemlite "
-                        "(chat rows only): the quantized layers computed by gemlite's kernels")
+                        "(chat rows only): the quantized layers computed by gemlite's kernels; float8_weights "
+                        "(--loading rows only): training's model.float8_weights, stored in float8 shard by shard")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="torch.cuda.set_per_process_memory_fraction")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--compile-decode", action="store_true", help="compile the CUDA-graph decoder's step")

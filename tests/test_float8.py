@@ -64,7 +64,8 @@ def test_exactly_the_llm_block_linears_are_converted():
     text.intermediate_size = 72
     odd = MiniGPT4Qwen(minigpt4qwen_config(text, image_token_id=5, vision_config=tiny_vision_config(),
                                            qformer_config=tiny_qformer_config(), num_query_tokens=NUM_QUERIES))
-    assert sorted(float8_targets(odd.language_model)) == [f"{i}.{n}" for i in range(2) for n in sorted(BLOCK_LINEARS[:4])]
+    want = [f"{i}.{n}" for i in range(2) for n in sorted(BLOCK_LINEARS[:4])]
+    assert sorted(float8_targets(odd.language_model)) == want
     with pytest.raises(ValueError, match="no Linear layer in the LLM's blocks is left to convert"):
         apply_float8(model, allow_cpu=True)  # a second call finds nothing left
 

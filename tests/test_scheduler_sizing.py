@@ -6,7 +6,7 @@ import pytest
 from transformers import Qwen2Config
 
 from minigpt4qwen.checkpoint.qwen1 import qwen2_config_from_qwen1
-from minigpt4qwen.inference.loading import MAX_AUTO_SLOT_TOKENS, slot_tokens_that_fit
+from minigpt4qwen.inference.scheduler_options import MAX_AUTO_SLOT_TOKENS, slot_tokens_that_fit
 from tests.reference import QWEN7B_DIR
 
 GIB = 2**30

@@ -45,9 +45,10 @@ def test_startup_log_names_the_share_flag_and_the_scheduler_closes(monkeypatch, 
 
 def test_the_webui_command_builds_its_scheduler_from_the_options_and_closes_it(monkeypatch):
     import minigpt4qwen.inference.loading as loading
+    import minigpt4qwen.inference.scheduler_options as scheduler_options
     from minigpt4qwen.cli.main import build_parser
 
-    build, built, served = loading.build_scheduler, [], []
+    build, built, served = scheduler_options.build_scheduler, [], []
 
     def recorded(*args):
         built.append(build(*args))
@@ -58,7 +59,7 @@ def test_the_webui_command_builds_its_scheduler_from_the_options_and_closes_it(m
         app.close()
 
     monkeypatch.setattr(loading, "load_for_inference", lambda args: make_tiny_chat_model())
-    monkeypatch.setattr(loading, "build_scheduler", recorded)
+    monkeypatch.setattr(scheduler_options, "build_scheduler", recorded)
     monkeypatch.setattr(gr.Blocks, "block_thread", serve_then_stop)
     args = build_parser().parse_args(["webui", "--port", str(_free_port()), "--slots", "2", "--slot-tokens", "300",
                                       "--compile-decode"])

@@ -151,7 +151,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_generation_options, add_model_options, add_scheduler_options
+    from minigpt4qwen.inference.loading import add_generation_options, add_model_options
+    from minigpt4qwen.inference.scheduler_options import add_scheduler_options
 
     p = sub.add_parser("generate", help="answer a JSON/JSONL file of prompts with images, write JSONL answers",
                        description='Batch inference: INPUT is a JSON list or JSONL of {"id"?, "image": path | [paths], '
@@ -179,7 +180,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_webui(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_model_options, add_scheduler_options
+    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.scheduler_options import add_scheduler_options
 
     p = sub.add_parser("webui", help="chat in the browser (gradio): upload images, streamed replies",
                        description="Serves the web UI at http://HOST:PORT; 127.0.0.1 by default (this machine only). "
@@ -194,7 +196,8 @@ def add_webui(sub: argparse._SubParsersAction) -> None:
 
 def run_webui(args: argparse.Namespace) -> int:
     from minigpt4qwen.inference.frontends.webui import launch
-    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
+    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.scheduler_options import build_scheduler
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     model, tokenizer = load_for_inference(args)
@@ -208,7 +211,8 @@ def run_webui(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from minigpt4qwen.inference.loading import add_model_options, add_scheduler_options
+    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.scheduler_options import add_scheduler_options
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models)",
                        description="Serves the model at http://HOST:PORT/v1 for any OpenAI client; images come as "
@@ -237,7 +241,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from minigpt4qwen.inference.frontends.openai_api.server import serve
-    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
+    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.scheduler_options import build_scheduler
 
     model, tokenizer = load_for_inference(args)
     scheduler = build_scheduler(model, tokenizer, args)

@@ -27,7 +27,8 @@ DATA_HELP = {
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
     """Registers `eval` with one subcommand per benchmark, and `compare`."""
-    from minigpt4qwen.inference.loading import add_model_options, add_scheduler_options
+    from minigpt4qwen.inference.loading import add_model_options
+    from minigpt4qwen.inference.scheduler_options import add_scheduler_options
 
     p = sub.add_parser("eval", help="score a model on MME, MMBench(-CN), POPE, SEED-Bench or a VQA/caption set",
                        description="Asks every question of a benchmark (greedy, in batches, decoded together by the "
@@ -86,7 +87,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from minigpt4qwen.evaluation.prompts import check_template
     from minigpt4qwen.evaluation.report import markdown
     from minigpt4qwen.evaluation.runner import evaluate
-    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference
+    from minigpt4qwen.inference.loading import load_for_inference
+    from minigpt4qwen.inference.scheduler_options import build_scheduler
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     benchmark = BENCHMARKS[args.benchmark]

@@ -219,7 +219,8 @@ def generate_main(args: argparse.Namespace) -> int:
     Raises:
         DataError / ValueError / FileNotFoundError: bad input or options (reported by the CLI's main).
     """
-    from minigpt4qwen.inference.loading import build_scheduler, load_for_inference, settings_from_args
+    from minigpt4qwen.inference.loading import load_for_inference, settings_from_args
+    from minigpt4qwen.inference.scheduler_options import build_scheduler
 
     settings = settings_from_args(args)
     scheduler = build_scheduler(*load_for_inference(args), args)
