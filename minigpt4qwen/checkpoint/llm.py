@@ -15,13 +15,8 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from minigpt4qwen.checkpoint.qwen1 import (
-    checkpoint_shards,
-    is_qwen1_dir,
-    load_qwen1_dir,
-    qwen2_config_from_qwen1,
-    read_config_json,
-)
+from minigpt4qwen.checkpoint.qwen1 import is_qwen1_dir, load_qwen1_dir, qwen2_config_from_qwen1, read_config_json
+from minigpt4qwen.checkpoint.shards import checkpoint_shards
 from minigpt4qwen.text.qwen_tokenizer import load_tokenizer
 
 # Existing special tokens reserved for image features, by family: Qwen1 `<|extra_0|>` (what MiniGPT4Qwen used),
