@@ -20,6 +20,7 @@ from typing import Any
 
 import accelerate
 import torch
+from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, KeyMap, KeyRule, drop, load_checked, rename
@@ -213,6 +214,10 @@ def load_qwen1_dir(
         torch.set_default_dtype(default_dtype)
     model.set_attn_implementation(attn_implementation)
 
+    shrink = f", quantizing to {quantize}" if quantize else ", storing float8 weights" if float8_weights else ""
+    # On a terminal only (disable=None): a 14B directory streams for minutes, quantized or not.
+    progress = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=f"loading {path.name}{shrink}", disable=None, dynamic_ncols=True)
     for file in files:
         shard = read_shard(file)
         if weight_map is not None:
@@ -233,6 +238,8 @@ def load_qwen1_dir(
             from minigpt4qwen.model.float8_weights import store_loaded_weights_in_float8
 
             store_loaded_weights_in_float8(model)
+        progress.update(file.stat().st_size)
+    progress.close()
 
     if missing := [name for name, p in model.named_parameters() if p.is_meta]:
         raise CheckpointError(f"{path}: {len(missing)} parameter(s) found in no shard, e.g. {missing[:6]}")
