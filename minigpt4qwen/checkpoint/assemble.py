@@ -73,6 +73,8 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", runtime
     # changes its weights (a trained LLM, LoRA adapters to merge): then it shrinks once they are in (see below).
     if cfg.quantize and float8_weights:
         raise ValueError("model.quantize and model.float8_weights both shrink the LLM's weights: choose one")
+    if float8_weights and cfg.trainable.language_model:
+        raise ValueError("model.float8_weights stores frozen LLM weights: set model.trainable.language_model=false")
     stream = bool(cfg.quantize or float8_weights) and lora is None and not (
         checkpoint and any(k.startswith("language_model.") for k in checkpoint.tensors))
     language_model, tokenizer = load_llm(
