@@ -264,6 +264,20 @@ def test_streams_lengths_and_capacity(scheduler, alone, model_and_tokenizer):
         scheduler.submit(**prompt, settings=GenerationSettings(num_beams=2))
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(scheduler, alone, model_and_tokenizer):
+    tokenizer = model_and_tokenizer[1]
+    requests, expected = alone
+    prompt, tokens = requests[0][0], expected[0][1]
+    # The first token whose text is new to the reply: a stop string that token (and no earlier one) completes.
+    for last in range(2, len(tokens)):
+        stop = tokenizer.decode(tokens[last - 1 : last]).strip()
+        if stop and stop not in tokenizer.decode(tokens[: last - 1]):
+            break
+    handle = scheduler.submit(**prompt, settings=GenerationSettings(max_new_tokens=last, stop=(stop,)))
+    handle.result(30)
+    assert handle.token_ids == tokens[:last] and handle.finish_reason == "stop"  # not "length"
+
+
 def _warped_probs(logits, temperature, top_k, top_p):
     """transformers' own warpers: the distribution `generate(do_sample=True)` draws from."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper

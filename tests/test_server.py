@@ -19,7 +19,7 @@ from PIL import Image
 
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
 from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
-from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
+from minigpt4qwen.inference.frontends.openai_api.openai_protocol import ChatRequest, Conversation, PromptSpec
 from minigpt4qwen.inference.frontends.openai_api.server import build_app
 from tests.conftest import make_tiny_chat_model
 
@@ -128,6 +128,7 @@ def test_streaming_sends_openai_chunks_with_the_same_answer(client, model_and_to
     chunks = list(client.chat.completions.create(model="tiny", messages=[_user("what is the shape", blue)],
                                                  max_tokens=N, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None and "usage" in c.model_fields_set for c in chunks[:-1])  # present, null (OpenAI's)
     content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content) > 1 and "".join(content) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
@@ -183,6 +184,57 @@ def test_a_dropped_stream_stops_its_generation(app, base_url, monkeypatch):
     health = httpx.get(f"{base_url}/health").json()
     assert health["active_slots"] == 0 and steps[0] < 100  # 200 without the hang-up
     assert health["admitted"] == 0  # the dropped stream left the queue
+
+
+def test_a_client_that_leaves_before_its_whole_reply_frees_the_slot(app, base_url, monkeypatch):
+    scheduler = app.state.scheduler
+    steps, decode = [0], scheduler.decoder.launch_decode
+
+    def slow_decode(n, *args, **kwargs):  # 10 ms a step: the 200 steps take 2 s, and the client leaves at 0.5
+        steps[0] += n
+        time.sleep(0.01 * n)
+        return decode(n, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler.decoder, "launch_decode", slow_decode)
+    request = {"messages": [_user("what", _image("red"))], "max_tokens": 200}  # not streamed: one answer at the end
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{base_url}/v1/chat/completions", json=request, timeout=0.5)  # as a client's timeout does
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{base_url}/health").json()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    health = httpx.get(f"{base_url}/health").json()
+    assert health["active_slots"] == 0 and steps[0] < 150  # 200 if it decoded on for nobody
+    assert health["admitted"] == 0
+
+
+def test_nulls_negative_seeds_and_the_limit_s_name_are_openai_s(base_url):
+    def post(**fields):
+        return httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields})
+
+    # SDKs that send every optional field send the unused ones as null: the defaults.
+    nulls = post(stream=None, n=None, stream_options={"include_usage": None}, seed=None, temperature=None)
+    assert nulls.status_code == 200 and nulls.json()["object"] == "chat.completion"
+    sampled = {"temperature": 1.5}
+    negative = post(seed=-1, **sampled)  # OpenAI takes any signed 64-bit seed: ours are taken modulo 2**63
+    assert negative.status_code == 200
+    assert negative.json()["choices"] == post(seed=2**63 - 1, **sampled).json()["choices"]
+    assert post(seed=2**63).status_code == 400
+    over = post(max_completion_tokens=10**6)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_a_closed_scheduler_answers_503_and_a_bug_500_in_openai_s_error_body(model_and_tokenizer, monkeypatch):
+    app = build_app(*model_and_tokenizer, "tiny", slots=2, slot_tokens=256)
+    request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with _serving(app) as url:
+        app.state.scheduler.close()  # e.g. shutting down
+        closed = httpx.post(f"{url}/v1/chat/completions", json=request)
+        assert closed.status_code == 503 and "not serving" in closed.json()["error"]["message"]
+        monkeypatch.setattr(ChatRequest, "settings", lambda *_: 1 / 0)  # a bug anywhere in the handler
+        bug = httpx.post(f"{url}/v1/chat/completions", json=request)
+        assert bug.status_code == 500 and bug.json()["error"]["type"] == "server_error"
+        assert httpx.get(f"{url}/health").json()["admitted"] == 0
 
 
 def test_api_key_is_required_when_set(model_and_tokenizer):

@@ -65,6 +65,11 @@ def check_request(input_ids: torch.Tensor, pixel_values: torch.Tensor | None, se
     return ids, settings
 
 
+class SchedulerUnavailable(RuntimeError):
+    """The scheduler (or the model's process behind an HTTP front end) takes no more requests: it was closed, or it
+    stopped or is gone. A server answers 503."""
+
+
 class _ModelLock:
     """`with scheduler.model_lock:` holds the model for the caller; the loop waits at its next step boundary."""
 
@@ -146,7 +151,7 @@ class GenerationScheduler:
 
         Raises:
             ValueError: beam search, invalid settings, an empty or too long prompt, both or misshapen images.
-            RuntimeError: the scheduler is closed.
+            SchedulerUnavailable: the scheduler is closed.
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass the images as pixel_values or as image_features, not both")
@@ -157,7 +162,7 @@ class GenerationScheduler:
         stop = StopOnText(self.tokenizer, settings.stop) if settings.stop else None
         with self._cond:
             if self._closed:
-                raise RuntimeError("the generation scheduler is closed")
+                raise SchedulerUnavailable("the generation scheduler is closed")
             handle = GenerationHandle(self.tokenizer, settings, len(ids), on_cancel=self._wake)
             self._inbox.append(Job(next(self._orders), handle, ids, pixel_values, image_features, seed, max_new, stop))
             self._cond.notify_all()

@@ -287,12 +287,12 @@ class SlotRounds:
         reason = None
         for count, token in enumerate(tokens, 1):
             job.tokens.append(token)
-            if token in self.stop_ids:
+            # A stop string the last allowed token completes is a stop, as a stop token is (OpenAI's "stop").
+            if token in self.stop_ids or (
+                    job.stop is not None and bool(job.stop(torch.tensor([job.tokens[-job.stop.tail:]]), None)[0])):
                 reason = "stop"
             elif len(job.tokens) >= job.max_new:
                 reason = "length"
-            elif job.stop is not None and bool(job.stop(torch.tensor([job.tokens[-job.stop.tail:]]), None)[0]):
-                reason = "stop"
             if reason is not None:
                 tokens = tokens[:count]
                 break

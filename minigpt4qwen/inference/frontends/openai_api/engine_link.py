@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.inference.decoding.generation_handle import GenerationHandle
-from minigpt4qwen.inference.decoding.scheduler import check_request
+from minigpt4qwen.inference.decoding.scheduler import SchedulerUnavailable, check_request
 from minigpt4qwen.inference.engine import GenerationSettings
 from minigpt4qwen.inference.frontends.openai_api.local_backend import LocalBackend
 from minigpt4qwen.inference.frontends.openai_api.openai_protocol import Conversation, PromptSpec
@@ -216,7 +216,7 @@ class RemoteBackend:
 
     def _send(self, message: tuple) -> None:
         if self._lost:
-            raise RuntimeError(self._lost)
+            raise SchedulerUnavailable(self._lost)
         with self._send_lock:
             self.connection.send(message)
 
@@ -225,6 +225,15 @@ class RemoteBackend:
         with self._lock:
             self._replies[rid] = reply
         return rid
+
+    def _send_registered(self, rid: int, message: tuple) -> None:
+        """Sends a request registered as `rid`; one that cannot be sent is forgotten (nothing will answer it)."""
+        try:
+            self._send(message)
+        except BaseException:
+            with self._lock:
+                self._replies.pop(rid, None)
+            raise
 
     def _cancel(self, rid: int) -> None:
         try:
@@ -239,7 +248,7 @@ class RemoteBackend:
         rid = -1
         handle = GenerationHandle(self.tokenizer, settings, len(flat), on_cancel=lambda: self._cancel(rid))
         rid = self._register(handle)
-        self._send(("submit", rid, flat.numpy(), None if pixels is None else pixels.numpy(), settings))
+        self._send_registered(rid, ("submit", rid, flat.numpy(), None if pixels is None else pixels.numpy(), settings))
         return handle
 
     def beam(self, conversation: Conversation, settings: GenerationSettings, window: int
@@ -248,7 +257,7 @@ class RemoteBackend:
         rid = -1
         reply = RemoteText(cancel=lambda: self._cancel(rid))
         rid = self._register(reply)
-        self._send(("beam", rid, conversation, settings, window))
+        self._send_registered(rid, ("beam", rid, conversation, settings, window))
         return reply, lambda: reply.prompt_tokens
 
     def stats(self) -> dict[str, Any]:

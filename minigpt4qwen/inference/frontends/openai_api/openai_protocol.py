@@ -59,18 +59,29 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
+    # OpenAI's SDKs may send any optional field as null: null means the default.
+    stream: bool | None = False
+    stream_options: dict[str, bool | None] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1)
+    n: int | None = Field(default=1, ge=1)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
     num_beams: int | None = Field(default=None, ge=1, le=8)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the reply is streamed (`stream` null means no)."""
+        return bool(self.stream)
+
+    @property
+    def usage_in_stream(self) -> bool:
+        """Whether a stream ends with a usage chunk (`stream_options.include_usage`)."""
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def settings(self, default_max_tokens: int, max_tokens_limit: int) -> GenerationSettings:
         """Decoding options: greedy unless temperature > 0 or top_p < 1 asks for sampling (temperature 0 is greedy).
@@ -85,20 +96,23 @@ class ChatRequest(BaseModel):
         Raises:
             RequestError: n > 1, more than 4 stop strings, or max_tokens above the server's limit.
         """
-        if self.n != 1:
+        if self.n not in (1, None):
             raise RequestError("n: only n=1 is supported", param="n")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
             raise RequestError("stop: at most 4 stop strings", param="stop")
+        name = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         if max_tokens > max_tokens_limit:
-            raise RequestError(f"max_tokens: {max_tokens} is above this server's limit of {max_tokens_limit}",
-                               param="max_tokens")
+            raise RequestError(f"{name}: {max_tokens} is above this server's limit of {max_tokens_limit}", param=name)
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise RequestError("seed: must fit 64 bits (a signed integer)", param="seed")
         sample = (self.temperature or 0) > 0 or (self.temperature is None and (self.top_p or 1) < 1)
         settings = GenerationSettings(
             max_new_tokens=max_tokens, do_sample=sample, temperature=self.temperature or 1.0, top_p=self.top_p or 1.0,
             top_k=self.top_k or 0, num_beams=self.num_beams or 1, repetition_penalty=self.repetition_penalty or 1.0,
-            seed=self.seed, stop=tuple(s for s in stops if s),
+            # OpenAI takes any signed 64-bit seed, ours are in [0, 2**63): a negative one is taken modulo 2**63.
+            seed=None if self.seed is None else self.seed % 2**63, stop=tuple(s for s in stops if s),
         )
         try:
             return settings.check()

@@ -12,23 +12,24 @@ OpenAI clients send). `/health` reports the slots in use, the queue and the toke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler, SchedulerUnavailable
 from minigpt4qwen.inference.engine import GenerationSettings
 from minigpt4qwen.inference.frontends.openai_api.admission import Admission, ApiKeyGuard, error_response, read_body
 from minigpt4qwen.inference.frontends.openai_api.errors import RequestError
@@ -39,6 +40,7 @@ from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a request whose client left before its reply (nginx's)
 STALE_STATS_S = 5.0  # /health answers 503 when the model's process has sent no stats for this long
 
 
@@ -46,6 +48,32 @@ def _location(loc: tuple) -> str:
     """A pydantic error location as a field path, without union branch names ("str", "list[...]", a part's tag)."""
     names = [str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in ("str", "list"))]
     return ".".join(n for i, n in enumerate(names) if i == 0 or n != names[i - 1]) or "body"
+
+
+async def _joined(reply: AsyncIterable[str]) -> str:
+    return "".join([piece async for piece in reply])
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[str]) -> str | None:
+    """`work`'s result, or None (`work` cancelled) once the client closes its connection first: a non-streamed
+    reply would otherwise hold its slot to the last token for nobody (an OpenAI client that timed out retries)."""
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only a hang-up is left
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (a shutdown): so is the reply
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
 
 
 def _parse(body: bytes) -> ChatRequest:
@@ -127,6 +155,10 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
     async def request_error(_: Request, err: RequestError) -> JSONResponse:
         return error_response(err.status, err.message, err.param)
 
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:  # a bug: logged, and OpenAI's error body
+        return error_response(500, f"internal error: {err}", kind="server_error")
+
     if api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
 
@@ -144,7 +176,7 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
                                             "owned_by": "minigpt4qwen"}]}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request) -> Response:
         body = await read_body(request, max_body_bytes)
         chat = _parse(body)
         settings = chat.settings(default_max_tokens, max_tokens_limit)
@@ -153,7 +185,7 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
             return error_response(429, f"the server is busy: {max_queue} requests are generating or waiting; retry "
                                   "later", kind="server_busy", code="queue_full", headers={"Retry-After": "1"})
         try:
-            return await _complete(chat, settings, release)
+            return await _complete(request, chat, settings, release)
         except BaseException:
             release()
             raise
@@ -170,15 +202,20 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
         """The reply (async-iterable text pieces with `num_tokens` and `finish_reason`) and its prompt length."""
         conversation, prompt = await run_in_threadpool(_prepare, chat, settings)
         if prompt is None:  # beam search runs alone on the model, between the scheduler's steps
-            return backend.beam(conversation, settings, window)
+            try:
+                return backend.beam(conversation, settings, window)
+            except SchedulerUnavailable as err:
+                raise RequestError(f"the model is not serving: {err}", status=503) from None
         try:
             handle = backend.submit(*prompt, settings)
         except ValueError as err:
             raise RequestError(str(err)) from None
+        except SchedulerUnavailable as err:
+            raise RequestError(f"the model is not serving: {err}", status=503) from None
         return handle, lambda: handle.prompt_tokens
 
-    async def _complete(chat: ChatRequest, settings: GenerationSettings,
-                        release: Callable[[], None]) -> JSONResponse | StreamingResponse:
+    async def _complete(request: Request, chat: ChatRequest, settings: GenerationSettings,
+                        release: Callable[[], None]) -> Response:
         """Answers an admitted request; `release` ends its admission once the reply is complete or abandoned."""
         reply, prompt_tokens = await _start(chat, settings)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -187,14 +224,17 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
             return {"prompt_tokens": prompt_tokens(), "completion_tokens": reply.num_tokens,
                     "total_tokens": prompt_tokens() + reply.num_tokens}
 
-        if not chat.stream:
+        if not chat.streams:
             try:
-                text = "".join([piece async for piece in reply])
+                text = await _unless_client_leaves(request, _joined(reply))
             except Exception as err:  # a bug, an out-of-memory, a bad image: the client gets a 500, the rest go on
                 log.exception("generation failed")
                 return error_response(500, f"generation failed: {err}", kind="server_error")
             finally:
                 release()
+            if text is None:  # the client hung up (a timeout, a retry): its slot was freed at the next step
+                reply.cancel()
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -202,9 +242,12 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
                 "usage": usage_dict(),
             })
 
+        # With include_usage every chunk carries "usage", null but in the last (OpenAI's stream format).
+        usage_field = {"usage": None} if chat.usage_in_stream else {}
+
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             data = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "choices": choices, **extra}
+                    "choices": choices, **usage_field, **extra}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         def delta(content: dict[str, str], finish_reason: str | None = None) -> str:
@@ -221,7 +264,7 @@ def create_app(backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name:
                 yield f"data: {json.dumps({'error': error})}\n\n"
             else:
                 yield delta({}, reply.finish_reason)
-                if (chat.stream_options or {}).get("include_usage"):
+                if chat.usage_in_stream:
                     yield event([], usage=usage_dict())
             finally:
                 release()
