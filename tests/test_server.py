@@ -334,8 +334,8 @@ def _image_url(url):
     ([_user("many", *[_image("red")] * 4)], 400, "at most 3"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], 400, "last message"),
     ([{"role": "user", "content": "<ImageHere> hi"}], 400, "<ImageHere>"),
-    ([{"role": "user", "content": [{"type": "audio", "data": "x"}]}], 422, "messages.0.content"),
-    ([{"role": "tool", "content": "x"}], 422, "messages.0.role"),
+    ([{"role": "user", "content": [{"type": "audio", "data": "x"}]}], 400, "messages.0.content"),
+    ([{"role": "tool", "content": "x"}], 400, "messages.0.role"),
     (_image_url(_data_uri(_noise(200))), 413, "above the limit"),
 ])
 def test_bad_requests_get_a_4xx_with_a_clear_message(client, messages, status, message):
@@ -349,7 +349,7 @@ def test_malformed_json_and_missing_fields(base_url):
                      headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     missing = httpx.post(f"{base_url}/v1/chat/completions", json={"model": "tiny"})
-    assert missing.status_code == 422 and "messages" in missing.json()["error"]["message"]
+    assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
     too_long = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                     "max_tokens": 10**6})
     assert too_long.status_code == 400 and "limit" in too_long.json()["error"]["message"]

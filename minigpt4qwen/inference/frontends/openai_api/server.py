@@ -85,7 +85,7 @@ def _parse(body: bytes) -> ChatRequest:
         return ChatRequest.model_validate(payload)
     except ValidationError as err:
         details = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in err.errors())
-        raise RequestError(f"invalid request: {details}", status=422) from None
+        raise RequestError(f"invalid request: {details}") from None  # 400, as OpenAI answers
 
 
 def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, model_name: str = "minigpt4qwen",
