@@ -5,6 +5,7 @@ and `eval compare`."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from minigpt4qwen.cli.main import main
 from minigpt4qwen.evaluation import mme
 from minigpt4qwen.evaluation.answering import SchedulerAnswerer
 from minigpt4qwen.evaluation.benchmarks import BENCHMARKS
+from minigpt4qwen.evaluation.questions import Question
 from minigpt4qwen.evaluation.report import markdown
-from minigpt4qwen.evaluation.runner import PREDICTIONS, evaluate
+from minigpt4qwen.evaluation.runner import PREDICTIONS, evaluate, predict
 from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
 from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
 from minigpt4qwen.inference.frontends.prompt_records import Prompt, prompt_ids
@@ -112,6 +114,16 @@ def test_answers_are_the_chat_answers_and_a_killed_run_resumes_to_the_same_resul
     with pytest.raises(ValueError, match="prompt_template"):
         evaluate(BENCHMARKS["mme"], mme.read(mme_dir), str(mme_dir), out, answerer, template="{question}",
                  settings={**SETTINGS, "prompt_template": "{question}"}, model={"model_dir": "tiny"}, progress=False)
+
+
+def test_two_questions_with_one_key_are_refused(mme_dir, tmp_path):
+    # Readers drop repeated keys; questions built otherwise must not share answers either.
+    questions = [Question(key="k", image=mme_dir / "color" / "0.png", fields={"question": q}, gold={},
+                          where=("set.jsonl", row)) for row, q in enumerate(("a", "b"))]
+    with pytest.raises(ValueError, match=r"set\.jsonl: record 1: .*question key 'k' repeats that of set\.jsonl: "
+                                         r"record 0"):
+        predict(questions, SimpleNamespace(image_size=8, answer=lambda requests: ["yes"] * len(requests)),
+                "{question}", tmp_path / PREDICTIONS, parse=mme.parse, progress=False)
 
 
 def test_every_benchmark_has_a_subcommand():

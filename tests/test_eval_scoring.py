@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from minigpt4qwen.data.formats import DataError
 from minigpt4qwen.evaluation import mmbench, mme, pope, seed, vqa
 from minigpt4qwen.evaluation.benchmarks import BENCHMARKS
 from minigpt4qwen.evaluation.choice import infer_choice
@@ -114,6 +115,7 @@ def _mmbench_tsv(path):
         (5, "Bad answer", "", "x", "y", "", "", "E", "cat_y", "L2b", _png_b64("blue")),
         (6, "Bad image", "", "x", "y", "", "", "A", "cat_y", "L2b", "not base64 at all " * 5),
         (7, "Shared image", "", "x", "y", "", "", "A", "cat_y", "L2a", "1"),
+        (3, "Repeated index", "", "x", "y", "", "", "A", "cat_y", "L2b", _png_b64("blue")),
     ]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
@@ -128,8 +130,12 @@ def test_mmbench_tsv_rotations_and_circular_rule(tmp_path):
     keys = [q.key for q in data.questions]
     assert keys == ["1", "1000001", "2000001", "3000001", "2", "1000002", "3", "3/rotation1", "3/rotation2", "4",
                     "4/rotation1", "7", "7/rotation1"]
-    assert sorted((e.kind, e.index) for e in data.skipped) == [("corrupt_image", 9), ("malformed_record", 8)]
-    assert data.total == 15
+    assert sorted((e.kind, e.index) for e in data.skipped) == [("corrupt_image", 9), ("malformed_record", 8),
+                                                                ("malformed_record", 11)]
+    assert "question key '3' repeats that of" in data.skipped[-1].detail and data.total == 16
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(DataError, match=r"empty\.tsv: unreadable_file"):
+        mmbench.read(tmp_path / "empty.tsv")
     generated = {q.key: q for q in data.questions}
     assert generated["3/rotation1"].fields["options"] == "A. two\nB. three\nC. one"
     assert generated["3/rotation1"].gold["answer"] == "B" and generated["3/rotation2"].gold["answer"] == "A"
@@ -157,7 +163,8 @@ def test_mmbench_tsv_rotations_and_circular_rule(tmp_path):
     ("B", "B"), ("(C)", "C"), ("C.", "C"), ("**D**", "D"),
     ("A B", None),                                            # two letters, no "answer is", no option text
     ("The answer is B because A is wrong", "B"),              # several letters: the "answer is X" pattern
-    ("answer is b", "B"),
+    ("answer is b", None), ("The answer is a dog.", "B"),    # only an upper-case letter, standing alone
+    ("The answer is blue", None), ("The answer is Bird", "C"), ("The answer is **D**.", "D"),
     ("B is right since it shows the dog and not any cat at all", None),  # letter too early; too long for text
     ("dog", "B"), ("a dog or a cat", None),                   # option text: exactly one must match
     ("Sorry, I can't help with images of people yet.", "Z"), ("Z", "Z"),
@@ -181,17 +188,20 @@ def _pope_layout(root):
             _image(root / "val2014" / f"COCO_val2014_{i:012d}.jpg")
         if split == "random":
             lines += ['{"question_id": 99, "text": "no image field"}',
-                      json.dumps({"question_id": 98, "image": "missing.jpg", "text": "t", "label": "no"})]
+                      json.dumps({"question_id": 98, "image": "missing.jpg", "text": "t", "label": "no"}),
+                      json.dumps({"question_id": 1, "image": f"COCO_val2014_{1:012d}.jpg", "text": "t", "label": "no"})]
         (root / "pope" / f"coco_pope_{split}.json").parent.mkdir(parents=True, exist_ok=True)
         (root / "pope" / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
+    (root / "pope" / "coco_pope_random.json.bak").write_text((root / "pope" / "coco_pope_random.json").read_text())
     return answers
 
 
 def test_pope_splits_metrics_and_yes_ratio(tmp_path):
     answers = _pope_layout(tmp_path)
     data = pope.read(tmp_path / "pope", tmp_path / "val2014")
-    assert data.total == 12 and len(data.questions) == 10
-    assert sorted(e.kind for e in data.skipped) == ["malformed_record", "missing_image"]
+    assert data.total == 13 and len(data.questions) == 10  # the .bak copy is not read
+    assert sorted(e.kind for e in data.skipped) == ["malformed_record", "malformed_record", "missing_image"]
+    assert "coco_pope_random.json: record 8" in str(data.skipped[-1]) and "'random/1' repeats" in str(data.skipped[-1])
     results, rows = _score_fixed("pope", data, answers, tmp_path)
     # random: TP 2 (Yes, NO), FN 1 (first sentence "There is no doubt"), TN 2, FP 1
     assert rows["random"]["accuracy"] == pytest.approx(400 / 6)
@@ -212,6 +222,9 @@ def test_seed_bench_image_part(tmp_path):
         {"question_id": "4", "question_type_id": 2, "answer": "D", "data_id": "img4", "data_type": "image"},
         {"question_id": "v1", "question_type_id": 10, "answer": "A", "data_id": "1.webm", "data_type": "video"},
         {"question_id": "5", "question_type_id": 2, "answer": "E", "data_id": "img1", "data_type": "image"},
+        {"question_id": "6", "question_type_id": [2], "answer": "A", "data_id": "img1", "data_type": "image"},
+        {"question_id": "7", "question_type_id": None, "answer": "A", "data_id": "img1", "data_type": "image"},
+        {"question_id": "1", "question_type_id": 2, "answer": "B", "data_id": "img2", "data_type": "image"},
     ]
     for q in questions:
         q.update(question="What?", choice_a="red", choice_b="green", choice_c="cat", choice_d="blue")
@@ -220,28 +233,45 @@ def test_seed_bench_image_part(tmp_path):
     for name in ("img1.jpg", "img2.jpg", "img3.jpg", "img4.png"):
         _image(tmp_path / "SEED-Bench-image" / name)
     data = seed.read(tmp_path / "SEED-Bench.json")
-    assert [q.key for q in data.questions] == ["1", "2", "3", "4"] and data.total == 5  # the video part left out
-    assert [e.kind for e in data.skipped] == ["malformed_record"]
-    answers = {"1": "A", "2": "The answer is B", "3": "C.", "4": "Blue"}  # 2: 10+ characters: not read
+    assert [q.key for q in data.questions] == ["1", "2", "3", "4"] and data.total == 8  # the video part left out
+    assert [(e.kind, e.index) for e in data.skipped] == [("malformed_record", i) for i in (5, 6, 7, 8)]
+    assert "question_type_id [2]" in data.skipped[1].detail and "key '1' repeats" in data.skipped[3].detail
+    answers = {"1": "A", "2": "The answer is B", "3": "(C) the cat", "4": "I am not sure"}  # long ones read too
     results, rows = _score_fixed("seed-bench", data, answers, tmp_path)
-    assert rows["Scene Understanding"]["accuracy"] == 50 and rows["Instance Identity"]["accuracy"] == 100
+    assert rows["Scene Understanding"]["accuracy"] == 100 and rows["Instance Identity"]["accuracy"] == 50
     assert results["summary"]["accuracy"] == 75 and results["unparsable"]["count"] == 1
+    for names in (None, ["Scene Understanding"], {"Scene Understanding": [1]}):
+        (tmp_path / "SEED-Bench.json").write_text(json.dumps({"questions": questions, "question_type": names}))
+        if names is None:  # no names: types are numbered
+            assert seed.read(tmp_path / "SEED-Bench.json").questions[0].gold["type"] == "type 1"
+        else:
+            with pytest.raises(DataError, match=r"SEED-Bench\.json: unreadable_file: \"question_type\" must be"):
+                seed.read(tmp_path / "SEED-Bench.json")
 
 
 def test_vqa_accuracy_and_normalisation(tmp_path):
     records = [{"id": "q1", "image": "a.jpg", "question": "How many?", "answers": ["2"] * 2 + ["3"] * 8},
                {"id": "q2", "image": "a.jpg", "question": "What?", "answers": "a red car"},
                {"id": "q3", "image": "missing.jpg", "question": "What?", "answers": ["x"]},
-               {"id": "q4", "image": "a.jpg", "answers": ["x"]}]
+               {"id": "q4", "image": "a.jpg", "answers": ["x"]},
+               {"id": "q5", "image": "a.jpg", "question": "Which?", "answers": ["don't know"] * 4 + ["no"] * 6},
+               {"id": "q2", "image": "a.jpg", "question": "Again?", "answers": "a blue car"}]
     (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{broken\n")
     _image(tmp_path / "a.jpg")
     data = vqa.read(tmp_path / "vqa.jsonl", None, "answers")
-    assert [q.key for q in data.questions] == ["q1", "q2"] and data.total == 5
-    assert sorted(e.kind for e in data.skipped) == ["malformed_record", "malformed_record", "missing_image"]
-    results, _ = _score_fixed("vqa", data, {"q1": "Two.", "q2": "The red car"}, tmp_path)
-    # q1: "two." -> "2"; leaving out a "2" leaves 1 match (1/3), leaving out a "3" leaves 2 (2/3): mean 0.6
-    assert results["summary"] == {"vqa_accuracy": pytest.approx(80), "exact_match": 100}
+    assert [q.key for q in data.questions] == ["q1", "q2", "q5"] and data.total == 7
+    assert sorted(e.kind for e in data.skipped) == ["malformed_record"] * 3 + ["missing_image"]
+    assert "vqa.jsonl: record 5: malformed_record: question key 'q2' repeats" in str(data.skipped[-1])
+    results, _ = _score_fixed("vqa", data, {"q1": "Two.", "q2": "The red car", "q5": "Dont know"}, tmp_path)
+    # q1: "two." -> "2"; leaving out a "2" leaves 1 match (1/3), leaving out a "3" leaves 2 (2/3): mean 0.6;
+    # q5: "dont" reads as "don't": 3 or 4 matches whichever is left out, 1.0
+    assert results["summary"] == {"vqa_accuracy": pytest.approx(260 / 3), "exact_match": 100}
     assert vqa.normalize_answer("Hello, world! It's 1,000.5 the end.") == "hello world it's 1000.5 end"
+    # Whether a mark touches a space is asked of the text as given, not of the text its earlier marks left.
+    assert vqa.normalize_answer("x-; y-z") == "x y z" and vqa.normalize_answer("a/-b c-d") == "b c d"
+    assert [vqa.normalize_answer(a) for a in ("isnt", "I wouldntve", "youre", "Its well", "Im here", "shes")] == \
+        ["isn't", "i wouldn't've", "you're", "its well", "im here", "she's"]  # "its", "well": words, left alone;
+    # "im" stays, as in the official scorer (its table's "Im" never meets a lower-cased word)
 
 
 def test_caption_tokens_match_the_ptb_tokenizer_and_scores(tmp_path):

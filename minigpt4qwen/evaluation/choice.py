@@ -3,8 +3,10 @@ e8e78f05, `can_infer`): first an option letter, then an option's text; nothing e
 
 Letter: after replacing `.()[],:;!*#{}` with spaces and splitting on whitespace, exactly one of the option letters
 must be a word, and it must be among the answer's last five words (`... so the answer is B`, `B. a dog`, `(C)`).
-Several letters, or one too early, fall through to the pattern `answer is X` (X in A-D, any case), then to the
-text rule. A known refusal, or a lone `Z` word with no option letter, reads as `Z` (never correct).
+Several letters, or one too early, fall through to the pattern `answer is X`, then to the text rule. X is an
+upper-case A-D standing alone (`answer is **B**.`, not `answer is a cat` nor `answer is Blue`): the one departure
+from VLMEvalKit, which takes any case and what follows. A known refusal, or a lone `Z` word with no option letter,
+reads as `Z` (never correct).
 Text: the answer (lower-cased, at most twice as long as all options together) must contain exactly one option's
 text (lower-cased).
 """
@@ -22,7 +24,11 @@ _REFUSALS = (
     "Cannot determine the answer",
 )
 _SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
-_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+# Departs from VLMEvalKit at e8e78f05, whose pattern (the same with the whole of it case-insensitive and nothing
+# after the letter) reads "The answer is a cat." as A and "The answer is blue" as B: the article and the first
+# letter of any word would pick an option. Only the words "answer is" ignore case here, and the letter must end a
+# word.
+_ANSWER_IS = re.compile(r"(?i:(?:correct\s+)?answer\s+is)\s+\**([ABCD])\**(?!\w)")
 
 
 def option_letter(answer: str, choices: Mapping[str, str]) -> str | None:
@@ -38,8 +44,8 @@ def option_letter(answer: str, choices: Mapping[str, str]) -> str | None:
     elif not named and REFUSAL in words:
         return REFUSAL
     found = _ANSWER_IS.search(answer)
-    if found and found.group(1).upper() in choices:
-        return found.group(1).upper()
+    if found and found.group(1) in choices:
+        return found.group(1)
     return None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from minigpt4qwen.data.formats import DataError
 from minigpt4qwen.evaluation.choice import format_options, infer_choice
-from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores
+from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, unique_keys
 
 ROTATION = 1_000_000
 FIELDS = ("question", "options", "hint", "hint_line")
@@ -41,7 +41,8 @@ def _read_table(path: Path) -> tuple[list[dict[str, Any]], list[DataError]]:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         try:
             frame = pd.read_csv(path, sep="\t", on_bad_lines="warn")
-        except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        # EmptyDataError (an empty file) is a ValueError, not a ParserError.
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
             raise DataError(str(path), None, "unreadable_file", f"not a readable TSV ({err})") from None
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
@@ -66,14 +67,19 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
     rows, skipped = _read_table(path)
     file = str(path)
     data = BenchmarkData([], skipped, total=len(rows) + len(skipped))
-    images = {_as_int(r["index"]): str(r["image"]) for r in rows if r["image"] is not None}
-    by_question: dict[int, list[Question]] = defaultdict(list)
+    images: dict[int | None, str] = {}
+    for r in rows:  # the first row of an index holds its image, as the first is the question asked
+        if r["image"] is not None:
+            images.setdefault(_as_int(r["index"]), str(r["image"]))
+    parsed = []
     for row_number, row in enumerate(rows):
         try:
-            question = _question(row, row_number, file, images)
+            parsed.append(_question(row, row_number, file, images))
         except DataError as err:
             data.skipped.append(err)
-            continue
+    # Before grouping: a repeated index would pass for a rotation row and keep the question's rotations unmade.
+    by_question: dict[int, list[Question]] = defaultdict(list)
+    for question in unique_keys(parsed, data.skipped):
         by_question[question.gold["group"]].append(question)
     for group, questions in sorted(by_question.items()):
         main = [q for q in questions if q.gold["rotation"] == 0]

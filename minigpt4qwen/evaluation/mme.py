@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from minigpt4qwen.data.formats import DataError
-from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, find_image
+from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, find_image, unique_keys
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -62,6 +62,8 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
         text_dir, image_dir = (folder / "questions_answers_YN", folder / "images") if split else (folder, folder)
         for text_file in sorted(text_dir.glob("*.txt")):
             _read_file(text_file, image_dir, subtask, data)
+    # `1.txt` and `1.jpg.txt` both name image 1.jpg, so even these keys can repeat.
+    data.questions = unique_keys(data.questions, data.skipped)
     return data
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from minigpt4qwen.data.formats import DataError
-from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores
+from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, unique_keys
 
 SPLITS = ("random", "popular", "adversarial")
 FIELDS = ("question",)
@@ -30,7 +30,8 @@ def split_files(path: Path) -> list[tuple[str, Path]]:
     if path.is_file():
         split = next((s for s in SPLITS if path.stem.endswith(s)), path.stem)
         return [(split, path)]
-    found = [(s, f) for s in SPLITS for f in sorted(path.glob(f"*pope_{s}.json*")) if f.is_file()]
+    # The name must end in .json: a backup such as coco_pope_random.json.bak would ask every question twice.
+    found = [(s, f) for s in SPLITS for f in sorted(path.glob(f"*pope_{s}.json")) if f.is_file()]
     if not found:
         raise FileNotFoundError(f"POPE data {path}: no coco_pope_random.json / _popular / _adversarial there")
     return found
@@ -70,6 +71,8 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
             data.questions.append(Question(
                 key=f"{split}/{record.get('question_id', row)}", image=images / image, fields={"question": text},
                 gold={"answer": label, "split": split}, where=(str(file), row)))
+    # Keys are split/question_id: a repeated id, or two sets of one split (coco_ and aokvqa_), repeat them.
+    data.questions = unique_keys(data.questions, data.skipped)
     return data
 
 

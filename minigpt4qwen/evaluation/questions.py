@@ -4,7 +4,7 @@ skipped, and what a scorer returns."""
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ class Question:
     """One question to ask the model.
 
     Attributes:
-        key: unique within the benchmark and stable across runs (predictions are resumed by it).
+        key: unique within the benchmark and stable across runs (predictions are resumed by it); readers keep the
+            first question of a key and skip later ones (`unique_keys`).
         image: the question's image.
         fields: the values the prompt template may use, e.g. {"question": ..., "options": ...}.
         gold: what scoring needs (the answer, the subtask or category, ...).
@@ -67,6 +68,26 @@ class Scores:
     summary: dict[str, float]
     unparsable: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def unique_keys(questions: Iterable[Question], skipped: list[DataError]) -> list[Question]:
+    """The questions whose key no earlier question has, in order; each later one is appended to `skipped` as a
+    malformed record naming its file, row and key.
+
+    Predictions and scores are looked up by key: a repeated key would score one question with another's answer.
+    """
+    first: dict[str, Question] = {}
+    kept = []
+    for question in questions:
+        if question.key in first:
+            earlier = first[question.key].where
+            skipped.append(DataError(question.where[0], question.where[1], "malformed_record",
+                                     f"question key {question.key!r} repeats that of {earlier[0]}: record "
+                                     f"{earlier[1]}; only the first is asked"))
+            continue
+        first[question.key] = question
+        kept.append(question)
+    return kept
 
 
 def open_image(source: ImageSource, where: str) -> Image.Image:

@@ -26,7 +26,7 @@ from minigpt4qwen.data.images import ImageLoadError
 from minigpt4qwen.evaluation.answering import Answerer, Request
 from minigpt4qwen.evaluation.benchmarks import Benchmark
 from minigpt4qwen.evaluation.prompts import render
-from minigpt4qwen.evaluation.questions import BenchmarkData, Question, open_image
+from minigpt4qwen.evaluation.questions import BenchmarkData, Question, open_image, unique_keys
 from minigpt4qwen.evaluation.report import build_results, write_results
 
 PREDICTIONS = "predictions.jsonl"
@@ -123,9 +123,13 @@ def predict(questions: Sequence[Question], answerer: Answerer, template: str, pa
 
     Returns:
         The answers, the questions skipped for a bad image, and the speed.
+
+    Raises:
+        ValueError: a bad batch size, or two questions with one key (the readers drop repeats: `unique_keys`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_keys(questions)
     done = read_predictions(path)
     batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     todo = [b for b in batches if any(q.key not in done for q in b)]
@@ -163,6 +167,14 @@ def predict(questions: Sequence[Question], answerer: Answerer, template: str, pa
     result.seconds = time.perf_counter() - start
     result.answers = {q.key: done[q.key]["answer"] for q in questions if q.key in done}
     return result
+
+
+def _check_keys(questions: Sequence[Question]) -> None:
+    # Answers are stored and looked up by key: a second question of a key would be scored with the first's answer.
+    repeats: list[DataError] = []
+    unique_keys(questions, repeats)
+    if repeats:
+        raise ValueError(str(repeats[0]))
 
 
 def _skip(error: DataError, result: Predictions) -> None:

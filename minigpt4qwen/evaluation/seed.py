@@ -6,8 +6,8 @@ Data: the released `SEED-Bench.json` (`{"questions": [{"question_id", "question"
 beside the JSON), file `data_id` (or `data_id` + .jpg/.png).
 
 Scoring: SEED-Bench's own script ranks the options by likelihood; a generated answer is read as VLMEvalKit reads
-SEED-Bench's (exact matching, `choice.infer_choice`, only answers shorter than 10 characters once stripped, so
-answer with the letter). Accuracy per question type and over all image questions.
+SEED-Bench's (exact matching: `choice.infer_choice` on every answer, whatever its length, so "The answer is B"
+and "B. a bicycle" read as B). Accuracy per question type and over all image questions.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minigpt4qwen.data.formats import DataError
 from minigpt4qwen.evaluation.choice import format_options, infer_choice
-from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, find_image
+from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, find_image, unique_keys
 
 FIELDS = ("question", "options")
 LETTERS = ("A", "B", "C", "D")
@@ -31,7 +31,8 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
         image_root: the image folder (default: SEED-Bench-image/ beside the JSON).
 
     Raises:
-        DataError: the file is unreadable or has no "questions" list.
+        DataError: the file is unreadable, has no "questions" list, or a "question_type" that is not an object
+            of names to ids.
     """
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -40,7 +41,11 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
     records = document.get("questions") if isinstance(document, dict) else None
     if not isinstance(records, list):
         raise DataError(str(path), None, "unreadable_file", 'expected {"questions": [...], "question_type": {...}}')
-    types = {v: k for k, v in document.get("question_type", {}).items()}
+    names = document.get("question_type") or {}
+    if not isinstance(names, dict) or not all(_is_type_id(v) for v in names.values()):
+        raise DataError(str(path), None, "unreadable_file", f'"question_type" must be an object of names to '
+                                                            f'integer (or string) ids, got {str(names)[:80]}')
+    types = {v: k for k, v in names.items()}
     images = image_root or path.parent / "SEED-Bench-image"
     data = BenchmarkData([])
     for row, record in enumerate(records):
@@ -56,6 +61,8 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
             type_id = record["question_type_id"]
             if answer not in choices:
                 raise ValueError(f"answer {answer!r} is not one of A-D")
+            if not _is_type_id(type_id):  # a list or object would also break the lookup of its name
+                raise ValueError(f"question_type_id {type_id!r} is not an integer (or string)")
         except (KeyError, ValueError) as err:
             data.skipped.append(DataError(str(path), row, "malformed_record", f"question {record.get('question_id')}: "
                                                                               f"{err}"))
@@ -69,13 +76,19 @@ def read(path: Path, image_root: Path | None = None) -> BenchmarkData:
             fields={"question": question, "options": format_options(choices)},
             gold={"answer": answer, "choices": choices, "type": types.get(type_id, f"type {type_id}")},
             where=(str(path), row)))
+    data.questions = unique_keys(data.questions, data.skipped)
     return data
 
 
+def _is_type_id(value: object) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
 def parse(question: Question, answer: str) -> str | None:
-    """The option letter, or None (also for answers of 10 characters or more)."""
-    answer = answer.strip()
-    return infer_choice(answer, question.gold["choices"]) if len(answer) < 10 else None
+    """The option letter ("Z" for a refusal), or None."""
+    # As VLMEvalKit (choice.py's commit) reads every prediction, long ones included: a length limit would count
+    # "The answer is B" as unparsable.
+    return infer_choice(answer, question.gold["choices"])
 
 
 def score(questions: list[Question], answers: dict[str, str]) -> Scores:

@@ -5,10 +5,11 @@ VQA record: `{"id"?, "image": path, "question": str, "answers": [str, ...] | str
 data file's folder).
 
 VQA: answers are normalised as the VQA evaluation does (newlines and tabs to spaces; punctuation dropped, or
-replaced by a space when it joins words; periods not followed by a digit dropped; lower case; number words up
-to ten as digits; articles dropped; its table that restores missing apostrophes, "dont" -> "don't", is not
-applied). VQA accuracy: with several reference answers, the mean over leaving each one out of min(1, matches /
-3) (VQAv2's 10-answer rule); with one, exact match. Exact match: equal to any reference.
+replaced by a space when it joins words, judged on the text as given; periods not followed by a digit dropped;
+lower case; number words up to ten as digits; articles dropped; missing apostrophes of contractions restored,
+"dont" -> "don't", by a table of common contractions, see `_CONTRACTIONS`). VQA accuracy: with several
+reference answers, the mean over leaving each one out of min(1, matches / 3) (VQAv2's 10-answer rule); with one,
+exact match. Exact match: equal to any reference. A repeated `id` is skipped as a malformed record.
 Captions: BLEU-1..4 and CIDEr-D from pycocoevalcap, on text tokenised here (see `caption_tokens`).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt4qwen.data.formats import DataError, read_json_records
-from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores
+from minigpt4qwen.evaluation.questions import BenchmarkData, Question, Scores, unique_keys
 
 VQA_FIELDS = ("question",)
 CAPTION_FIELDS = ()
@@ -29,6 +30,39 @@ _PERIOD = re.compile(r"\.(?!\d)")
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _NUMBERS["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
+# Contractions whose apostrophes an answer may leave out. Not listed because their apostrophe-less form is a common
+# word of its own: it's, i'd, i'll, he'll, she'd, she'll, we'd, we'll, we're, let's, who're, something's (the VQA
+# table also leaves its, id, ill, hell, shell, wed, shed, well, were and lets alone). Listed although they are
+# words too, as in the VQA table: can't (cant), won't (wont), how's and why's. The VQA table writes the I-forms
+# with a capital I ("Im", "Ive", "Id've"), which its lower-cased words never match: left out here too, so that
+# scores stay the official ones.
+_CONTRACTION_FORMS = """
+    ain't aren't can't couldn't didn't doesn't don't hadn't hasn't haven't isn't mightn't mustn't needn't oughtn't
+    shan't shouldn't wasn't weren't won't wouldn't could've might've must've should've would've not've
+    couldn't've mightn't've mustn't've shouldn't've wouldn't've hadn't've
+    you're you've you'll you'd you'd've he's he'd he'd've she's she'd've it'd it'll it'd've
+    we've we'd've they're they've they'll they'd they'd've that's that'll that'd here's there's there're there'd
+    there'll there'd've what's what're what'll what've what'd where's where'd where've when's why's why're why'll
+    how's how'd how'll who's who'd who'll who've who'd've somebody's somebody'd somebody'll somebody'd've
+    someone's someone'd someone'll someone'd've something'd something'll something'd've y'all y'all'll y'all'd've
+    o'clock ma'am 'twas
+""".split()
+
+
+def _without_apostrophes(form: str) -> list[str]:
+    """Every spelling of `form` with one or more of its apostrophes left out ("wouldn't've" -> "wouldnt've",
+    "wouldn'tve", "wouldntve")."""
+    parts = form.split("'")
+    spellings = []
+    for kept in range(2 ** (len(parts) - 1) - 1):  # bit i set: apostrophe i kept; all set (the form) excluded
+        spelling = parts[0]
+        for i, part in enumerate(parts[1:]):
+            spelling += ("'" if kept >> i & 1 else "") + part
+        spellings.append(spelling)
+    return spellings
+
+
+_CONTRACTIONS = {spelling: form for form in _CONTRACTION_FORMS for spelling in _without_apostrophes(form)}
 
 
 def read(path: Path, image_root: Path | None, answers_key: str) -> BenchmarkData:
@@ -53,6 +87,7 @@ def read(path: Path, image_root: Path | None, answers_key: str) -> BenchmarkData
             data.skipped.append(DataError(str(path), row, "missing_image", f"image {question.image}: no such file"))
             continue
         data.questions.append(question)
+    data.questions = unique_keys(data.questions, data.skipped)
     return data
 
 
@@ -75,14 +110,17 @@ def _question(record: Any, row: int, path: Path, root: Path, answers_key: str) -
 
 
 def normalize_answer(text: str) -> str:
-    """The VQA evaluation's answer normalisation (without its contraction table)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    joined = _DIGIT_COMMA.search(text) is not None
+    """The VQA evaluation's answer normalisation (see the module docstring)."""
+    given = text.replace("\n", " ").replace("\t", " ").strip()
+    joined = _DIGIT_COMMA.search(given) is not None
+    text = given
     for p in _PUNCT:
-        text = text.replace(p, "" if (p + " " in text or " " + p in text or joined) else " ")
+        # Whether p touches a space is asked of the text as given, as the VQA evaluation does: asked of the text
+        # rewritten so far, "x-; y" would keep "-" joined to the space its ";" left.
+        text = text.replace(p, "" if (p + " " in given or " " + p in given or joined) else " ")
     text = _PERIOD.sub("", text)
     words = [_NUMBERS.get(w, w) for w in text.lower().split()]
-    return " ".join(w for w in words if w not in _ARTICLES)
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def vqa_accuracy(answer: str, references: list[str]) -> float:
