@@ -2,6 +2,7 @@
 safe text parsing of GenerationSettings."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -61,6 +62,37 @@ def test_cancel_stops_generation_and_keeps_the_session(model_and_tokenizer, monk
     monkeypatch.undo()
     reply = session.ask("what", SHORT)  # the image kept pending goes with the next question
     assert session.turns == [("<Img><ImageHere></Img>what", reply)] and session.pending_images == []
+
+
+def test_a_cancel_while_the_prompt_is_built_stops_the_request(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    session = ChatSession(model, tokenizer)
+    build, started = session.build_prompt, threading.Event()
+
+    def slow_build(query):  # images being encoded, for seconds on a CPU: Ctrl-C comes meanwhile
+        started.set()
+        time.sleep(0.3)
+        return build(query)
+
+    monkeypatch.setattr(session, "build_prompt", slow_build)
+    canceller = threading.Thread(target=lambda: started.wait(10) and session.cancel())
+    canceller.start()
+    with pytest.raises(GenerationCancelled):
+        session.ask("what", SHORT)
+    canceller.join()
+    assert session.turns == []  # the reply nobody saw is not history
+    monkeypatch.undo()
+    assert session.ask("what", SHORT) is not None and len(session.turns) == 1  # a cancel stops one request only
+
+
+def test_an_image_marker_in_a_reply_is_text_in_the_next_prompt(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    session = ChatSession(model, tokenizer)
+    session.record_turn("what", "it says <Img><ImageHere></Img> here")  # what the model may write
+    ids, features = session.build_prompt("and now?")  # no image expected for it, and no refusal either
+    assert features is None and model.image_token_id not in ids[0].tolist()
+    assert session.turns[0][1] == "it says <Img><ImageHere></Img> here"  # the history shows the reply as written
+    assert session.ask("and now?", SHORT) is not None
 
 
 def test_regenerate_replaces_the_last_reply_and_keeps_new_images(model_and_tokenizer):

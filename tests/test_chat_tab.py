@@ -128,3 +128,21 @@ def test_image_added_during_a_reply_waits_and_regenerate_replaces_the_last_answe
     assert chat[2]["content"] == _conversation(reference, [("what colour", again)])[0] != first
     assert session.turns == reference.session.turns and len(session.pending_images) == 1  # blue: still pending
     assert [m["role"] for m in chat] == ["user", "user", "assistant", "user"]
+
+
+def test_a_long_chat_leaves_each_reply_its_room_and_a_full_slot_is_said(model_and_tokenizer, scheduler,
+                                                                        monkeypatch):
+    from minigpt4qwen.inference.frontends.chat_tab import SLOT_FULL
+
+    prompts, submit = [], scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda ids, **kw: prompts.append(ids.shape[1]) or submit(ids, **kw))
+    tab = _tab(model_and_tokenizer, scheduler)
+    question = "what colour is the shape and where is it " * 4
+    replies = _conversation(tab, [(question, GenerationSettings(max_new_tokens=40))] * 4)
+    # Older turns went so that every prompt left its reply 40 tokens of the 256-token slot.
+    assert len(tab.session.turns) == 4 and all(n <= scheduler.capacity - 40 for n in prompts)
+    assert max(prompts) > scheduler.capacity // 2 and not any(SLOT_FULL in reply for reply in replies)
+    # A reply asking for more than the slot holds keeps half of it, and is marked when the slot cuts it.
+    [*_, last] = _conversation(tab, [(question, GenerationSettings(max_new_tokens=1000))])
+    assert prompts[-1] <= scheduler.capacity // 2 and last.endswith(SLOT_FULL)
+    assert SLOT_FULL not in tab.session.turns[-1][1]  # on screen only

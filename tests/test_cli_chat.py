@@ -105,7 +105,7 @@ def test_help_is_bilingual(cli):
 
 
 def test_reply_matches_engine_and_history(cli, expected, files):
-    run(cli, ":cl")
+    run(cli, ":new")
     run(cli, f":img {files / 'red image.png'}")
     out = run(cli, QUESTION)
     assert f"Assistant: {expected}\r\n" in out and len(expected) == 8
@@ -115,7 +115,7 @@ def test_reply_matches_engine_and_history(cli, expected, files):
 
 
 def test_img_adds_images_mid_conversation_and_survives_bad_paths(cli, files):
-    run(cli, ":cl")
+    run(cli, ":new")
     assert "images (图片): 0" in run(cli, ":img")
     assert "missing_image" in run(cli, f":img {files / 'nope.png'}")
     assert "corrupt_image" in run(cli, f":img {files / 'notes.txt'}")
@@ -145,6 +145,9 @@ def test_conf_is_parsed_safely_and_reset(cli, files):
     out = run(cli, ":conf temperature=0.5 top_k=3 do_sample=yes stop='[\"x\", \"y z\"]'")
     assert "temperature = 0.5" in out and "top_k = 3" in out and "do_sample = True" in out
     assert "stop = ('x', 'y z')" in out
+    assert "stop = ('a', 'b c')" in run(cli, ':conf stop=["a", "b c"]')  # a JSON list as typed, spaces and all
+    assert "stop = ('\\n',)" in run(cli, ':conf stop="\\n"')  # a JSON string: "\n" is a newline
+    assert "stop = ('\\\\n',)" in run(cli, ":conf stop=\\n")  # unquoted: the two characters, as typed
     marker = files / "evaluated"
     injected = run(cli, f":conf temperature=__import__('pathlib').Path('{marker}').touch()")
     assert "not changed" in injected and not marker.exists()
@@ -160,7 +163,7 @@ def test_conf_is_parsed_safely_and_reset(cli, files):
 
 
 def test_ctrl_c_stops_a_streamed_reply_and_the_session_goes_on(cli, expected, files):
-    run(cli, ":cl")
+    run(cli, ":new")
     run(cli, ":conf max_new_tokens=100000")
     cli.sendline("what")
     cli.expect_exact("Assistant: ")
@@ -179,21 +182,24 @@ def test_ctrl_c_stops_a_streamed_reply_and_the_session_goes_on(cli, expected, fi
 
 
 def test_clear_commands(cli, files):
-    run(cli, ":cl")
+    run(cli, ":new")
     run(cli, f":img {files / 'green.png'}")
     run(cli, "what")
     run(cli, "what")
     assert "all 2 turn(s) of history cleared" in run(cli, ":clh")
     assert "History (0)" in run(cli, ":his")
     assert "for the next question" in run(cli, ":img")  # the images stay, for the next question
-    assert "history and images cleared" in run(cli, ":clear")
+    cleared = run(cli, ":clear")  # the screen only, as in the original
+    assert "Welcome to MiniGPT4Qwen" in cleared and "History (0)" in run(cli, ":his")
+    assert "for the next question" in run(cli, ":img")
+    assert "history and images cleared" in run(cli, ":new")
     assert "images (图片): 0" in run(cli, ":img")
     assert "unknown command :foo" in run(cli, ":foo")
     assert "empty question" in run(cli, "")
 
 
 def test_arrow_keys_edit_the_line_and_recall_earlier_ones(cli):
-    run(cli, ":cl")
+    run(cli, ":new")
     cli.send(f"helo{LEFT}l\r")  # "helo", Left, "l", Enter
     cli.expect_exact(USER)
     assert "User[0]: hello\r\n" in run(cli, ":his")
@@ -203,7 +209,7 @@ def test_arrow_keys_edit_the_line_and_recall_earlier_ones(cli):
 
 
 def test_a_line_longer_than_the_terminal_line_buffer_arrives_whole(cli):
-    run(cli, ":cl")
+    run(cli, ":new")
     question = "red green " * 500  # 5000 characters: a terminal in line mode keeps 4095 of them
     for start in range(0, len(question), 500):  # in pieces, reading the echo, so neither side's buffer fills
         cli.send(question[start:start + 500])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
+import json
+import re
 import shutil
 import signal
 import sys
@@ -30,13 +31,15 @@ HELP = """\
 Commands 命令:
     :help / :h                 show this help                         显示帮助信息
     :exit / :quit / :q         leave                                  退出
-    :clear / :cl               clear the screen, history and images   清屏并清除对话历史和图片
+    :clear / :cl               clear the screen                       清屏
     :clear-history / :clh      clear the history, keep the images     清除对话历史（保留图片）
+    :new                       start over: no history, no images      清除对话历史和图片
     :history / :his            show the history                       显示对话历史
     :seed                      show the random seed                   显示当前随机种子
     :seed <N>                  set the random seed (none: unset)      设置随机种子
     :conf                      show the generation settings           显示生成配置
     :conf <key>=<value> ...    change generation settings             修改生成配置
+                               (stop="\n" or stop=["a", "b"]: JSON strings and lists)
     :reset-conf                restore the starting settings          重置生成配置
     :img                       list the images                        显示图片列表
     :img <PATH>                add an image for the next question     为下一个问题添加图片
@@ -44,6 +47,7 @@ Up/Down recall earlier lines (上下键调出输入历史); Ctrl-C stops a reply
 Ctrl-C 中断生成；Ctrl-D 退出。"""
 IMAGE_INPUT = "Image path, one per line; :f to finish (图片路径，每行一个，可多张；输入 :f 结束并开始对话)> "
 USER = "User> "
+_CONF_ITEM_START = re.compile(r"\s+(?=[A-Za-z_]\w*=)")
 ASSISTANT = "Assistant: "
 
 
@@ -53,6 +57,18 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
+
+
+def _conf_value(text: str) -> str:
+    """A `:conf` value as typed: a double-quoted one is a JSON string (escapes such as \\n work), a single-quoted one
+    is taken literally without its quotes, anything else as it is."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return _unquote(text)
 
 
 def _read(prompt: str) -> str | None:
@@ -165,15 +181,21 @@ class ChatCLI:
         return error is None
 
     def run(self) -> None:
-        """Reads commands and questions until `:q` or end of input."""
+        """Reads commands and questions until `:q` or end of input. Ctrl-C or a failure inside a command (an image
+        being encoded, say) is reported and the conversation goes on."""
         print(WELCOME)
         while (line := _read(USER)) is not None:
-            if not line:
-                print("[ERROR] empty question (输入为空)")
-            elif not line.startswith(":"):
-                self.answer(line)
-            elif not self.command(line[1:]):
-                return
+            try:
+                if not line:
+                    print("[ERROR] empty question (输入为空)")
+                elif not line.startswith(":"):
+                    self.answer(line)
+                elif not self.command(line[1:]):
+                    return
+            except KeyboardInterrupt:
+                print("\n[INFO] interrupted; the conversation is kept (已中断，对话保留)", file=self.notes)
+            except Exception as err:  # e.g. out of memory while encoding an image: the history is still there
+                print(f"[ERROR] {err}", file=self.notes)
 
     def command(self, text: str) -> bool:
         """Runs one command.
@@ -190,12 +212,13 @@ class ChatCLI:
             return False
         if name in ("help", "h"):
             print(HELP)
-        elif name in ("clear", "cl"):
+        elif name in ("clear", "cl"):  # the screen only, as in the original
             if sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
+            print(WELCOME)
+        elif name == "new":
             self.session.clear()
             self.image_paths = []
-            print(WELCOME)
             print("[INFO] history and images cleared (对话历史和图片已清除)")
         elif name in ("clear-history", "clear-his", "clh"):
             count = len(self.session.turns)
@@ -239,11 +262,9 @@ class ChatCLI:
             print(f"    {field.name} = {getattr(self.settings, field.name)!r}")
 
     def _conf(self, rest: str) -> None:
-        try:
-            items = shlex.split(rest)
-        except ValueError as err:  # e.g. an unclosed quote
-            print(f"[WARNING] {err}; format: :conf key=value ... (格式错误)")
-            return
+        # Items begin where a word followed by "=" begins: values keep their spaces, quotes and backslashes (shell
+        # splitting would turn stop=\n into stop=n and a JSON list into a bare one).
+        items = _CONF_ITEM_START.split(rest.strip()) if rest.strip() else []
         if not items:
             self._print_settings()
         for item in items:
@@ -252,7 +273,7 @@ class ChatCLI:
                 print(f"[WARNING] {item!r}: format is key=value (格式应为 key=value)")
                 continue
             try:
-                self.settings = self.settings.with_text(key.strip(), value)
+                self.settings = self.settings.with_text(key.strip(), _conf_value(value))
             except ValueError as err:
                 print(f"[WARNING] not changed (未修改): {err}")
                 continue

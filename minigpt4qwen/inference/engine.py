@@ -30,6 +30,13 @@ from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 __all__ = ["IMAGE_PROMPT", "ChatSession", "GenerationCancelled", "GenerationSettings", "chat"]
 
 IMAGE_PROMPT = f"<Img>{IMAGE_MARKER}</Img>"  # how the original's data and chat wrap each image
+WORD_JOINER = "\u2060"  # invisible, and no character of a marker: it breaks one without changing what is shown
+
+
+def inert_markers(reply: str) -> str:
+    """A reply as history for the next prompt: an image marker the model wrote becomes plain text (a word joiner
+    splits it), so the prompt neither waits for an image there nor refuses a marker outside a user message."""
+    return reply.replace(IMAGE_MARKER, IMAGE_MARKER[:1] + WORD_JOINER + IMAGE_MARKER[1:])
 
 
 class GenerationCancelled(RuntimeError):
@@ -156,23 +163,28 @@ class ChatSession:
     def _messages(self, query: str, first_turn: int) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}]
         for user, reply in self.turns[first_turn:]:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": inert_markers(reply)}]
         return messages + [{"role": "user", "content": query}]
 
-    def build_prompt(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def build_prompt(self, query: str, max_window_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Input ids [1, T] for `query` (with its image markers) after the kept history, and the image features
         [N, Q, H] in marker order.
+
+        Args:
+            query: the question with its image markers.
+            max_window_size: this prompt's budget (default: the session's), e.g. smaller to leave a reply room.
 
         Raises:
             ValueError: the number of image markers differs from the number of images.
         """
+        window = self.max_window_size if max_window_size is None else min(max_window_size, self.max_window_size)
         all_images = self.turn_images + [self.pending_images]
         for first in range(len(self.turns) + 1):
             rendered = render_with_template(
                 self.tokenizer, self._messages(query, first), image_token_id=self.model.image_token_id,
                 num_query_tokens=self.model.num_query_tokens, add_generation_prompt=True,
             )
-            if len(rendered.input_ids) <= self.max_window_size or first == len(self.turns):
+            if len(rendered.input_ids) <= window or first == len(self.turns):
                 break
         features = [f for images in all_images[first:] for f in images]
         if rendered.num_images != len(features):
@@ -181,10 +193,12 @@ class ChatSession:
         ids = torch.tensor([rendered.input_ids], device=self.device)
         return ids, (torch.stack(features) if features else None)
 
-    def regenerate_prompt(self) -> tuple[str, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    def regenerate_prompt(self, max_window_size: int | None = None
+                          ) -> tuple[str, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """What `regenerate` answers, for generating elsewhere: the last question (with its markers), its images'
-        features, and `build_prompt`'s ids and features for it after the history before it. The session is unchanged;
-        record the new reply with `record_turn(query, reply, images, replace_last=True)`.
+        features, and `build_prompt`'s ids and features for it after the history before it (`max_window_size` as
+        there). The session is unchanged; record the new reply with `record_turn(query, reply, images,
+        replace_last=True)`.
 
         Raises:
             ValueError: no question has been answered yet.
@@ -196,7 +210,7 @@ class ChatSession:
             (query, _), images = self.turns[-1], self.turn_images[-1]
             self.turns, self.turn_images, self.pending_images = self.turns[:-1], self.turn_images[:-1], images
             try:
-                return query, images, *self.build_prompt(query)
+                return query, images, *self.build_prompt(query, max_window_size)
             finally:
                 self.turns, self.turn_images, self.pending_images = kept
 
@@ -253,8 +267,11 @@ class ChatSession:
     def _generate(self, query: str, settings: GenerationSettings, streamer: Any) -> str:
         try:
             settings.check()
-            ids, features = self.build_prompt(query)
+            # Cleared before the prompt is built (its images encoded): a cancel from then on stops this request.
             self._cancel.clear()
+            ids, features = self.build_prompt(query)
+            if self._cancel.fired:
+                raise GenerationCancelled("")
             beams = settings.num_beams > 1  # transformers cannot stream beam search
             if self.decoder is not None and fast_path_applies(settings):  # seeds after its graph captures
                 new = generate_fast(self.decoder, self.tokenizer, ids, features, settings, self._cancel, streamer)

@@ -83,7 +83,7 @@ class GenerationSettings:
         """A copy with field `key` set from its text form, e.g. ("temperature", "0.7"); nothing is evaluated.
 
         Text forms: ints and floats as Python writes them; booleans true/false/yes/no/on/off/1/0; `none` for an
-        unset seed; stop strings as one string or a JSON list of strings (an empty text clears them).
+        unset seed; stop strings as one string (blanks kept) or a JSON list of strings (an empty text clears them).
 
         Args:
             key: a field name.
@@ -98,7 +98,8 @@ class GenerationSettings:
         hints = typing.get_type_hints(GenerationSettings)
         if key not in hints:
             raise ValueError(f"unknown setting {key!r}; settings: {', '.join(hints)}")
-        value = _parse(key, text.strip(), hints[key])
+        # A stop string is taken as given: "\n" or " " are stops; other values ignore surrounding blanks.
+        value = _parse(key, text if hints[key] == tuple[str, ...] else text.strip(), hints[key])
         return dataclasses.replace(self, **{key: value}).check()
 
 

@@ -26,6 +26,8 @@ from minigpt4qwen.inference.engine import ChatSession, GenerationSettings
 from minigpt4qwen.inference.frontends.streaming import ReplyStream
 
 STOPPED = "(stopped)"  # appended to a reply that Stop cut short
+# Appended to a reply that ran out of room in its scheduler slot before max_new_tokens.
+SLOT_FULL = "(cut short: the conversation filled its slot; clear the history, or start with a larger --slot-tokens)"
 _DROP_WAIT_S = 10.0  # how long Clear/Restart wait for a stopped stream; it takes a decoding step unless stuck
 Chat = list[dict[str, Any]]  # the chatbot's messages
 
@@ -54,19 +56,24 @@ class _Reply:
         yield from self._beam_search() if self.settings.num_beams > 1 else self._batched()
 
     def _batched(self) -> Iterator[str]:
-        session = self.session
+        session, capacity = self.session, self.scheduler.capacity
+        # The prompt and its reply share one slot: older turns go so that the reply keeps its max_new_tokens, or
+        # half the slot when it asks for more (the prompt keeps the other half).
+        window = capacity - min(self.settings.max_new_tokens, capacity // 2)
         if self.text is None:
-            query, images, ids, features = session.regenerate_prompt()
+            query, images, ids, features = session.regenerate_prompt(window)
         else:
             with session.lock:  # the images the prompt holds are the ones its turn records
                 query, images = session.with_image_markers(self.text), list(session.pending_images)
-                ids, features = session.build_prompt(query)
+                ids, features = session.build_prompt(query, window)
         handle = self.scheduler.submit(ids, image_features=features, settings=self.settings)
         self._started(handle.cancel)
         yield from handle  # a consumer that leaves early cancels it
         if handle.finish_reason != "cancelled":
             session.record_turn(query, handle.result(), images, replace_last=self.text is None)
             self.answered = True
+            if handle.finish_reason == "length" and handle.num_tokens < self.settings.max_new_tokens:
+                yield f" {SLOT_FULL}"  # on screen only, not in the history
 
     def _beam_search(self) -> Iterator[str]:
         def run(session: ChatSession, settings: GenerationSettings, streamer: Any) -> str:

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4qwen.data.images import ImageTransform
 from minigpt4qwen.inference.decoding.graph_decoder import GraphDecoder
-from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings
+from minigpt4qwen.inference.engine import IMAGE_PROMPT, ChatSession, GenerationSettings, inert_markers
 from minigpt4qwen.inference.frontends.openai_api.errors import RequestError
 from minigpt4qwen.inference.frontends.openai_api.request_images import ImageLimits, decode_image
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
@@ -155,7 +155,7 @@ class Conversation:
         for first in range(len(self.turns) + 1):
             messages = [{"role": "system", "content": self.system_prompt}]
             for user, reply in self.turns[first:]:
-                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": inert_markers(reply)}]
             rendered = render_with_template(tokenizer, [*messages, {"role": "user", "content": self.query}],
                                             image_token_id=spec.image_token_id,
                                             num_query_tokens=spec.num_query_tokens, add_generation_prompt=True)
@@ -226,7 +226,7 @@ def build_conversation(request: ChatRequest, limits: ImageLimits) -> Conversatio
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
             if isinstance(part, TextPart):
-                if IMAGE_MARKER in part.text:
+                if IMAGE_MARKER in part.text and role != "assistant":  # a reply's own is text (`inert_markers`)
                     raise RequestError(f"{where}: the text may not contain {IMAGE_MARKER}; send images as image_url "
                                        "parts", param=where)
                 text += part.text
