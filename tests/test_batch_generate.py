@@ -108,6 +108,7 @@ def test_bad_records_are_reported_and_skipped_or_fatal(scheduler, data_dir, tmp_
         {"image": "img/broken.png", "query": "what"},
         {"image": "img/red.png", "query": "<ImageHere><ImageHere> what"},
         {"query": 5},
+        {"image": "img/red.png", "query": "what", "id": float("nan")},  # NaN: no JSON for its output line
     ]
     source = tmp_path / "bad.json"
     source.write_text(json.dumps(records))
@@ -116,7 +117,7 @@ def test_bad_records_are_reported_and_skipped_or_fatal(scheduler, data_dir, tmp_
     assert report.written == 1 and [line["id"] for line in _lines(tmp_path / "out.jsonl")] == [0]
     kinds = {e.index: e.kind for e in report.skipped}
     assert kinds == {1: "malformed_record", 2: "malformed_record", 3: "missing_image", 4: "corrupt_image",
-                     5: "marker_mismatch", 6: "malformed_record"}
+                     5: "marker_mismatch", 6: "malformed_record", 7: "malformed_record"}
     err = capsys.readouterr().err
     assert f"{source}: record 4: corrupt_image" in err and f"{source}: record 3: missing_image" in err
     errors = _lines(tmp_path / "out.jsonl.errors.jsonl")  # every skipped record, also in a file beside the output

@@ -8,6 +8,7 @@ Relative image paths start from `image_root` (default: the input file's folder).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -118,7 +119,10 @@ def _prompt(record: Any, index: int, root: Path) -> Prompt:
     for path in images:
         if not Path(path).is_file():
             raise MalformedRecord(f"image {path}: no such file", "missing_image")
-    return Prompt(index=index, id=record.get("id", index), query=questions[-1], images=images,
+    record_id = record.get("id", index)
+    if isinstance(record_id, float) and not math.isfinite(record_id):  # the output line would not be JSON
+        raise MalformedRecord(f"'id' must be a string or a finite number, got {record_id!r}")
+    return Prompt(index=index, id=record_id, query=questions[-1], images=images,
                   history=tuple(zip(questions[:-1], answers, strict=False)))
 
 
