@@ -173,16 +173,36 @@ def with_template(tok, template: str):
     return other
 
 
-def test_template_path_tokenizes_like_the_whole_string(tok):
-    # Frame text touches the content here (" [/INST] Sure"), so encoding the pieces apart would give other ids.
+def test_template_path_tokenizes_the_prompt_whole_and_the_reply_apart(tok):
+    # Frame text touches the contents here ("[INST] Name it. [/INST] Sure"): the prompt is one text run, as a
+    # whole-string encoding, but the reply starts its own run, as generation starts it after the prompt's space.
     llama = with_template(tok, LLAMA2_LIKE)
     messages = [{"role": "user", "content": "Name it."}, {"role": "assistant", "content": "Sure, a cat."}]
     out = render_with_template(llama, messages, image_token_id=EXTRA_0, num_query_tokens=Q)
-    rendered = llama.apply_chat_template(messages, tokenize=False)
-    assert out.input_ids == text_ids(tok, rendered)
-    # Targets: the reply (its first token carries the template's space) through its end-of-turn token.
-    supervised = [t for t in out.labels if t != IGNORE_INDEX]
-    assert supervised == text_ids(tok, " Sure, a cat.") + [ENDOFTEXT]
+    prompt = render_with_template(llama, messages[:1], image_token_id=EXTRA_0, num_query_tokens=Q,
+                                  add_generation_prompt=True)
+    assert prompt.input_ids == text_ids(tok, "[INST] Name it. [/INST] ")
+    reply = text_ids(tok, "Sure, a cat.")
+    assert reply != text_ids(tok, " Sure, a cat.")[1:]  # merged with the space, the reply would read otherwise
+    assert out.input_ids == prompt.input_ids + reply + [ENDOFTEXT]
+    # Targets: the reply through its end-of-turn token, none of the prompt.
+    assert out.labels == [IGNORE_INDEX] * len(prompt.input_ids) + reply + [ENDOFTEXT]
+
+
+@pytest.mark.parametrize("reply", ["\n\nAnswer.", "\nAnswer.\n", " Answer."])
+def test_template_path_learns_no_header_token_when_a_reply_starts_with_whitespace(tok, reply):
+    # Qwen's template writes "assistant\n" before a reply; merged with a reply's "\n\n" it would encode as one
+    # "\n\n\n" token, half header and labelled as a target. The reply is encoded on its own, as ChatML does.
+    kwargs = dict(image_token_id=EXTRA_0, num_query_tokens=Q)
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "More?"}, {"role": "assistant", "content": reply}]
+    out = render_with_template(tok, messages, **kwargs)
+    assert out == render_chatml(tok, messages, **kwargs)
+    assert [t for t in out.labels if t != IGNORE_INDEX] == (text_ids(tok, reply) + [IM_END]) * 2
+    # Truncation finds the answer where the generation prompt ends: that prompt is a prefix of the sample.
+    prompt = render_with_template(tok, messages[:-1], **kwargs, add_generation_prompt=True)
+    assert out.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert out.labels[len(prompt.input_ids)] == out.input_ids[len(prompt.input_ids)]
 
 
 def test_template_path_images(tok):

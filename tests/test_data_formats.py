@@ -9,6 +9,7 @@ from PIL import Image
 
 from minigpt4qwen.data.check import check_dataset
 from minigpt4qwen.data.config import DataConfig, DatasetSpec
+from minigpt4qwen.data.dataset import ConversationDataset
 from minigpt4qwen.data.formats import CC_SBU_PROMPTS, IMAGE_WRAP, Conversation, DataError, read_annotations
 from minigpt4qwen.text.tiny_tokenizer import build_tiny_chat_tokenizer
 
@@ -50,6 +51,14 @@ def test_llava_json_and_jsonl(tmp_path):
     }
     (conv,) = read("llava", write_json(tmp_path / "l.json", [record]))
     assert conv.messages == (("user", f"{IMAGE_WRAP}\nWhat is it?"), ("assistant", "A cat."))
+    # As LLaVA's preprocessing: a turn's lone <image> goes first, then a newline and the rest stripped; several
+    # stay where they are.
+    turns = [" What is this?\n<image> ", "<image>", "Left <image> or right <image>?"]
+    moved = [{"image": ["c.jpg"] * q.count("<image>"), "conversations": [{"from": "human", "value": q},
+                                                                        {"from": "gpt", "value": "A cat."}]}
+             for q in turns]
+    firsts = [c.messages[0][1] for c in read("llava", write_json(tmp_path / "m.json", moved))]
+    assert firsts == [f"{IMAGE_WRAP}\nWhat is this?", IMAGE_WRAP, f"Left {IMAGE_WRAP} or right {IMAGE_WRAP}?"]
     lines = tmp_path / "l.jsonl"
     lines.write_text(json.dumps(record) + "\n\n" + json.dumps({"conversations": record["conversations"][1:]}) + "\n")
     first, second = read("llava", str(lines))
@@ -172,6 +181,8 @@ def test_check_dataset_reports_every_problem_with_file_and_index(tmp_path):
     assert not report.ok
     assert [(f.records, f.usable, f.images) for f in report.files] == [(6, 2, 3), (2, 1, 0), (0, 0, 0)]
     assert report.events["truncated_answer"] == 1  # the long story is cut, not dropped
+    # Token statistics cover the 3 usable samples only, not records 1 and 2, whose images fail.
+    assert len(report.total_tokens) == len(report.label_tokens) == 3 and report.image_tokens == [4, 0, 0]
     text = report.format()
     assert "missing.png" in text and f"{annotation}: record 2: corrupt_image" in text and "NOT OK" in text
     assert "p50" in text and "truncated answer: 1" in text
@@ -223,3 +234,54 @@ def test_data_config_loads_through_omegaconf_and_validates():
             bad.validate()
     with pytest.raises(ValueError, match=r"datasets\[0\].format"):
         DataConfig(datasets=[DatasetSpec("coco", "t.json")]).validate()
+
+
+def test_lone_surrogates_are_reported_at_load_and_never_reach_lengths(tmp_path):
+    # JSON's "\ud800" escape decodes to a lone surrogate, which the tokenizer rejects with a bare TypeError.
+    annotation = tmp_path / "own.json"
+    annotation.write_text('[{"instruction": "What \\ud800 color", "output": "red"},\n'
+                          ' {"instruction": "q", "output": "x"}]')
+    tok = build_tiny_chat_tokenizer(["What color red q x"])
+    config = DataConfig(datasets=[DatasetSpec("minigpt4qwen", str(annotation))], bad_sample_policy="skip")
+    ds = ConversationDataset(config, tok, image_token_id=3, num_query_tokens=4)
+    assert len(ds) == 1 and ds.counts == {"skipped_malformed_record": 1} and ds.load_problems[0].index == 0
+    assert len(ds.lengths) == 1  # the trainer reads these for group_by_length and packing
+    config.bad_sample_policy = "error"
+    with pytest.raises(DataError, match=rf"{annotation}: record 0: malformed_record: message 0 \(user\)"):
+        ConversationDataset(config, tok, image_token_id=3, num_query_tokens=4)
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}')
+    (err,) = read("text", str(text))
+    assert (err.file, err.index, err.kind) == (str(text), 0, "malformed_record")
+    assert "message 1 (assistant): the text is not valid Unicode: '\\udfff' at character 0" in str(err)
+
+
+def test_check_dataset_checks_the_validation_datasets_under_their_own_heading(tmp_path):
+    train = write_json(tmp_path / "train.json", [{"instruction": "q", "output": "x"}])
+    val = write_json(tmp_path / "val.json", [{"instruction": "q", "output": "x"}, {"instruction": "q", "output": " "}])
+    tok = build_tiny_chat_tokenizer(["q x"])
+    config = DataConfig(datasets=[DatasetSpec("minigpt4qwen", train)], val_datasets=[DatasetSpec("minigpt4qwen", val)])
+    report = check_dataset(config, tok, image_token_id=3, num_query_tokens=4)
+    assert not report.ok and report.problems == [] and [f.annotation for f in report.files] == [train]
+    assert [(p.file, p.index, p.kind) for p in report.validation.problems] == [(val, 1, "empty_answer")]
+    assert [(f.annotation, f.records, f.usable) for f in report.validation.files] == [(val, 2, 1)]
+    text = report.format()
+    heading = text.index("validation datasets (data.val_datasets):")
+    assert text.startswith("training datasets (data.datasets):") and text.index(train) < heading
+    assert text.index(f"{val}: record 1: empty_answer") > heading and text.splitlines()[-1].startswith("NOT OK")
+    assert check_dataset(DataConfig(datasets=config.datasets), tok, image_token_id=3, num_query_tokens=4).ok
+
+
+def test_a_fractional_weight_draws_its_subset_once_per_seed_the_same_every_epoch(tmp_path):
+    records = [{"instruction": "q", "output": c} for c in "abcdefgh"] * 2
+    spec = DatasetSpec("minigpt4qwen", write_json(tmp_path / "w.json", records), weight=1.5)
+
+    def index(seed: int, epoch: int = 0) -> list[int]:
+        tok = build_tiny_chat_tokenizer(["q a b c d e f g h"])
+        ds = ConversationDataset(DataConfig(datasets=[spec]), tok, image_token_id=3, num_query_tokens=4, seed=seed)
+        ds.set_epoch(epoch)
+        return ds.index.tolist()
+
+    # As data/config.py documents: drawn once from the seed, the same every epoch (the sampler relies on it).
+    assert len(index(0)) == 16 + 8 and index(0) == index(0, epoch=3)
+    assert any(index(seed) != index(0) for seed in (1, 2, 3))

@@ -217,7 +217,7 @@ def test_truncation_drops_history_then_cuts_the_answer_never_an_image_run(tmp_pa
         strict.encode(0)
 
 
-def test_bad_image_raises_naming_file_and_record_or_is_skipped_and_counted(tmp_path, tiny):
+def test_bad_image_raises_naming_file_and_record_or_is_skipped_and_counted(tmp_path, tiny, monkeypatch):
     make_images(tmp_path)
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     records = [
@@ -230,6 +230,17 @@ def test_bad_image_raises_naming_file_and_record_or_is_skipped_and_counted(tmp_p
     assert skipping[1]["events"] == ["skipped_corrupt_image"] and skipping.counts["skipped_corrupt_image"] == 1
     with pytest.raises(ImageLoadError, match="missing_image: .*nope.png"):
         load_image(str(tmp_path / "nope.png"))
+    # Files that cannot be opened are not corrupt: the reason is given instead.
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageLoadError, match="missing_image: .*folder.png: a directory, not an image file"):
+        load_image(str(tmp_path / "folder.png"))
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "denied", path)
+
+    with monkeypatch.context() as patch:  # chmod 000 does not stop root (the tests may run as root): refuse the open
+        patch.setattr("PIL.Image.builtins.open", refuse)
+        with pytest.raises(ImageLoadError, match="missing_image: .*red.png: unreadable: permission denied"):
+            load_image(str(tmp_path / "red.png"))
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
@@ -308,3 +319,4 @@ def test_item_augmentation_is_reproducible_per_seed_epoch_and_index(tmp_path):
         ds.set_epoch(epoch)
         epochs.append(ds[0]["pixel_values"])
     assert torch.equal(first, again) and any(not torch.equal(first, e) for e in epochs)
+

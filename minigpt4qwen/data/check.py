@@ -7,7 +7,7 @@ statistics (records, images, token-length percentiles, truncations, an optional 
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4qwen.data.config import DataConfig
+from minigpt4qwen.data.config import DataConfig, DatasetSpec
 from minigpt4qwen.data.dataset import encode_conversation
 from minigpt4qwen.data.formats import Conversation, DataError, read_annotations
 from minigpt4qwen.data.images import ImageLoadError, load_image
@@ -50,6 +50,7 @@ class DataCheckReport:
         label_tokens: per usable sample, its learned tokens after fitting.
         events: fitting counts ("truncated_history", "truncated_answer").
         trained_parts: the model parts the run trains, when known (for the text-only warning).
+        validation: the same for `val_datasets`, when the config has any (its problems are not in `problems`).
     """
 
     problems: list[DataError] = field(default_factory=list)
@@ -60,21 +61,33 @@ class DataCheckReport:
     label_tokens: list[int] = field(default_factory=list)
     events: Counter[str] = field(default_factory=Counter)
     trained_parts: tuple[str, ...] | None = None
+    validation: DataCheckReport | None = None
 
     @property
     def ok(self) -> bool:
-        """True when no record has a problem (truncated samples are fine; dropped ones are problems)."""
-        return not self.problems
+        """True when no record has a problem, validation records included (truncated samples are fine; dropped
+        ones are problems)."""
+        return not self.problems and (self.validation is None or self.validation.ok)
 
     def format(self, max_problems: int = 50) -> str:
-        """A human-readable report: file table, token-length percentiles, fitting counts, problems.
+        """A human-readable report: file table, token-length percentiles, fitting counts, problems; then the same
+        for the validation datasets, under their own heading.
 
         Args:
-            max_problems: problems listed (all are counted).
+            max_problems: problems listed per section (all are counted).
 
         Returns:
             The text, newline-separated.
         """
+        lines = self._section(max_problems)
+        if self.validation is not None:
+            lines = ["training datasets (data.datasets):", *lines, "",
+                     "validation datasets (data.val_datasets):", *self.validation._section(max_problems)]
+        lines.append("OK" if self.ok else "NOT OK: fix the records above, or train with data.bad_sample_policy=skip")
+        return "\n".join(lines)
+
+    def _section(self, max_problems: int) -> list[str]:
+        """The lines of `format` for this report's own files."""
         width = max([len(f.annotation) for f in self.files] + [4])
         lines = [f"{'file':<{width}}  {'format':<12} {'records':>8} {'usable':>8} {'images':>8} {'text-only':>9}"]
         for f in self.files:
@@ -104,8 +117,7 @@ class DataCheckReport:
         lines += [f"  {p}" for p in self.problems[:max_problems]]
         if len(self.problems) > max_problems:
             lines.append(f"  ... and {len(self.problems) - max_problems} more")
-        lines.append("OK" if self.ok else "NOT OK: fix the records above, or train with data.bad_sample_policy=skip")
-        return "\n".join(lines)
+        return lines
 
     def text_only_warning(self) -> str | None:
         """A warning when text-only records meet a run that trains only parts no text reaches (the image path).
@@ -172,7 +184,8 @@ def check_dataset(
     open_images: bool = True,
     trained_parts: Sequence[str] | None = None,
 ) -> DataCheckReport:
-    """Read, parse, tokenize and fit every record of the config's datasets, and decode every image.
+    """Read, parse, tokenize and fit every record of the config's datasets and validation datasets, and decode
+    every image.
 
     Args:
         config: the data config (validated here).
@@ -184,16 +197,57 @@ def check_dataset(
             warns when text-only records can reach none of them.
 
     Returns:
-        The report; `report.ok` is False when any record would fail, be skipped or be dropped in training.
+        The report of `config.datasets`, with that of `config.val_datasets` as its `validation` (None without
+        any); `report.ok` is False when any record of either would fail, be skipped or be dropped.
 
     Raises:
         ValueError: an invalid config.
     """
     config.validate()
+    layout = dict(image_token_id=image_token_id, num_query_tokens=num_query_tokens)
     report = DataCheckReport(max_txt_len=config.max_txt_len,
                              trained_parts=None if trained_parts is None else tuple(trained_parts))
-    users: dict[str, list[tuple[FileSummary, Conversation]]] = defaultdict(list)
-    for spec in config.datasets:
+    splits = [(report, _check_records(config.datasets, tokenizer, config, report, **layout))]
+    if config.val_datasets:
+        # Validation records train nothing, so the text-only warning does not apply to them (trained_parts None).
+        report.validation = DataCheckReport(max_txt_len=config.max_txt_len)
+        splits.append((report.validation, _check_records(config.val_datasets, tokenizer, config, report.validation,
+                                                         **layout)))
+    failures: dict[str, ImageLoadError] = {}
+    if open_images:
+        paths = list(dict.fromkeys(path for _, samples in splits for sample in samples for path in sample.conv.images))
+        # Decoding releases the GIL, so threads overlap; each distinct file is decoded once, for both splits.
+        with ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool:
+            failures = {path: err for path, err in zip(paths, pool.map(_image_problem, paths), strict=True) if err}
+    for split, samples in splits:
+        _add_samples(split, samples, failures)
+        split.problems.sort(key=lambda p: (p.file, -1 if p.index is None else p.index, p.kind))
+    return report
+
+
+@dataclass
+class _Sample:
+    """A record that passed the text checks, with its statistics (counted once its images decode)."""
+
+    summary: FileSummary
+    conv: Conversation
+    full_length: int
+    image_tokens: int
+    label_tokens: int
+    events: tuple[str, ...]
+
+
+def _check_records(
+    specs: Sequence[DatasetSpec], tokenizer: PreTrainedTokenizerBase, config: DataConfig, report: DataCheckReport,
+    *, image_token_id: int, num_query_tokens: int,
+) -> list[_Sample]:
+    """Parse, tokenize and fit every record of `specs`, adding file summaries and problems to `report`.
+
+    Returns:
+        The records that pass (their images not yet decoded).
+    """
+    samples: list[_Sample] = []
+    for spec in specs:
         summary = FileSummary(spec.annotation, spec.format)
         report.files.append(summary)
         try:
@@ -213,26 +267,26 @@ def check_dataset(
             except DataError as err:
                 report.problems.append(err)
                 continue
-            summary.usable += 1
+            learned = sum(label != IGNORE_INDEX for label in encoded.labels[1:])
+            image_tokens = len(item.images) * num_query_tokens
+            samples.append(_Sample(summary, item, encoded.full_length, image_tokens, learned, encoded.events))
             summary.images += len(item.images)
-            summary.text_only += not item.images
-            for path in item.images:
-                users[path].append((summary, item))
-            report.total_tokens.append(encoded.full_length)
-            report.image_tokens.append(len(item.images) * num_query_tokens)
-            report.label_tokens.append(sum(label != IGNORE_INDEX for label in encoded.labels[1:]))
-            report.events.update(encoded.events)
-    if open_images:
-        # Decoding releases the GIL, so threads overlap; each distinct file is decoded once.
-        with ThreadPoolExecutor(max_workers=max(1, config.num_workers)) as pool:
-            problems = zip(users, pool.map(_image_problem, users), strict=True)
-            failures = [(path, err) for path, err in problems if err is not None]
-        failed: dict[int, FileSummary] = {}
-        for path, err in failures:
-            for summary, conv in users[path]:
-                report.problems.append(DataError(conv.file, conv.index, err.kind, f"{path}: {err.detail}"))
-                failed[id(conv)] = summary
-        for summary in failed.values():
-            summary.usable -= 1
-    report.problems.sort(key=lambda p: (p.file, -1 if p.index is None else p.index, p.kind))
-    return report
+    return samples
+
+
+def _add_samples(report: DataCheckReport, samples: list[_Sample], failures: dict[str, ImageLoadError]) -> None:
+    """Count the samples whose images all decode as usable, in the file summaries and token statistics; report
+    each failing image once per record that uses it (training would skip or stop on that record)."""
+    for sample in samples:
+        conv = sample.conv
+        failed = [(path, failures[path]) for path in dict.fromkeys(conv.images) if path in failures]
+        for path, err in failed:
+            report.problems.append(DataError(conv.file, conv.index, err.kind, f"{path}: {err.detail}"))
+        if failed:
+            continue
+        sample.summary.usable += 1
+        sample.summary.text_only += not conv.images
+        report.total_tokens.append(sample.full_length)
+        report.image_tokens.append(sample.image_tokens)
+        report.label_tokens.append(sample.label_tokens)
+        report.events.update(sample.events)

@@ -29,8 +29,9 @@ class DatasetSpec:
     annotation: str = ""
     # Folder that relative image paths in the records are resolved against; unused by "text".
     image_root: str = ""
-    # Records of this file per epoch, relative to its size: 2.0 repeats every record twice, 0.5 takes a
-    # seeded half of them.
+    # Records of this file per epoch, relative to its size: 2.0 repeats every record twice, 0.5 takes half of
+    # them. A fractional part is drawn once per run, from the run's seed: every epoch (and a resumed run) sees the
+    # same subset, not a fresh draw; the sampler and resuming rely on that fixed index.
     weight: float = 1.0
 
 

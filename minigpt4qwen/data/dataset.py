@@ -154,7 +154,8 @@ class ConversationDataset(Dataset):
         image_token_id: the placeholder id.
         num_query_tokens: placeholder ids per image.
         train: training transforms (random crop + flip) or eval ones.
-        seed: seeds weight subsampling and, with the epoch and index, each sample's augmentation.
+        seed: seeds weight subsampling (drawn once here: the same subset every epoch) and, with the epoch and
+            index, each sample's augmentation.
 
     Raises:
         DataError: an unreadable annotation file; with bad_sample_policy "error", the first bad record.
@@ -293,7 +294,11 @@ class ConversationDataset(Dataset):
 
 
 def _weighted_indices(start: int, stop: int, weight: float, rng: np.random.Generator) -> np.ndarray:
-    """Record ids start..stop-1 repeated floor(weight) times plus a random fraction of them, in file order."""
+    """Record ids start..stop-1 repeated floor(weight) times plus a random fraction of them, in file order.
+
+    Called once per dataset: the fraction is fixed for the run (every epoch, and a resumed run, index the same
+    items), which the sampler's epoch plans and resume offsets rely on.
+    """
     ids = np.arange(start, stop, dtype=np.int64)
     whole, fraction = math.floor(weight), weight - math.floor(weight)
     extra = np.sort(rng.permutation(ids)[: round(fraction * len(ids))])

@@ -208,11 +208,25 @@ def _parse_llava(record: Any, index: int) -> tuple[list[tuple[str, str]], list[s
         if source not in LLAVA_ROLES:
             detail = f"conversations[{i}]: unknown role {source!r} (expected one of {sorted(LLAVA_ROLES)})"
             raise MalformedRecord(detail, "unknown_role")
-        messages.append((LLAVA_ROLES[source], value.replace(LLAVA_IMAGE_TOKEN, IMAGE_WRAP)))
+        role = LLAVA_ROLES[source]
+        if role == "user":
+            value = _llava_image_first(value)
+        # A marker left in another turn is reported by `_validated` (only user turns may hold images).
+        messages.append((role, value.replace(LLAVA_IMAGE_TOKEN, IMAGE_WRAP)))
     # LLaVA's and the original's preprocessing both skip replies that open a conversation.
     while len(messages) > 1 and messages[0][0] == "assistant":
         messages.pop(0)
     return messages, _images(record)
+
+
+def _llava_image_first(value: str) -> str:
+    """A LLaVA question with a lone `<image>` moved to the front, "<image>\\n" + the rest stripped, as LLaVA's own
+    preprocessing lays it out (so "What is this?\\n<image>" trains as LLaVA trained it: image, then question).
+    Several `<image>` tokens stay in place: where each sits between the words is what tells them apart."""
+    if value.count(LLAVA_IMAGE_TOKEN) != 1:
+        return value
+    rest = value.replace(LLAVA_IMAGE_TOKEN, "").strip()
+    return f"{LLAVA_IMAGE_TOKEN}\n{rest}".strip()
 
 
 def _parse_cc_sbu_align(record: Any, index: int) -> tuple[list[tuple[str, str]], list[str]]:
@@ -245,7 +259,15 @@ _PARSERS = {
 
 
 def _validated(messages: list[tuple[str, str]], images: list[str], spec: DatasetSpec, index: int) -> Conversation:
-    """Check the turn structure, questions, answers and markers, and resolve image paths."""
+    """Check the text, turn structure, questions, answers and markers, and resolve image paths."""
+    for i, (role, content) in enumerate(messages):
+        # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer accepts: caught here, the record is
+        # reported (or skipped) once, instead of failing later in a batched tokenizer call that names no record.
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise MalformedRecord(f"message {i} ({role}): the text is not valid Unicode: "
+                                  f"{content[err.start:err.end]!r} at character {err.start} ({err.reason})") from None
     body = messages[1:] if messages and messages[0][0] == "system" else messages
     if not body:
         raise MalformedRecord("the conversation has no user/assistant turns")

@@ -25,7 +25,7 @@ class ImageLoadError(OSError):
 
     Attributes:
         path: the image file.
-        kind: "missing_image" or "corrupt_image".
+        kind: "missing_image" (absent or unreadable: the detail says which) or "corrupt_image".
     """
 
     def __init__(self, path: str, kind: str, detail: str) -> None:
@@ -47,14 +47,20 @@ def load_image(path: str) -> Image.Image:
         The RGB image.
 
     Raises:
-        ImageLoadError: the file is missing (kind "missing_image") or not a decodable image ("corrupt_image").
+        ImageLoadError: the file is missing, a directory or not readable (kind "missing_image", the reason in
+            its detail), or not a decodable image ("corrupt_image").
     """
     try:
         # PIL decodes lazily: convert() forces the full decode here, so a truncated file fails now.
         with Image.open(path) as image:
             return to_rgb(image)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise ImageLoadError(path, "missing_image", "no such file") from None
+    # Opening fails before any byte is decoded: the file's contents are not at fault, so "corrupt" would mislead.
+    except IsADirectoryError:
+        raise ImageLoadError(path, "missing_image", "a directory, not an image file") from None
+    except PermissionError as err:
+        raise ImageLoadError(path, "missing_image", f"unreadable: permission denied ({err.strerror})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageLoadError(path, "corrupt_image", f"cannot decode it ({type(err).__name__}: {err})") from None
 

@@ -146,11 +146,12 @@ def render_with_template(
     """Render a conversation with the tokenizer's own chat template (Qwen2.5, Qwen3, Llama 3, ChatML, ...).
 
     `template_layout` (chat_template.py) renders the messages with the template and locates every content and
-    every supervised span in its output. The string is cut only where the tokenizer cuts anyway, at the
-    template's special tokens (inserted as ids) and at image markers; the text between is encoded with special
-    tokens off, so ids equal a whole-string encoding while typed special tokens stay text. A token is a target
-    when its characters overlap a supervised span: each reply's content through its end-of-turn token, or what
-    the template's `{% generation %}` blocks mark.
+    every supervised span in its output. The string is cut at the template's special tokens (inserted as ids), at
+    image markers and where each assistant reply starts; the text between is encoded with special tokens off, so
+    typed special tokens stay text. Cutting at a reply's start is what generation does (the prompt ends there) and
+    what `render_chatml` does, so no token spans the header and the reply; elsewhere the ids equal a whole-string
+    encoding. A token is a target when its characters overlap a supervised span: each reply's content through its
+    end-of-turn token, or what the template's `{% generation %}` blocks mark.
 
     Args:
         tokenizer: a tokenizer with a `chat_template`.
@@ -184,12 +185,16 @@ def render_with_template(
     pos = 0
     for i, (begin, end) in enumerate([*layout.contents, (len(layout.text), len(layout.text))]):
         frame = layout.text[pos:begin]
-        pieces = [("control" if k % 2 else "text", p) for k, p in enumerate(control_split.split(frame))]
+        # (kind, text, starts a run): an assistant reply starts its own text run, never merged with the header
+        # before it. Generation stops the prompt right there, so a token straddling header and reply ("\n" +
+        # "\n\n" -> "\n\n\n") exists only in training; merged, it would also carry a target label into the prompt.
+        pieces = [("control" if k % 2 else "text", p, False) for k, p in enumerate(control_split.split(frame))]
         if i < len(layout.contents):
-            content = layout.text[begin:end]
-            pieces += [("image" if k % 2 else "text", p) for k, p in enumerate(_IMAGE_SPLIT.split(content))]
-        for kind, text in pieces:
-            if kind == "text" and chunks and chunks[-1][0] == "text":
+            content, reply = layout.text[begin:end], messages[i]["role"] == "assistant"
+            pieces += [("image" if k % 2 else "text", p, reply and k == 0)
+                       for k, p in enumerate(_IMAGE_SPLIT.split(content))]
+        for kind, text, new_run in pieces:
+            if kind == "text" and not new_run and chunks and chunks[-1][0] == "text":
                 chunks[-1] = ("text", chunks[-1][1] + text, chunks[-1][2])
             elif text:
                 chunks.append((kind, text, pos))
