@@ -129,11 +129,13 @@ def test_bad_records_are_reported_and_skipped_or_fatal(scheduler, data_dir, tmp_
     source.write_text("{not json")
     with pytest.raises(DataError, match="unreadable_file"):
         generate_file(scheduler, source, tmp_path / "out.jsonl", GREEDY, progress=False)
-    lines = tmp_path / "lines.jsonl"  # in JSONL one bad line is one bad record
-    lines.write_text(json.dumps(records[0]) + "\n{not json\n" + json.dumps(records[0]) + "\n")
+    lines = tmp_path / "lines.jsonl"  # in JSONL one bad line is one bad record: not JSON, not UTF-8, too deep
+    good = json.dumps(records[0]).encode()
+    lines.write_bytes(b"\n".join([good, b"{not json", good, b'{"query": "caf\xe9"}', b"[" * 100_000, good]) + b"\n")
     report = generate_file(scheduler, lines, tmp_path / "out.jsonl", GREEDY, image_root=data_dir, progress=False)
-    assert report.written == 2 and [(e.index, e.kind) for e in report.skipped] == [(1, "malformed_record")]
-    assert [e["index"] for e in _lines(tmp_path / "out.jsonl.errors.jsonl")] == [1]  # this run's errors only
+    assert report.written == 3 and [(e.index, e.kind) for e in report.skipped] == [(i, "malformed_record")
+                                                                                  for i in (1, 3, 4)]
+    assert [e["index"] for e in _lines(tmp_path / "out.jsonl.errors.jsonl")] == [1, 3, 4]  # this run's errors only
 
 
 def test_stop_strings_and_sampling_seed(scheduler, data_dir, tmp_path):

@@ -132,18 +132,20 @@ def read_json_records(file: str, list_key: str | None = None) -> Iterator[tuple[
         DataError: (kind "unreadable_file") a missing or undecodable file, or JSON that is not a list.
     """
     try:
-        with open(file, encoding="utf-8") as f:
-            if file.endswith(".jsonl"):
+        if file.endswith(".jsonl"):
+            with open(file, "rb") as f:  # bytes: one line that is not UTF-8 is one bad record, not a bad file
                 for index, line in enumerate(f):
                     if not line.strip():
                         continue
                     try:
-                        yield index, json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield index, DataError(file, index, "malformed_record", f"line {index + 1} is not JSON ({err})")
-                return
+                        yield index, json.loads(line.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+                        yield index, DataError(file, index, "malformed_record", f"line {index + 1} is not JSON in "
+                                               f"UTF-8 ({type(err).__name__}: {str(err)[:120]})")
+            return
+        with open(file, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise DataError(file, None, "unreadable_file", f"cannot read the file ({err})") from None
     if list_key is not None and isinstance(data, dict):
         data = data.get(list_key)
