@@ -94,3 +94,10 @@ def test_inference_refuses_an_untrained_projection(files):
         build_model(_config(root, checkpoint=None), fresh_projection=False)
     model, _ = build_model(_config(root, checkpoint=None))  # a new training run starts from a random one
     assert model.language_projection.weight.abs().sum() > 0
+
+
+def test_a_projection_given_in_part_is_an_error_not_a_fresh_start(files, tmp_path):
+    root, _, _, proj = files
+    torch.save({"llm_proj.weight": proj["llm_proj.weight"]}, tmp_path / "weight_only.pth")  # the bias left out
+    with pytest.raises(CheckpointError, match="language_projection.*language_projection.bias"):
+        build_model(_config(root, checkpoint=str(tmp_path / "weight_only.pth")))  # its weight kept nothing random

@@ -120,8 +120,10 @@ def test_a_bad_config_is_one_clear_line(project, capsys):
                               ("parallel.zero_stage=2", "engine=deepspeed"),
                               ("train.lora.enabled=true", "model.trainable.language_model"),
                               ("parallel.engine=deepspeed", "model.dtypes"),
-                              ("model.attn_implementation=flex_attention", "CUDA GPUs only")]:
+                              ("model.attn_implementation=flex_attention", "CUDA GPUs only"),
+                              ("train.precision=fp16", "set model.dtypes.language_projection=fp32")]:
         extra = ["model.trainable.language_model=true"] if "lora" in override else []
         extra += ["train.precision=bf16", "model.dtypes.language_model=bf16"] if "engine=deepspeed" in override else []
+        extra += ["model.dtypes.language_projection=fp16"] if "fp16" in override else []  # a trained part in fp16
         assert main(["train", str(project / "train.yaml"), override, *extra]) == 2, override
         assert message in capsys.readouterr().err, override

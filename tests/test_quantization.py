@@ -304,8 +304,13 @@ def test_lora_trains_adapters_on_the_int8_llm(project, tmp_path):
 def test_int8_export_round_trip_is_exact(project, tmp_path):
     from minigpt4qwen.cli.main import main
 
-    cli = tmp_path / "cli"  # the command writes a quantized model (its projection drawn afresh here)
-    assert main(["export", str(project / "quant.yaml"), str(cli), "--quantize", "int8"]) == 0
+    cli = tmp_path / "cli"  # the command writes a quantized model, from the original project's model.pth format
+    hidden = json.loads((project / "qwen" / "config.json").read_text())["hidden_size"]
+    torch.save({"model": {"llm_proj.weight": torch.randn(hidden, 32) * 0.1, "llm_proj.bias": torch.zeros(hidden)}},
+               tmp_path / "model.pth")
+    assert main(["export", str(project / "quant.yaml"), str(cli), "--quantize", "int8"]) == 2  # no trained projection
+    assert main(["export", str(project / "quant.yaml"), str(cli), f"model.checkpoint={tmp_path / 'model.pth'}",
+                 "--quantize", "int8"]) == 0
     assert json.loads((cli / "config.json").read_text())["llm_quantization"] == "int8"
     assert is_quantized(load_exported(cli)[0].language_model.model.layers[0].mlp.down_proj.weight)
     built, tokenizer = build(project, "model.quantize=int8")

@@ -296,3 +296,12 @@ def test_load_llm_native_directory(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights"):
         load_llm(tmp_path)
+
+
+def test_a_bin_shard_in_the_pre_zip_format_is_read_whole(tmp_path):
+    from minigpt4qwen.checkpoint.shards import read_shard
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    torch.save(tensors, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # cannot be mmapped
+    read = read_shard(tmp_path / "pytorch_model.bin")
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)

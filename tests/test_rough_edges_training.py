@@ -1,23 +1,34 @@
 """Training never loses samples or steps silently: data events are logged, recorded and summarised; a resumed run
-marks its restart in metrics.jsonl; killed saves are cleaned up; a resume with fewer trainable parts says so."""
+marks its restart in metrics.jsonl; killed saves are cleaned up (or put back); a resume with fewer trainable parts
+says so. The memory estimate counts what torch keeps; fp16 parameters under fp16 training are refused up front."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
+from minigpt4qwen.checkpoint.native import atomic_directory
 from minigpt4qwen.checkpoint.sources import read_model_checkpoint
 from minigpt4qwen.data.collate import DataCollator
 from minigpt4qwen.data.config import DataConfig, DatasetSpec
 from minigpt4qwen.data.dataset import ConversationDataset
 from minigpt4qwen.data.formats import IMAGE_WRAP
-from minigpt4qwen.model.parts import TrainableParts
+from minigpt4qwen.model.parts import PartDtypes, TrainableParts
+from minigpt4qwen.training.config import RunConfig
+from minigpt4qwen.training.memory import check_training_memory, estimate_memory
 from minigpt4qwen.training.metrics import METRICS_NAME
+from minigpt4qwen.training.state import remove_interrupted_saves
 from minigpt4qwen.training.trainer import Trainer
 from tests.conftest import make_tiny_chat_model
 from tests.test_trainer import ToyDataset, collate, config, tiny
@@ -109,9 +120,6 @@ def test_resume_with_fewer_trainable_parts_names_the_file_and_the_parts(tmp_path
 
 
 def test_stale_temporary_directories_need_our_own_names(tmp_path):
-    from minigpt4qwen.checkpoint.native import atomic_directory
-    from minigpt4qwen.training.state import remove_interrupted_saves
-
     with pytest.raises(KeyboardInterrupt), atomic_directory(tmp_path / "checkpoint-00000007") as tmp:
         raise KeyboardInterrupt  # removes the temporary directory; a hard kill would not have
     tmp.mkdir()
@@ -119,3 +127,109 @@ def test_stale_temporary_directories_need_our_own_names(tmp_path):
     (tmp_path / "keep.tmp-abcdefgh").mkdir()
     assert [p.name for p in remove_interrupted_saves(tmp_path)] == [tmp.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp-abcdefgh"]
+
+
+def _llm_shaped(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One trainable weight, and the LLM shape the activation estimate reads (32 blocks of width 8)."""
+    model = nn.Linear(64, 64, bias=False).to(dtype)
+    model.config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=8, num_hidden_layers=32))
+    return model
+
+
+def test_the_memory_estimate_counts_moments_in_the_parameter_dtype_and_checkpointing_of_every_kth_block():
+    model = _llm_shaped(torch.bfloat16)
+    args = dict(micro_batch_size=2, max_length=4, activation_bytes=2, device=torch.device("cpu"))
+    estimate = estimate_memory(model, checkpointed_llm=False, **args)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(1, 64, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    moments = [v for v in optimizer.state[model.weight].values() if v.dim()]  # not the scalar step count
+    assert estimate.gradients_and_optimizer == model.weight.grad.nbytes + sum(v.nbytes for v in moments)
+    block = 2 * 4 * 8 * 2  # one block's input: micro-batch x tokens x width x bytes
+    assert estimate.activations == block * 32 * 16
+    assert estimate_memory(model, checkpointed_llm=True, **args).activations == block * (32 + 16)
+    # every=2: 16 checkpointed blocks keep their inputs, 16 keep everything, one is recomputed at a time.
+    every2 = estimate_memory(model, checkpointed_llm=True, checkpoint_every=2, **args).activations
+    assert every2 == block * (16 + 16 * 16 + 16)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed", "pipeline"])
+def test_the_memory_check_refuses_what_cannot_fit_and_skips_the_partitioning_engines(engine, caplog):
+    cfg = RunConfig()
+    cfg.train.micro_batch_size = 10**9  # far beyond any device under DDP
+    cfg.parallel.engine = engine
+    with caplog.at_level(logging.INFO, logger="minigpt4qwen.training.memory"):
+        if engine == "ddp":
+            with pytest.raises(MemoryError, match="this run will not fit"):
+                check_training_memory(_llm_shaped(), cfg, torch.device("cpu"))
+        else:  # ZeRO partitions (and may offload) what one whole-model estimate counts
+            assert check_training_memory(_llm_shaped(), cfg, torch.device("cpu")) is None
+            assert f"no pre-flight estimate under parallel.engine={engine}" in caplog.text
+    cfg.train.check_memory = False
+    assert check_training_memory(_llm_shaped(), cfg, torch.device("cpu")) is None
+
+
+def test_fp16_training_of_fp16_parameters_is_refused_with_what_to_set(tmp_path):
+    cfg = RunConfig(data=DataConfig(datasets=[DatasetSpec("minigpt4qwen", "train.json", "images")]))
+    cfg.train.precision = "fp16"
+    cfg.model.dtypes.language_model = "fp16"  # frozen: fine
+    cfg.validate()
+    cfg.model.dtypes.language_projection = "fp16"  # trained: the gradient scaler cannot unscale its gradients
+    with pytest.raises(ValueError, match=r"set model\.dtypes\.language_projection=fp32, or use train\.precision=bf16"):
+        cfg.validate()
+    cfg.parallel.engine, cfg.model.dtypes = "deepspeed", PartDtypes.uniform("fp16")  # fp32 master weights there
+    cfg.validate()
+    model = tiny(TrainableParts())
+    model.language_projection.half()  # the same through the Python API: refused before the first step
+    trainer = Trainer(model, config(tmp_path, precision="fp16", max_steps=1), ToyDataset(), collate)
+    with pytest.raises(ValueError, match=r"model\.dtypes\.<part>=fp32"):
+        trainer.fit()
+
+
+def _write(directory: Path, text: str) -> None:
+    with atomic_directory(directory) as tmp:
+        (tmp / "v").write_text(text)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions and directory fsync")
+def test_an_atomic_directory_is_as_readable_as_any_and_its_rename_is_synced(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append((os.fstat(fd).st_ino, final.exists())),
+                                                 real_fsync(fd)))
+    final, umask = tmp_path / "checkpoint-00000001", os.umask(0o027)
+    try:
+        _write(final, "first")
+        _write(final, "second")  # replaces it
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(final.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o750
+    assert (final / "v").read_text() == "second"
+    assert (tmp_path.stat().st_ino, True) in synced  # the parent, once the new directory is in it
+
+
+def test_a_save_killed_while_it_replaced_a_checkpoint_is_repaired(tmp_path, monkeypatch):
+    done, cut = tmp_path / "checkpoint-00000004", tmp_path / "checkpoint-00000005"
+    _write(done, "old")
+    _write(cut, "old")
+    real_replace, renames = os.replace, []
+
+    def second_rename_killed(src, dst):
+        renames.append(src)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # a kill deletes nothing
+        _write(done, "new")  # killed after both renames, before the old version was deleted
+        patch.setattr(os, "replace", second_rename_killed)
+        with pytest.raises(KeyboardInterrupt):
+            _write(cut, "new")  # killed between the two renames: no checkpoint-00000005 at all
+    (tmp_path / ".notes.old-12").mkdir()  # not ours
+    assert not cut.exists() and len([p for p in tmp_path.iterdir() if ".old-" in p.name]) == 3
+    removed = sorted(p.name for p in remove_interrupted_saves(tmp_path))
+    assert removed[0] == f".{done.name}.old-{os.getpid()}" and removed[1].startswith(f".{cut.name}.tmp-")
+    assert len(removed) == 2  # the old version of checkpoint-00000005 was put back instead
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.old-12", done.name, cut.name]
+    assert (done / "v").read_text() == "new" and (cut / "v").read_text() == "old"

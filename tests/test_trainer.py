@@ -294,11 +294,3 @@ def test_length_grouped_plan_is_deterministic_and_groups_lengths():
                         for b in epoch_plan(400, 8, seed=3, epoch=1)) / len(plan)
     assert spread < random_spread / 4  # less padding in every batch
 
-
-def test_an_extended_run_follows_its_new_schedule(tmp_path):
-    run(tmp_path, max_steps=2, save_every_steps=2)
-    trainer = Trainer(tiny(), config(tmp_path, max_steps=10, resume="auto"), ToyDataset(), collate)
-    trainer.resume()
-    fresh = Trainer(tiny(), config(tmp_path / "fresh", max_steps=10), ToyDataset(), collate)
-    assert vars(trainer.scheduler.lr_lambdas[0]) == vars(fresh.scheduler.lr_lambdas[0])
-    assert trainer.scheduler.last_epoch == 2

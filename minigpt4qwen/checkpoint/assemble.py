@@ -157,7 +157,10 @@ def _initialise_or_fail(model: MiniGPT4Qwen, fresh_parts: tuple[str, ...]) -> No
         if tensor.is_meta:
             missing.setdefault(part_of_key(key), []).append(key)
     for part in fresh_parts:
-        if part in missing:
+        # Only a part with none of its tensors given starts fresh: re-initialising one given in part would
+        # overwrite what was loaded (a checkpoint without the bias, say), so that is an error like the others.
+        loaded = [k for k, t in getattr(model, part).state_dict(keep_vars=True).items() if not t.is_meta]
+        if part in missing and not loaded:
             module: nn.Linear = getattr(model, part)
             module.to_empty(device="cpu")
             module.reset_parameters()

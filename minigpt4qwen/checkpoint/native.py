@@ -10,8 +10,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +28,41 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "minigpt4qwen.json"
 FORMAT_VERSION = 1
-# `atomic_directory` writes into `.{final name}.tmp-XXXXXXXX` (tempfile.mkdtemp's 8 random characters).
+# `atomic_directory` writes into `.{final name}.tmp-XXXXXXXX` (8 random characters), and moves a directory it
+# replaces to `.{final name}.old-PID` until the new one is in place.
 TMP_INFIX = ".tmp-"
-_MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"
+OLD_INFIX = ".old-"
+_MKDTEMP_SUFFIX = r"[a-z0-9_]{8}"  # also what tempfile.mkdtemp, used before, left
+
+
+def _make_temporary_sibling(final: Path) -> Path:
+    """Creates `.{final.name}.tmp-XXXXXXXX` next to `final` with the permissions of any new directory.
+
+    `tempfile.mkdtemp` would create it 0700, and the published checkpoint would keep that: unreadable to the
+    group that reads the run's other files. `os.mkdir` applies the umask as for any other directory.
+    """
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}{TMP_INFIX}{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary directory name next to {final}")
+
+
+def _fsync_directory(path: Path) -> None:
+    """Makes the entries of a directory (a rename into it) durable, where the OS can open a directory to sync it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync directories
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -39,23 +71,28 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 
     If the block raises (or the process dies), `final` is untouched and the partial directory is removed (or,
     after a hard kill, left with a `.tmp-` name that loaders ignore and `remove_interrupted_writes` deletes).
+    Replacing an existing `final` takes two renames; a kill between them leaves the old one as `.{name}.old-PID`,
+    which `remove_interrupted_writes` puts back.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_INFIX}", dir=final.parent))
+    tmp = _make_temporary_sibling(final)
     try:
         yield tmp
         for file in tmp.iterdir():
             if file.is_file():
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        _fsync_directory(tmp)
+        old = final.with_name(f".{final.name}{OLD_INFIX}{os.getpid()}") if final.exists() else None
+        if old is not None:
             os.replace(final, old)
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+        # The renames are made durable before the previous version goes: a power loss could otherwise lose them
+        # (though the files were synced), and with them both versions.
+        _fsync_directory(final.parent)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -64,6 +101,9 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 def remove_interrupted_writes(parent: str | Path, name_pattern: str) -> list[Path]:
     """Deletes what `atomic_directory` left in `parent` when its process was killed mid-write (logged).
 
+    A `.tmp-` directory is an unfinished write: deleted. A `.old-PID` directory is the previous version of a
+    directory being replaced: deleted when the new version is in place, renamed back when the kill came between
+    the two renames (the new version's `.tmp-` directory is then deleted like any other).
     Call it only when nothing writes into `parent`, e.g. when a run starts.
 
     Args:
@@ -77,10 +117,17 @@ def remove_interrupted_writes(parent: str | Path, name_pattern: str) -> list[Pat
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    ours = re.compile(rf"\.(?:{name_pattern}){re.escape(TMP_INFIX)}{_MKDTEMP_SUFFIX}")
+    tmp_name = re.compile(rf"\.(?:{name_pattern}){re.escape(TMP_INFIX)}{_MKDTEMP_SUFFIX}")
+    old_name = re.compile(rf"\.(?P<final>{name_pattern}){re.escape(OLD_INFIX)}\d+")
     removed = []
     for child in sorted(parent.iterdir()):
-        if ours.fullmatch(child.name) and child.is_dir() and not child.is_symlink():
+        if not child.is_dir() or child.is_symlink():
+            continue
+        old = old_name.fullmatch(child.name)
+        if old and not (parent / old["final"]).exists():
+            logger.warning("restoring %s from %s: its replacement was stopped midway", old["final"], child)
+            os.replace(child, parent / old["final"])
+        elif old or tmp_name.fullmatch(child.name):
             logger.warning("removing %s: an unfinished checkpoint write (its process was stopped mid-save)", child)
             shutil.rmtree(child)
             removed.append(child)

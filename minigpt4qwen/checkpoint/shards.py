@@ -69,7 +69,13 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             tensors = safetensors.torch.load_file(file)
         else:
-            tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                # A pre-1.6 (non-zip) file cannot be memory-mapped: read it whole.
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
     except (safetensors.SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read weight shard (truncated or corrupt?): {e}") from e
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):

@@ -64,7 +64,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="write the LLM's weights quantized by torchao, as model.quantize does (int4: on a CUDA GPU)")
+                   help="write the LLM's weights quantized by torchao, as model.quantize does (int4: with --device "
+                        "cuda)")
+    p.add_argument("--device", default="cpu", help="where the model is built (cuda: needed for int4, which is "
+                   "packed for CUDA GPUs; default: cpu)")
     p.set_defaults(func=run_export)
 
 
@@ -79,10 +82,12 @@ def run_export(args: argparse.Namespace) -> int:
     if args.model_dir is not None:
         if args.overrides:
             raise ValueError(f"config overrides {args.overrides} do not apply to --model-dir {args.model_dir}")
-        model, tokenizer = load_exported(args.model_dir, quantize=args.quantize)
+        model, tokenizer = load_exported(args.model_dir, quantize=args.quantize, device=args.device)
     else:
         quantize = [f"model.quantize={args.quantize}"] if args.quantize else []
-        model, tokenizer = build_model(load_config(args.config, [*args.overrides, *quantize], RunConfig).model)
+        # fresh_projection=False: an export is for answering, and an untrained projection answers nonsense.
+        model, tokenizer = build_model(load_config(args.config, [*args.overrides, *quantize], RunConfig).model,
+                                       device=args.device, fresh_projection=False)
     out = export_hf(model, tokenizer, args.out_dir, max_shard_size=args.max_shard_size)
     print(f"exported to {out}")
     return 0

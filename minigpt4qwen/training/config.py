@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+
 from minigpt4qwen.config import ModelConfig
 from minigpt4qwen.data.config import DataConfig
+from minigpt4qwen.model.parts import parse_dtype
 from minigpt4qwen.model.quantization import check_mode
 from minigpt4qwen.training.parallel_config import ParallelConfig
 
@@ -136,6 +139,15 @@ class RunConfig:
                              "micro-batch: set data.pack_length=0 (or leave it unset)")
         if self.parallel.engine == "pipeline" and self.data.val_datasets:
             raise ValueError("the pipeline engine does not evaluate a validation set: remove data.val_datasets")
+        if self.parallel.engine == "ddp" and self.train.precision == "fp16":
+            # The gradient scaler unscales into the gradients, which it refuses to do in fp16 (precision lost and
+            # overflow); DeepSpeed keeps fp32 master weights instead, and the pipeline refuses fp16 itself.
+            half = [part for part, on in self.model.trainable.as_dict().items()
+                    if on and parse_dtype(getattr(self.model.dtypes, part)) == torch.float16]
+            if half:
+                fix = " ".join(f"model.dtypes.{part}=fp32" for part in half)
+                raise ValueError(f"train.precision=fp16 trains fp32 parameters under autocast, but the trainable "
+                                 f"parts {half} are stored in fp16: set {fix}, or use train.precision=bf16")
         dtypes = set(vars(self.model.dtypes).values())
         if self.parallel.engine == "deepspeed" and self.train.precision != "fp32" and len(dtypes) > 1:
             # DeepSpeed's bf16/fp16 mode casts every part to that dtype (keeping fp32 master weights of the

@@ -24,7 +24,7 @@ from minigpt4qwen.training import state as ckpt
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import all_gather_objects, barrier
 from minigpt4qwen.training.metrics import MetricsLogger
-from minigpt4qwen.training.optim import build_scheduler
+from minigpt4qwen.training.optim import build_scheduler, configured_settings, restore_configured_settings
 from minigpt4qwen.training.parallel_config import ParallelConfig
 from minigpt4qwen.training.trainer import NonFiniteError, Trainer
 
@@ -222,13 +222,19 @@ class DeepSpeedTrainer(Trainer):
         if tag is None:  # "auto": the tag DeepSpeed's `latest` file names
             tag = (save_dir / "latest").read_text().strip()
         source = save_dir / tag
+        # DeepSpeed restores the saved run's lr, weight decay and schedule with the states: this run's settings win.
+        configured = configured_settings(self.optimizer, self.scheduler)
         path, client = self.engine.load_checkpoint(str(save_dir), tag=tag, **self._module_load_options(source))
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {save_dir} (tag {tag})")
-        self.position = ckpt.Position(**client["position"])
-        ckpt.check_resumable(source, self.position, self.global_batch)
-        self.position.global_batch = self.global_batch
+        restore_configured_settings(self.optimizer, self.scheduler, configured, source=source)
+        saved = ckpt.Position(**client["position"])
+        ckpt.check_resumable(source, saved, self.global_batch, len(self.dataset))
         rngs, rank = client["rng"], dist.get_rank() if dist.is_initialized() else 0  # saved by global rank
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        logger.info("resumed from %s at step %d", path, self.position.global_step)
+        latest = save_dir / "latest"
+        if self.info.is_main and save_dir.resolve() == Path(self.cfg.output_dir).resolve() and latest.is_file():
+            # After a roll-back `latest` would name a checkpoint that is set aside next: auto-resume continues here.
+            latest.write_text(tag)
+        self._continue_from(source, saved)  # collective
         return Path(path)

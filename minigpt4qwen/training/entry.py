@@ -2,8 +2,8 @@
 
 The model is built on each process's device (on the CPU for the pipeline engine, which moves each stage's
 layers to its device), LoRA and activation checkpointing are applied, the memory estimate is checked (not for
-the pipeline: it estimates a whole model on one device), and DDP, DeepSpeed ZeRO or the DeepSpeed pipeline is
-applied from outside the model before the trainer's loop takes over.
+the pipeline and DeepSpeed: it estimates a whole model on one device), and DDP, DeepSpeed ZeRO or the DeepSpeed
+pipeline is applied from outside the model before the trainer's loop takes over.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import set_seed
 from minigpt4qwen.config import load_config, to_yaml
 from minigpt4qwen.training import distributed
 from minigpt4qwen.training.config import RunConfig
-from minigpt4qwen.training.memory import check_fits, estimate_memory
+from minigpt4qwen.training.memory import check_training_memory
 from minigpt4qwen.training.trainer import Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -86,14 +86,7 @@ def train_main(config_path: str | None, overrides: list[str] | None = None) -> T
                             store_float8_weights(model.language_model, info.device))
                 model.to(info.device)  # the rest of the model
         apply_runtime_options(model, cfg.model)  # after LoRA, so wrappers and compilation see the adapters
-        checkpointing = cfg.model.activation_checkpointing
-        if cfg.train.check_memory and not pipeline:  # the estimate is for a whole model on one device
-            estimate = estimate_memory(model, micro_batch_size=cfg.train.micro_batch_size,
-                                       max_length=cfg.data.max_txt_len,
-                                       activation_bytes=4 if cfg.train.precision == "fp32" else 2,
-                                       checkpointed_llm=checkpointing.language_model, device=info.device)
-            logger.info("memory: %s", estimate.describe())
-            check_fits(estimate)
+        check_training_memory(model, cfg, info.device)  # not for the pipeline and DeepSpeed: see there
         dataset = ConversationDataset(cfg.data, tokenizer, image_token_id=model.image_token_id,
                                       num_query_tokens=model.num_query_tokens, train=True, seed=cfg.train.seed)
         pad = cfg.data.pad_to_multiple_of

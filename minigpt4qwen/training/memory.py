@@ -6,12 +6,16 @@ out-of-memory crash into a clear message before the first step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from minigpt4qwen.model.quantization import stored_bytes
+from minigpt4qwen.training.config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 GiB = 1024**3
 # Bytes stored per token per LLM layer in the backward pass, in units of hidden_size x activation bytes (attention
@@ -53,7 +57,7 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int, activation_bytes: int,
-                    checkpointed_llm: bool, device: torch.device) -> MemoryEstimate:
+                    checkpointed_llm: bool, device: torch.device, checkpoint_every: int = 1) -> MemoryEstimate:
     """Estimates the training memory of one process.
 
     Args:
@@ -61,8 +65,9 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
         micro_batch_size: samples per forward pass.
         max_length: the longest sample in tokens (data.max_txt_len).
         activation_bytes: 2 under bf16/fp16 autocast, 4 in fp32.
-        checkpointed_llm: LLM activation checkpointing on (only block inputs are kept).
+        checkpointed_llm: LLM activation checkpointing on (checkpointed blocks keep only their inputs).
         device: where the model will train.
+        checkpoint_every: only every k-th LLM block is checkpointed (model.activation_checkpointing.every).
 
     Returns:
         A `MemoryEstimate`.
@@ -73,15 +78,52 @@ def estimate_memory(model: nn.Module, *, micro_batch_size: int, max_length: int,
     # What the model already holds on `device` is counted in the estimate, and not free any more: add it back.
     resident = sum(size for size, where in sizes if where.type == device.type)
     available = available_memory(device)
-    # fp32 master state per trainable parameter: its gradient (in its own dtype) + AdamW's two moments (fp32).
+    # Per trainable parameter: its gradient and AdamW's two moments, all three in the parameter's own dtype (torch
+    # keeps the moments like the parameter: a bf16 weight has bf16 moments).
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sum(p.numel() * (p.element_size() + 8) for p in trainable)
+    optimizer = sum(p.numel() * 3 * p.element_size() for p in trainable)
     text = getattr(getattr(model, "config", None), "text_config", None)
     hidden = getattr(text, "hidden_size", 0)
     layers = getattr(text, "num_hidden_layers", 0)
     per_layer = micro_batch_size * max_length * hidden * activation_bytes
-    activations = per_layer * (layers + _ACTIVATION_FACTOR if checkpointed_llm else layers * _ACTIVATION_FACTOR)
+    if checkpointed_llm:
+        # Blocks 0, k, 2k, ... are checkpointed: they keep their inputs, the others everything, and the backward
+        # pass recomputes one checkpointed block's activations at a time.
+        checkpointed = -(-layers // max(checkpoint_every, 1))
+        uncheckpointed = layers - checkpointed
+        activations = per_layer * (checkpointed + (uncheckpointed + (checkpointed > 0)) * _ACTIVATION_FACTOR)
+    else:
+        activations = per_layer * layers * _ACTIVATION_FACTOR
     return MemoryEstimate(weights, optimizer, activations, None if available is None else available + resident)
+
+
+def check_training_memory(model: nn.Module, cfg: RunConfig, device: torch.device) -> MemoryEstimate | None:
+    """The pre-flight check of a run (train.check_memory): logs the estimate and refuses a run that cannot fit.
+
+    The estimate is of one whole model on one device: it is skipped (with a logged note) under the pipeline engine,
+    where each process holds one stage, and under DeepSpeed, whose ZeRO stages partition the optimizer state,
+    gradients and (stage 3) weights over the processes and may offload them to the host.
+
+    Returns:
+        The estimate, or None where it was skipped.
+
+    Raises:
+        MemoryError: the estimate exceeds the device's available memory (see `check_fits`).
+    """
+    if not cfg.train.check_memory:
+        return None
+    if cfg.parallel.engine != "ddp":
+        logger.info("memory: no pre-flight estimate under parallel.engine=%s (it partitions the model over the "
+                    "processes); an out-of-memory error shows at the first step", cfg.parallel.engine)
+        return None
+    checkpointing = cfg.model.activation_checkpointing
+    estimate = estimate_memory(model, micro_batch_size=cfg.train.micro_batch_size, max_length=cfg.data.max_txt_len,
+                               activation_bytes=4 if cfg.train.precision == "fp32" else 2,
+                               checkpointed_llm=checkpointing.language_model, device=device,
+                               checkpoint_every=checkpointing.every)
+    logger.info("memory: %s", estimate.describe())
+    check_fits(estimate)
+    return estimate
 
 
 def check_fits(estimate: MemoryEstimate) -> None:

@@ -6,13 +6,17 @@ remaining steps (the original applies the cosine per epoch; per step is smoother
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from minigpt4qwen.model.parts import PART_NAMES
 from minigpt4qwen.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -105,3 +109,48 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     """
     factor = WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def configured_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    """What a run was configured with: every group's settings (not its tensors), the schedule's peak lrs and factor.
+
+    Capture it before a checkpoint's states are loaded and put it back with `restore_configured_settings`.
+    """
+    return {"groups": [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups],
+            "base_lrs": list(scheduler.base_lrs), "lambdas": scheduler.state_dict()["lr_lambdas"]}
+
+
+def restore_configured_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                                configured: dict, source: str | Path = "") -> None:
+    """Puts this run's settings back over those a checkpoint's optimizer and scheduler states brought in.
+
+    Loading those states restores the saved run's lr, weight decay, betas, per-part multipliers and schedule; a
+    resumed run (extended, or with a lower lr) trains with its own instead, from the saved step count on: the
+    checkpoint contributes only the moments and the step count. Differences are logged.
+
+    Args:
+        optimizer, scheduler: with the checkpoint's states loaded.
+        configured: `configured_settings` of the two, taken before the states were loaded.
+        source: the checkpoint (named in the log).
+    """
+    changed = {}
+    for group, new in zip(optimizer.param_groups, configured["groups"]):
+        for key, value in new.items():  # "lr" is the saved step's scheduled value; "initial_lr" is the peak
+            if key != "lr" and key not in changed and group.get(key) != value:
+                changed[key] = f"{key} {group.get(key)} -> {value} ({new.get('name', 'group')})"
+        group.update(new)
+    if scheduler.state_dict()["lr_lambdas"] != configured["lambdas"]:
+        changed["schedule"] = f"schedule {scheduler.state_dict()['lr_lambdas'][0]} -> {configured['lambdas'][0]}"
+    scheduler.base_lrs = list(configured["base_lrs"])
+    for factor, state in zip(scheduler.lr_lambdas, configured["lambdas"]):
+        if state is not None:  # a plain function has no state: it is this run's own
+            factor.__dict__.update(state)
+    # The next step trains at the lr this run's schedule gives the step reached, as an uninterrupted run with these
+    # settings would; without this it would use the saved run's value for one step.
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (DeepSpeed logs it)
+    if changed:
+        logger.warning("%s: continuing with this run's settings where they differ from the checkpoint's: %s",
+                       source, "; ".join(changed.values()))

@@ -3,7 +3,8 @@
 `output_dir/checkpoint-00001200/` holds `model.safetensors` + `minigpt4qwen.json` (loadable like any native
 checkpoint) and `training_state.pt` (optimizer, scheduler, scaler, per-rank RNG states, data position). The
 directory is written atomically, so a killed save leaves only a `.tmp-` directory that `find_latest` ignores and
-`remove_interrupted_saves` deletes when the next run starts.
+`remove_interrupted_saves` deletes when the next run starts. A run resumed from an older checkpoint renames the
+newer ones `checkpoint-N.abandoned` (`set_aside_newer`), out of the way of `train.resume=auto` and pruning.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import logging
 import random
 import re
 import shutil
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,123 +27,21 @@ from minigpt4qwen.checkpoint.native import (
     remove_interrupted_writes,
     save_checkpoint,
 )
-from minigpt4qwen.model.parts import PART_NAMES
+from minigpt4qwen.training.optim import configured_settings, restore_configured_settings
+from minigpt4qwen.training.resume_checks import (
+    Position,
+    check_param_groups,
+    check_resumable,
+    check_trained_keys,
+    restart_hint,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "training_state.pt"
 _CKPT_PATTERN = r"checkpoint-(\d+)"
 _CKPT_RE = re.compile(rf"^{_CKPT_PATTERN}$")
-# DeepSpeed checkpoints (ZeRO and pipeline) hold files named like this; ours hold WEIGHTS_NAME.
-_DEEPSPEED_FILES = "*model_states.pt"
-
-
-@dataclass
-class Position:
-    """Where the run stands: optimizer steps done, and the data position (epoch, steps done in that epoch, in
-    steps of `global_batch` samples; 0 in checkpoints written before it was recorded)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    nonfinite_steps: int = 0
-    global_batch: int = 0
-
-
-def check_resumable(source: str | Path, saved: Position, global_batch: int) -> None:
-    """Refuses to resume a run whose data position counts steps of another global batch size.
-
-    Raises:
-        CheckpointError: `saved` was written with a different global batch.
-    """
-    if saved.global_batch and saved.global_batch != global_batch:
-        raise CheckpointError(
-            f"{source}: written by a run with {saved.global_batch} samples per optimizer step, this run has "
-            f"{global_batch} (micro_batch_size x grad_accum x processes); its data position (epoch {saved.epoch}, "
-            f"step {saved.step_in_epoch}) would point at other samples. Resume with the same global batch, or "
-            f"{restart_hint(source)}")
-
-
-def restart_hint(source: str | Path) -> str:
-    """How to start a new run from a checkpoint's weights (a DeepSpeed one is converted first), as advice text."""
-    source = Path(source)
-    if source.is_dir() and any(source.glob(_DEEPSPEED_FILES)):
-        native = source.with_name(f"{source.name}-native")
-        return (f"convert it and start a new run from its weights: minigpt4qwen convert {source} {native}, then "
-                f"train with model.checkpoint={native} train.resume=none")
-    return f"start a new run from its weights: model.checkpoint={source} train.resume=none"
-
-
-def _parts(names: Iterable[str]) -> list[str]:
-    """The model parts of weight names or of optimizer group names ("language_model/decay"), in model order."""
-    present = {name.split("/", 1)[0].split(".", 1)[0] for name in names}
-    return [part for part in PART_NAMES if part in present]
-
-
-def _weights_file(source: Path) -> Path:
-    """The file of a checkpoint directory that holds its weights, to name in errors."""
-    if source.is_dir():
-        return next(iter(sorted(source.glob(_DEEPSPEED_FILES))), source / WEIGHTS_NAME)
-    return source
-
-
-def check_trained_keys(source: str | Path, keys: Iterable[str], model: nn.Module, *, trained_only: bool = True) -> None:
-    """Checks that a checkpoint's weight names are exactly what a resumed run trains (plus other model tensors).
-
-    Args:
-        source: the checkpoint (named in errors).
-        keys: its weight names.
-        model: the model of the resumed run, trainable flags set.
-        trained_only: the checkpoint holds the weights its run trained and nothing else (DeepSpeed's
-            `exclude_frozen_parameters`), so a weight that is frozen here means that this run trains fewer parts.
-
-    Raises:
-        CheckpointError: trainable weights missing from it, weights the model does not have, or (trained_only)
-            trained weights that this run freezes.
-    """
-    keys, state = set(keys), model.state_dict(keep_vars=True)
-    params = {k for k, v in state.items() if isinstance(v, nn.Parameter)}
-    trainable = {k for k in params if state[k].requires_grad}
-    missing, unexpected = sorted(trainable - keys), sorted(keys - set(state))
-    if missing:
-        raise CheckpointError(f"{source}: lacks {len(missing)} trainable weights, e.g. {missing[:3]} (were other "
-                              "parts trainable when it was written? see model.trainable)")
-    if unexpected:
-        raise CheckpointError(f"{source}: holds {len(unexpected)} weights the model does not have, e.g. "
-                              f"{unexpected[:3]}")
-    frozen = sorted((keys & params) - trainable)
-    if trained_only and frozen:
-        source = Path(source)
-        raise CheckpointError(
-            f"{_weights_file(source)}: written by a run that trained the parts {_parts(keys & params)}, this run "
-            f"trains {_parts(trainable)} ({len(frozen)} of its weights are frozen here, e.g. {frozen[:2]}), so its "
-            f"optimizer state does not fit. Resume with the same model.trainable, or {restart_hint(source)}")
-
-
-def check_param_groups(file: str | Path, saved: list[dict], optimizer: torch.optim.Optimizer, hint: str) -> None:
-    """Checks that a saved optimizer state has this run's parameter groups (names and sizes) before it is loaded.
-
-    Args:
-        file: the file the state comes from (named in the error).
-        saved: the saved `optimizer.state_dict()["param_groups"]`.
-        optimizer: this run's optimizer (groups named "part/decay" by `optim.param_groups`).
-        hint: what else the user can do (see `restart_hint`).
-
-    Raises:
-        CheckpointError: other groups, e.g. a checkpoint of a run that trained other parts.
-    """
-    names = [[g.get("name", "") for g in groups] for groups in (saved, optimizer.param_groups)]
-    sizes = [[len(g["params"]) for g in groups] for groups in (saved, optimizer.param_groups)]
-    if names[0] == names[1] and sizes[0] == sizes[1]:
-        return
-    if names[0] == names[1]:
-        detail = f"the groups {names[0]} with {sizes[0]} tensors, this run's have {sizes[1]} (train.lora changed?)"
-    elif all(names[0]) and all(names[1]):
-        detail = f"the parts {_parts(names[0])}, this run trains {_parts(names[1])} (model.trainable changed?)"
-    else:  # groups of an optimizer built elsewhere carry no names
-        detail = f"{len(saved)} parameter groups, this run has {len(optimizer.param_groups)}"
-    raise CheckpointError(f"{file}: its optimizer state is for {detail}. Resume with the trainable parts it was "
-                          f"written with, or {hint}")
+ABANDONED_SUFFIX = ".abandoned"
 
 
 def rng_state() -> dict:
@@ -256,6 +154,31 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Renames the checkpoints of `output_dir` newer than `step` to `checkpoint-N.abandoned` (logged).
+
+    A run resumed from an older checkpoint (a roll-back) starts another history: the newer checkpoints of the old
+    one must not be what `train.resume=auto` picks after a restart, nor what pruning keeps instead of the new ones.
+    They are kept under the new name, not deleted: they may be the better weights. Call on the main process only.
+
+    Returns:
+        The new paths.
+    """
+    moved = []
+    for path in Path(output_dir).iterdir() if Path(output_dir).is_dir() else ():
+        match = _CKPT_RE.match(path.name)
+        if not (match and path.is_dir() and int(match.group(1)) > step):
+            continue
+        target, n = path.with_name(path.name + ABANDONED_SUFFIX), 1
+        while target.exists():  # an earlier roll-back abandoned the same step
+            target, n = path.with_name(f"{path.name}{ABANDONED_SUFFIX}-{n}"), n + 1
+        path.rename(target)
+        logger.warning("%s is newer than the resumed step %d: renamed to %s, so that train.resume=auto and "
+                       "train.keep_last ignore it (delete it once it is not needed)", path, step, target.name)
+        moved.append(target)
+    return sorted(moved)
+
+
 def load_training_checkpoint(
     directory: str | Path,
     model: nn.Module,
@@ -264,16 +187,21 @@ def load_training_checkpoint(
     scaler: torch.amp.GradScaler | None,
     rank: int = 0,
     global_batch: int | None = None,
+    samples: int | None = None,
 ) -> Position:
     """Restores weights, optimizer, scheduler, scaler and this rank's RNG state; returns the position.
+
+    The optimizer settings (lr, weight decay, betas, per-part lr multipliers) and the schedule stay the ones
+    `optimizer` and `scheduler` were built with: the checkpoint contributes the moments and the step count only.
 
     Args:
         global_batch: this run's samples per optimizer step, checked against the checkpoint's before anything
             is loaded (None: not checked).
+        samples: this run's training samples per epoch, checked likewise (None: not checked).
 
     Raises:
         CheckpointError: unreadable files, saved weights or optimizer groups that do not match the model's
-            trainable parameters (e.g. fewer trainable parts now), or another global batch size.
+            trainable parameters (e.g. fewer trainable parts now), another global batch size or sample count.
     """
     directory = Path(directory)
     tensors = read_native_checkpoint(directory)
@@ -283,20 +211,15 @@ def load_training_checkpoint(
         raise CheckpointError(f"{directory / STATE_NAME}: unreadable training state ({err})") from None
     position = Position(**state["position"])
     if global_batch is not None:
-        check_resumable(directory, position, global_batch)
+        check_resumable(directory, position, global_batch, samples)
     # Native checkpoints may hold all weights (train.save_contents=all): the optimizer's groups tell what was trained.
     check_trained_keys(directory, tensors, model, trained_only=False)
     check_param_groups(directory / STATE_NAME, state["optimizer"]["param_groups"], optimizer, restart_hint(directory))
     model.load_state_dict(tensors, strict=False)
+    configured = configured_settings(optimizer, scheduler)
     optimizer.load_state_dict(state["optimizer"])
-    configured = scheduler.state_dict().get("lr_lambdas")
     scheduler.load_state_dict(state["scheduler"])
-    if state["scheduler"].get("lr_lambdas") != configured:
-        # LambdaLR restores the saved schedule object; a run resumed with a new max_steps / warmup / lr range
-        # (e.g. extended) follows the new schedule from the current step instead.
-        scheduler.lr_lambdas[0].__dict__.update(configured[0])
-        logger.warning("%s: the schedule changed since this checkpoint (%s -> %s); continuing on the new one",
-                       directory, state["scheduler"].get("lr_lambdas"), configured)
+    restore_configured_settings(optimizer, scheduler, configured, source=directory)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     rngs = state["rng"]

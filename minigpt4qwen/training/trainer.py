@@ -21,12 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from minigpt4qwen.data.sampler import balance_micro_batches, epoch_plan
 from minigpt4qwen.training import state as ckpt
+from minigpt4qwen.training.batches import rank_micro_batches
 from minigpt4qwen.training.config import TrainConfig
 from minigpt4qwen.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, unwrap
 from minigpt4qwen.training.metrics import DataReport, MetricsLogger, write_run_files
 from minigpt4qwen.training.optim import build_optimizer, build_scheduler
+from minigpt4qwen.training.resume_checks import continue_position
 from minigpt4qwen.training.text_only import ImageFreeStepGuard, step_counts
 
 logger = logging.getLogger(__name__)
@@ -97,26 +98,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device_type) if cfg.precision == "fp16" else None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else nullcontext
-        self.position = ckpt.Position(global_batch=self.global_batch)
+        self.position = ckpt.Position(global_batch=self.global_batch, samples=len(dataset))
 
     # ------------------------------------------------------------------------------------------ data
     def _micro_batches(self, epoch: int, first_step: int) -> Iterator[dict]:
         """This rank's micro-batches of `epoch` from optimizer step `first_step` on, in order."""
-        per_rank = self.cfg.micro_batch_size * self.cfg.grad_accum
-        lo = self.info.rank * per_rank
-        plan = epoch_plan(len(self.dataset), self.global_batch, self.cfg.seed, epoch, self.lengths)[first_step:]
-        mb = self.cfg.micro_batch_size
-        if self.packed_lengths is not None:  # packed rows cost their tokens: spread them evenly
-            plan = [balance_micro_batches(batch, self.packed_lengths, mb) for batch in plan]
-        batches = [batch[lo + i : lo + i + mb] for batch in plan for i in range(0, per_rank, mb)]
-        if hasattr(self.dataset, "set_epoch"):  # per-(epoch, sample) augmentation seeds: resumable with workers
-            self.dataset.set_epoch(epoch)
-        # An own generator: the loader's seed draw must not consume the global RNG, or a resumed run (whose
-        # loader starts mid-epoch) would see different dropout masks than an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch * 1009 + first_step)
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate, generator=generator,
-                            num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda")
-        return iter(loader)
+        return rank_micro_batches(self.dataset, self.collate, self.cfg, self.info, epoch, first_step,
+                                  lengths=self.lengths, packed_lengths=self.packed_lengths,
+                                  num_workers=self.num_workers)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()
@@ -229,12 +218,20 @@ class Trainer:
         """Loads the checkpoint named by `cfg.resume` (newest in output_dir for "auto"), if any."""
         path = ckpt.resolve_resume(self.cfg.resume, self.cfg.output_dir)
         if path is not None:
-            self.position = ckpt.load_training_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler,
-                                                          self.scaler, rank=self.info.rank,
-                                                          global_batch=self.global_batch)
-            self.position.global_batch = self.global_batch  # older checkpoints did not record it
-            logger.info("resumed from %s at step %d", path, self.position.global_step)
+            saved = ckpt.load_training_checkpoint(path, unwrap(self.model), self.optimizer, self.scheduler,
+                                                  self.scaler, rank=self.info.rank, global_batch=self.global_batch,
+                                                  samples=len(self.dataset))
+            self._continue_from(path, saved)
         return path
+
+    def _continue_from(self, path: Path, saved: ckpt.Position) -> None:
+        """Takes a loaded (and checked) checkpoint's position; on a roll-back to an older checkpoint, the newer
+        ones of the abandoned history are set aside (collective: call on every rank)."""
+        self.position = continue_position(path, saved, self.global_batch, len(self.dataset), self.steps_per_epoch)
+        if self.info.is_main:
+            ckpt.set_aside_newer(self.cfg.output_dir, self.position.global_step)
+        barrier()
+        logger.info("resumed from %s at step %d", path, self.position.global_step)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -245,8 +242,12 @@ class Trainer:
 
         Raises:
             NonFiniteError: more than `max_nonfinite_steps` steps were skipped.
+            ValueError: fp16 trainable parameters under train.precision=fp16.
         """
         cfg, pos = self.cfg, self.position
+        if self.scaler and any(p.dtype == torch.float16 for p in self.params):  # GradScaler cannot unscale them
+            raise ValueError("train.precision=fp16 needs fp32 trainable parameters: keep the trained parts in fp32 "
+                             "(model.dtypes.<part>=fp32), or use train.precision=bf16")
         if self.info.is_main:
             ckpt.remove_interrupted_saves(cfg.output_dir)
             write_run_files(cfg.output_dir, self.config_yaml, {"world_size": self.info.world_size})
