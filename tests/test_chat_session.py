@@ -171,3 +171,10 @@ def test_settings_text_parsing_is_typed_and_never_evaluated():
         GenerationSettings(do_sample="yes").check()
     assert GenerationSettings(temperature=0.5, do_sample=True).generate_kwargs()["temperature"] == 0.5
     assert "stop" not in GenerationSettings(stop=("x",)).generate_kwargs()
+
+
+def test_whole_number_float_settings_reach_transformers_as_floats(model_and_tokenizer):
+    session = ChatSession(*model_and_tokenizer)  # no decoder: transformers' generate, which refuses ints here
+    for settings in (GenerationSettings(max_new_tokens=3, do_sample=True, temperature=2, seed=0),
+                     GenerationSettings(max_new_tokens=3, repetition_penalty=2, num_beams=2)):
+        assert isinstance(session.ask("what", settings), str)

@@ -380,6 +380,29 @@ def test_row_chooser_draws_from_transformers_distribution_per_row_and_independen
     assert torch.equal(alone[0], drawn[1, :50])
 
 
+def test_top_k_keeps_the_tokens_tied_with_the_k_th_as_transformers_does():
+    from transformers import TopKLogitsWarper
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5]])  # two tokens tie for the top: top_k=1 keeps both
+    expected = TopKLogitsWarper(1)(None, logits.clone()).softmax(-1)[0]
+    assert expected.tolist() == [0.0, 0.5, 0.5, 0.0]
+    chooser = RowChooser(1, 4, torch.device("cpu"))
+    chooser.configure(0, sample=True, seed=0, temperature=1.0, top_p=1.0, top_k=1)
+    rows, commit = torch.arange(1), torch.ones(1, dtype=torch.bool)
+    counts = torch.bincount(torch.cat([chooser(logits, rows, True, commit) for _ in range(400)], dim=1)[0],
+                            minlength=4)
+    assert counts[0] == counts[3] == 0 and min(counts[1], counts[2]) > 150
+
+
+def test_an_empty_image_batch_is_no_image(scheduler, alone, model_and_tokenizer):
+    requests, expected = alone
+    prompt, settings = requests[2]  # a text-only prompt
+    assert prompt["pixel_values"] is None
+    empty = torch.zeros(0, 3, 28, 28)  # as some callers send "no images"
+    handle = scheduler.submit(prompt["input_ids"], pixel_values=empty, settings=settings)
+    assert handle.result(30) == expected[2][0]
+
+
 def _job(model_and_tokenizer, text, colour, max_new, order=0):
     _, tokenizer = model_and_tokenizer
     prompt = _prompt(model_and_tokenizer, text, colour)

@@ -48,6 +48,8 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for `generate` (`seed` and `stop` are applied by the engine instead)."""
         kwargs = {k: v for k, v in asdict(self).items() if k not in ("seed", "stop")}
+        for key in ("temperature", "top_p", "repetition_penalty"):  # transformers refuses an int (2 for 2.0)
+            kwargs[key] = float(kwargs[key])
         if not self.do_sample:  # sampling knobs would only trigger transformers warnings in greedy/beam mode
             for key in ("temperature", "top_p", "top_k"):
                 kwargs.pop(key)

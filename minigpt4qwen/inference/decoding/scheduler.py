@@ -43,11 +43,13 @@ log = logging.getLogger(__name__)
 
 
 def check_request(input_ids: torch.Tensor, pixel_values: torch.Tensor | None, settings: GenerationSettings | None,
-                  *, capacity: int, image_size: int) -> tuple[torch.Tensor, GenerationSettings]:
+                  *, capacity: int, image_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, GenerationSettings]:
     """What `GenerationScheduler.submit` refuses, checked where the request is made (also in a front-end process).
 
     Returns:
-        The prompt as a flat CPU LongTensor and the checked settings (defaults for None).
+        The prompt as a flat CPU LongTensor, the pixel values (None for none, also for an empty batch) and the
+        checked settings (defaults for None).
 
     Raises:
         ValueError: beam search, invalid settings, an empty or too long prompt, misshapen images.
@@ -60,9 +62,11 @@ def check_request(input_ids: torch.Tensor, pixel_values: torch.Tensor | None, se
     if not 0 < len(ids) < capacity:
         raise ValueError(f"a prompt of {len(ids)} tokens does not fit a slot of {capacity} tokens (at least one "
                          "token must be left for the reply); shorten it or raise the slot capacity")
+    if pixel_values is not None and pixel_values.shape[0] == 0:  # no images, as the model's own forward reads it
+        pixel_values = None
     if pixel_values is not None and tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
         raise ValueError(f"pixel_values must be [N, 3, {image_size}, {image_size}], got {tuple(pixel_values.shape)}")
-    return ids, settings
+    return ids, pixel_values, settings
 
 
 class SchedulerUnavailable(RuntimeError):
@@ -155,8 +159,8 @@ class GenerationScheduler:
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass the images as pixel_values or as image_features, not both")
-        ids, settings = check_request(input_ids, pixel_values, settings, capacity=self.capacity,
-                                      image_size=self.model.config.vision_config.image_size)
+        ids, pixel_values, settings = check_request(input_ids, pixel_values, settings, capacity=self.capacity,
+                                                    image_size=self.model.config.vision_config.image_size)
         seed = settings.seed if settings.seed is not None else int(torch.randint(0, 2**62, ()))
         max_new = min(settings.max_new_tokens, self.capacity - len(ids))
         stop = StopOnText(self.tokenizer, settings.stop) if settings.stop else None

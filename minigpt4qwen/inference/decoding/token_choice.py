@@ -24,11 +24,12 @@ def _penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) 
     return torch.where(seen, penalised, logits)
 
 
-def _nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-             ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, top-k and top-p: the sorted (descending) warped logits, -inf where cut, and the sort order."""
-    ordered, order = (logits / temperature).sort(dim=-1, descending=True)
-    ordered = ordered.masked_fill(ranks >= top_k, -torch.inf)
+    ordered, order = (logits / temperature).sort(dim=-1, descending=True, stable=True)
+    # Tokens tied with the k-th stay, as transformers' top-k keeps them (ties are common among bf16 logits).
+    ordered = ordered.masked_fill(ordered < ordered.gather(-1, top_k - 1), -torch.inf)
     probs = ordered.softmax(-1)
     # keep a token while the mass ranked above it is below top_p (the first one always)
     return ordered.masked_fill(probs.cumsum(-1) - probs >= top_p, -torch.inf), order
@@ -77,7 +78,6 @@ class TokenChooser:
         self.top_k = torch.full((1, 1), vocab_size, dtype=torch.long, device=device)
         self.penalty = torch.ones(1, 1, device=device)
         self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)  # generated so far
-        self.ranks = torch.arange(vocab_size, device=device)[None]
 
     def configure(self, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   repetition_penalty: float = 1.0) -> None:
@@ -103,7 +103,7 @@ class TokenChooser:
         """[1, V] logits -> [1, 1] chosen token (recorded for the penalty)."""
         logits = _penalised(logits.float(), self.seen, self.penalty)
         if sample:
-            ordered, order = _nucleus(logits, self.temperature, self.top_k, self.top_p, self.ranks)
+            ordered, order = _nucleus(logits, self.temperature, self.top_k, self.top_p)
             race = ordered.softmax(-1) / torch.empty_like(ordered).exponential_()
             token = order.gather(-1, race.argmax(-1, keepdim=True))
         else:
@@ -132,7 +132,6 @@ class RowChooser:
         self.key = torch.zeros(rows, 2, dtype=torch.long, device=device)  # the seed's two 32-bit words
         self.count = torch.zeros(rows, 1, dtype=torch.long, device=device)  # tokens chosen so far
         self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
-        self.ranks = torch.arange(vocab_size, device=device)[None]
         self._state = ("sample", "temperature", "top_p", "top_k", "penalty", "key", "count", "seen")
 
     def configure(self, row: int, *, sample: bool, seed: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -162,7 +161,7 @@ class RowChooser:
         logits = _penalised(logits.float(), self.seen[rows], self.penalty[rows])
         token = logits.argmax(-1, keepdim=True)
         if sample:
-            ordered, order = _nucleus(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.ranks)
+            ordered, order = _nucleus(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows])
             cdf = ordered.softmax(-1).cumsum(-1)
             target = counter_uniform(self.key[rows], self.count[rows]) * cdf[:, -1:]
             drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=self.vocab_size - 1)

@@ -244,7 +244,8 @@ class RemoteBackend:
     def submit(self, ids: torch.Tensor, pixels: torch.Tensor | None, settings: GenerationSettings
                ) -> GenerationHandle:
         """Sends a prompt to the engine's scheduler (ValueError for what it would refuse, checked here)."""
-        flat, settings = check_request(ids, pixels, settings, capacity=self.capacity, image_size=self.spec.image_size)
+        flat, pixels, settings = check_request(ids, pixels, settings, capacity=self.capacity,
+                                               image_size=self.spec.image_size)
         rid = -1
         handle = GenerationHandle(self.tokenizer, settings, len(flat), on_cancel=lambda: self._cancel(rid))
         rid = self._register(handle)
