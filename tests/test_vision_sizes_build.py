@@ -151,7 +151,10 @@ def test_export_cli_with_one_finetuned_instructblip_style_file(qwen: Path, tmp_p
     yaml = tmp_path / "export.yaml"
     yaml.write_text(f"model:\n  llm: {qwen}\n  vision_weights: {tmp_path / 'blip2_finetuned.pth'}\n"
                     f"  qformer_weights: {tmp_path / 'blip2_finetuned.pth'}\n")
-    assert main(["export", str(yaml), str(tmp_path / "out")]) == 0
+    assert main(["export", str(yaml), str(tmp_path / "out")]) == 2  # an export needs a trained projection
+    # A projection trained for this LLM (the file's own head is another LLM's: 16 wide).
+    torch.save({"llm_proj.weight": make((32, 24)), "llm_proj.bias": make((32,))}, tmp_path / "model.pth")
+    assert main(["export", str(yaml), str(tmp_path / "out"), f"model.checkpoint={tmp_path / 'model.pth'}"]) == 0
     reloaded, _ = load_exported(tmp_path / "out")
     assert sizes_of(reloaded.config) == expected(B)
     assert torch.equal(reloaded.vision_model.embeddings.class_embedding,
