@@ -79,7 +79,7 @@ class ModelConfig:
     image_size: Optional[int] = None  # null: from the weights' position embeddings, else vision_arch's (224)
     num_query_tokens: Optional[int] = None  # null: from the weights' query_tokens, else vision_arch's (32)
     placeholder_token: Optional[str] = None  # image placeholder; None = <|extra_0|> for Qwen, else chosen per family
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (packed training, GPU)
     trainable: TrainableParts = field(default_factory=TrainableParts)
     dtypes: PartDtypes = field(
         default_factory=lambda: PartDtypes(vision_model="bf16", qformer="fp32", query_tokens="fp32",

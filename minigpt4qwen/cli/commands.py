@@ -36,7 +36,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train from a YAML config (one process, or many under torchrun)",
-                       description="Train (or resume with train.resume=auto) the run described by CONFIG. "
+                       description="Train the run described by CONFIG; run the same command again to resume it "
+                                   "(train.resume=auto, the default). Options go before or after all the overrides. "
                                    "Multi-GPU: torchrun --nproc_per_node N -m minigpt4qwen.cli.main train CONFIG")
     p.add_argument("config", help="YAML with model, data and train sections (see configs/)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -55,7 +56,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                        description="Assemble the model of CONFIG (LLM + vision + Q-Former + checkpoint) and write "
                                    "OUT_DIR: config, safetensors shards, tokenizer with chat template, image "
                                    "processor. It reloads with transformers' "
-                                   "Blip2ForConditionalGeneration.from_pretrained(OUT_DIR)."
+                                   "Blip2ForConditionalGeneration.from_pretrained(OUT_DIR) (not with --quantize: "
+                                   "those load with minigpt4qwen). Options go before or after all the overrides."
                                    " With --model-dir DIR instead of CONFIG, DIR (an export, or the demo's model) is "
                                    "written again, e.g. with other shard sizes.")
     p.add_argument("config", nargs="?", help="YAML with a model section (omit with --model-dir)")

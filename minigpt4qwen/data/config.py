@@ -94,7 +94,8 @@ class DataConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name} = {getattr(self, name)!r}: expected one of {allowed}")
         if self.chat_format == "template" and self.label_mode != "assistant":
-            raise ValueError("data.label_mode 'original' reproduces the original ChatML layout: use chat_format chatml")
+            raise ValueError("data.label_mode 'original' reproduces the original ChatML layout: with "
+                             "data.chat_format=template set data.label_mode=assistant (or use data.chat_format=chatml)")
         if not self.datasets:
             raise ValueError("data.datasets is empty: list at least one annotation file")
         for section, specs in (("datasets", self.datasets), ("val_datasets", self.val_datasets)):

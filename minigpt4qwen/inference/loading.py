@@ -47,8 +47,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="quantize the LLM's weights with torchao while they load (int4: CUDA in bf16, or the CPU); "
                         "an export written with --quantize is already quantized. On a GPU int4 decodes fastest; "
-                        "int8 decodes slower than bf16 (each weight is cast to bf16 per step), except a chat "
-                        "with --compile-decode, whose one-row steps compile (for minutes) to fused int8 kernels")
+                        "int8 decodes slower than bf16 (each weight is cast to bf16 per step) unless "
+                        "--quantize-kernels gemlite, or in a chat --compile-decode (minutes of compiling)")
     g.add_argument("--quantize-kernels", choices=("torchao", "gemlite"), default="torchao",
                    help="what computes a quantized LLM's layers on a GPU: torchao's kernels, or gemlite's Triton "
                         "kernels (pip install 'minigpt4qwen[gemlite]'; the same weights, repacked at load): on one "
