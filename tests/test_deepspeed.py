@@ -7,6 +7,7 @@ tests compare; the single-process references run in the pytest process.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,14 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from minigpt4qwen.checkpoint.deepspeed_convert import convert_to_native  # noqa: E402
-from minigpt4qwen.checkpoint.keymap import CheckpointError  # noqa: E402
-from minigpt4qwen.checkpoint.native import read_native_checkpoint  # noqa: E402
+from minigpt4qwen.checkpoint.assemble import _checkpoint_lora  # noqa: E402
+from minigpt4qwen.checkpoint.deepspeed_convert import RUN_CONFIG, convert_to_native  # noqa: E402
+from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked  # noqa: E402
+from minigpt4qwen.checkpoint.native import lora_description, read_native_checkpoint  # noqa: E402
+from minigpt4qwen.config import to_yaml  # noqa: E402
 from minigpt4qwen.model.parts import TrainableParts  # noqa: E402
+from minigpt4qwen.training.config import LoraConfig, RunConfig, TrainConfig  # noqa: E402
+from minigpt4qwen.training.lora import apply_lora  # noqa: E402
 from minigpt4qwen.training.trainer import Trainer  # noqa: E402
 from tests.test_trainer import ToyDataset, collate, config, tiny, trainable  # noqa: E402
 
@@ -29,6 +34,14 @@ STEPS = 4
 # 2 processes x micro-batch 2 x accumulation 2 = the reference's 1 process x 2 x 4.
 DS_BATCH = dict(micro_batch_size=2, grad_accum=2)
 REF_BATCH = dict(micro_batch_size=2, grad_accum=4)
+LORA = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def lora_model():
+    """The tiny model with the projection and LoRA adapters on its frozen LLM trainable."""
+    model = tiny(TrainableParts())
+    apply_lora(model, LORA)
+    return model
 
 
 def launch(module: str, out: Path, timeout: int = 300) -> None:
@@ -114,6 +127,39 @@ def test_resume_refuses_other_trainable_parts_and_another_global_batch(ds_run):
     assert "8 samples per optimizer step, this run has 4" in results["other_batch"]
 
 
+def test_lora_checkpoint_converts_with_the_runs_lora_settings_and_loads(ds_run, tmp_path):
+    out, results = ds_run
+    _, weights = results["lora"]
+    native = convert_to_native(out / "lora", tmp_path / "native")
+    settings = _checkpoint_lora(str(native))  # what model.checkpoint= rebuilds the adapters from
+    assert settings == lora_description(lora_model())  # as a native LoRA save records them
+    converted = read_native_checkpoint(native)
+    assert set(converted) == set(weights) and any("lora_B" in k for k in converted)
+    for key, value in weights.items():
+        assert torch.equal(converted[key], value), key
+    fresh = tiny(TrainableParts())
+    apply_lora(fresh, LoraConfig(**settings))
+    load_checked(fresh, converted, source=str(native), allow_missing=True)
+    for key, param in fresh.named_parameters():
+        if key in weights:
+            assert torch.equal(param, weights[key]), key
+
+
+@pytest.mark.parametrize("config", ["missing", "lora disabled"])
+def test_lora_checkpoint_without_the_runs_lora_settings_is_refused(ds_run, tmp_path, config):
+    out, _ = ds_run
+    tag = tmp_path / "run" / "checkpoint-00000004"
+    shutil.copytree(out / "lora" / tag.name, tag)
+    if config == "missing":
+        expected = rf"{tmp_path / 'run' / RUN_CONFIG} is missing: the checkpoint {tag} holds LoRA adapters"
+    else:
+        (tag.parent / RUN_CONFIG).write_text(to_yaml(RunConfig()))
+        expected = rf"{tmp_path / 'run' / RUN_CONFIG}: no train.lora with enabled: true"
+    with pytest.raises(CheckpointError, match=expected):
+        convert_to_native(tag, tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+
+
 def _final_weights(trainer) -> dict[str, torch.Tensor]:
     """The trained parameters, gathered from their ZeRO-3 partitions where needed."""
     import deepspeed
@@ -135,10 +181,11 @@ def _worker(out: Path) -> None:
     info = DistInfo(rank=info.rank, world_size=info.world_size)
     results = {}
 
-    def train(name: str, stage: int, parts=None, **kw):
+    def train(name: str, stage: int, parts=None, model=None, config_yaml=None, **kw):
         parallel = ParallelConfig(engine="deepspeed", zero_stage=stage)
         cfg = config(out / name, max_steps=STEPS, **{**DS_BATCH, **kw})
-        trainer = DeepSpeedTrainer(tiny(parts), cfg, ToyDataset(), collate, info=info, parallel=parallel)
+        trainer = DeepSpeedTrainer(model or tiny(parts), cfg, ToyDataset(), collate, info=info, parallel=parallel,
+                                   config_yaml=config_yaml)
         trainer.resume()
         return trainer.fit().losses, _final_weights(trainer)
 
@@ -148,6 +195,8 @@ def _worker(out: Path) -> None:
         source = out / f"zero{stage}" / "checkpoint-00000002"
         results[f"resumed{stage}"] = train(f"resumed{stage}", stage, resume=str(source))
     results["frozen"] = train("frozen", 2, TrainableParts())
+    # The trainer saves the run's config.yaml beside the checkpoints, as `minigpt4qwen train` does.
+    results["lora"] = train("lora", 2, model=lora_model(), config_yaml=to_yaml(RunConfig(train=TrainConfig(lora=LORA))))
     refusals = {"more_parts": (None, out / "frozen" / "checkpoint-00000004", {}),
                 "other_batch": (None, out / "zero2" / "checkpoint-00000002", {"grad_accum": 1})}
     for name, (parts, source, kw) in refusals.items():

@@ -6,6 +6,8 @@ resume it with fewer trainable parts and with another global batch; the tests re
 
 from __future__ import annotations
 
+import os
+import pickle
 import shlex
 import shutil
 import sys
@@ -16,7 +18,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from minigpt4qwen.checkpoint.deepspeed_convert import convert_to_native  # noqa: E402
+from minigpt4qwen.checkpoint.deepspeed_convert import MODEL_STATES, _weights_only_loads, convert_to_native  # noqa: E402
 from minigpt4qwen.checkpoint.keymap import CheckpointError  # noqa: E402
 from minigpt4qwen.checkpoint.sources import read_model_checkpoint  # noqa: E402
 from minigpt4qwen.cli.main import main  # noqa: E402
@@ -67,6 +69,50 @@ def test_converting_a_torn_zero_checkpoint_names_the_file(zero3, tmp_path, damag
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"^{shard}(: truncated| is missing)"):
         convert_to_native(torn, tmp_path / "native")
+
+
+class RunsCode:
+    """Unpickling it runs a shell command (creates `marker`): what a crafted checkpoint file can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_model_states_file_is_refused_without_running_its_code(tmp_path):
+    tag = tmp_path / "global_step1"
+    tag.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"module": {"language_projection.weight": torch.zeros(2, 2)}, "x": RunsCode(marker)},
+               tag / MODEL_STATES)
+    with pytest.raises(CheckpointError, match=rf"^{tag / MODEL_STATES}: refused: it holds posix.system"):
+        convert_to_native(tag, tmp_path / "native")
+    assert not marker.exists() and not (tmp_path / "native").exists()
+
+
+def test_a_crafted_zero_optimizer_file_is_refused_without_running_its_code(zero3, tmp_path):
+    source, _ = zero3
+    tampered = tmp_path / TAG
+    shutil.copytree(source, tampered)
+    shard = tampered / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "code-ran"
+    states = torch.load(shard, weights_only=False)
+    torch.save({**states, "x": RunsCode(marker)}, shard)
+    with pytest.raises(CheckpointError, match=rf"^{shard}: refused: it holds posix.system"):
+        convert_to_native(tampered, tmp_path / "native")
+    assert not marker.exists()
+
+
+def test_deepspeeds_own_reads_are_weights_only_during_the_conversion(tmp_path):
+    # DeepSpeed's ZeRO reader calls torch.load(weights_only=False) itself; the conversion overrides that.
+    marker = tmp_path / "code-ran"
+    torch.save({"x": RunsCode(marker)}, tmp_path / "crafted.pt")
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    with _weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "crafted.pt", weights_only=False)
+    assert not marker.exists() and os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") == before  # restored
 
 
 def _worker(out: Path) -> None:

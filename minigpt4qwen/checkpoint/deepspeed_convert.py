@@ -6,21 +6,28 @@ ZeRO-1/2/3 weights come from the fp32 master copies through DeepSpeed's own `get
 ZeRO-0 weights from `mp_rank_00_model_states.pt`; our pipeline's `layer_XX-model_states.pt` files are renamed
 with the `pipeline_keys.json` the pipeline trainer writes beside them; anything else goes to `original.py`.
 A torn checkpoint (a rank's file missing, a file cut short by a killed save) is an error naming the file.
+Every `*.pt` file is unpickled with `weights_only=True` (DeepSpeed's own readers too): tensors and the few plain
+types DeepSpeed writes, never code; a file holding anything else is refused, naming the file and the type.
+A LoRA run's adapters convert with the LoRA settings of the run's `config.yaml`, which loading them needs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import pickle
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+import yaml
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError
-from minigpt4qwen.checkpoint.native import FORMAT_VERSION, META_NAME, WEIGHTS_NAME, atomic_directory
+from minigpt4qwen.checkpoint.native import FORMAT_VERSION, META_NAME, WEIGHTS_NAME, atomic_directory, write_weights
 from minigpt4qwen.checkpoint.original import original_keymap, read_original_checkpoint
 from minigpt4qwen.model.minigpt4qwen import part_of_key
 from minigpt4qwen.model.parts import PART_NAMES
@@ -35,10 +42,67 @@ _RANK_FILE = re.compile(
 )
 
 
-def _load(file: Path, *, weights_only: bool = False, mmap: bool = False) -> object:
-    """`torch.load` to the CPU that names the file when it cannot be read."""
+RUN_CONFIG = "config.yaml"  # the trainer's copy of the run's config, beside its checkpoints
+_LORA_SETTINGS = ("r", "alpha", "dropout", "target_modules")  # what `native.lora_description` records
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+class _Unread:
+    """Stands in for values the conversion never reads: the numpy arrays of the trainer's RNG states. Torch does
+    not trust numpy's array reconstruction on untrusted bytes, so none of numpy's code runs on them."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _allowed_globals() -> tuple:
+    """The non-tensor types of DeepSpeed checkpoints that unpickling may build, beside torch's own safe ones.
+
+    ZeroStageEnum (read by DeepSpeed's ZeRO reader), `fragment_address` (two ints) and the loss scalers (plain
+    attributes) run no code of theirs when unpickled: instances are created empty and their attributes filled in.
+    """
+    allowed: list = [(_Unread, name) for name in ("numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                                                  "numpy._core.multiarray._reconstruct", "numpy.dtype")]
     try:
-        return torch.load(file, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # the original's ZeRO module states are read without DeepSpeed (they hold none of these)
+        return tuple(allowed)
+    return (*allowed, ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler)
+
+
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside builds tensors and the allowed types only, DeepSpeed's readers' too: they pass
+    weights_only=False themselves, which torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(list(_allowed_globals())):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def _load(file: Path, *, mmap: bool = False) -> object:
+    """`torch.load(weights_only=True)` to the CPU that names the file when it cannot or must not be read."""
+    try:
+        with torch.serialization.safe_globals(list(_allowed_globals())):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = found[1] if found else str(err).splitlines()[0]
+        raise CheckpointError(f"{file}: refused: it holds {what}, which is neither a tensor nor a type DeepSpeed "
+                              "writes into its checkpoints, and unpickling it could run code (a tampered or "
+                              "foreign file?); convert only checkpoints you trust") from None
     except Exception as err:  # a truncated or damaged file raises many different types
         raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {err}); was its save interrupted? "
                               "Convert an earlier checkpoint") from None
@@ -46,11 +110,11 @@ def _load(file: Path, *, weights_only: bool = False, mmap: bool = False) -> obje
 
 def check_complete(tag_dir: Path) -> None:
     """Checks that a DeepSpeed checkpoint directory is whole before DeepSpeed's readers (whose errors name no
-    file) see it: every `*_states.pt` a complete torch archive, and, for ZeRO, the per-rank files of every
-    data-parallel rank that its model states record.
+    file) see it: every `*_states.pt` a complete torch archive holding only tensors and allowed types, and, for
+    ZeRO, the per-rank files of every data-parallel rank that its model states record.
 
     Raises:
-        CheckpointError: naming the truncated or missing file.
+        CheckpointError: naming the truncated, missing or refused file.
     """
     files = sorted(tag_dir.glob("*_states.pt"))
     for file in files:
@@ -58,6 +122,7 @@ def check_complete(tag_dir: Path) -> None:
         if not zipfile.is_zipfile(file):
             raise CheckpointError(f"{file}: truncated or not a torch checkpoint file (was its save interrupted?); "
                                   "convert an earlier checkpoint")
+        _load(file, mmap=True)  # memory-mapped: only the pickled structure is read, and refused if unsafe
     ranked = [(m, file) for file in files if (m := _RANK_FILE.fullmatch(file.name))]
     model_states = [f for f in files if f.name == MODEL_STATES] + [f for m, f in ranked if m["kind"] == "model"]
     if not ranked or not model_states:
@@ -103,8 +168,9 @@ def read_deepspeed_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if any(tag_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3 (and bf16 ZeRO-0): partitioned fp32 masters
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        tensors = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                           exclude_frozen_parameters=True)
+        with _weights_only_loads():
+            tensors = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                               exclude_frozen_parameters=True)
     else:
         tensors = _load(tag_dir / MODEL_STATES)["module"]
     return {key.replace(_WRAPPER, ""): value for key, value in tensors.items()}
@@ -117,7 +183,7 @@ def _read_pipeline(tag_dir: Path) -> dict[str, torch.Tensor]:
         file = tag_dir / f"layer_{int(index):02d}-model_states.pt"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (an incomplete pipeline checkpoint)")
-        for key, value in _load(file, weights_only=True).items():
+        for key, value in _load(file).items():
             if key not in mapping:
                 raise CheckpointError(f"{file}: key {key!r} is not in {PIPELINE_KEYS}")
             tensors[mapping[key]] = value
@@ -142,14 +208,48 @@ def _original_zero_module(tag_dir: Path) -> dict[str, torch.Tensor] | None:
 
 
 def write_native(tensors: dict[str, torch.Tensor], directory: str | Path, extra: dict | None = None) -> Path:
-    """Writes tensors as a native checkpoint directory (the layout of `native.save_checkpoint`), atomically."""
+    """Writes tensors as a native checkpoint directory (the layout of `native.save_checkpoint`), atomically.
+
+    Tensors shared by several keys (DeepSpeed restores tied weights as one tensor) are stored once, as there.
+    `extra` must hold `lora` (see `run_lora_settings`) when the keys name LoRA adapters.
+    """
     meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": "trainable", "keys": len(tensors),
-            **(extra or {})}
+            "lora": None, **(extra or {})}
+    if meta["lora"] is None and (adapters := [k for k in tensors if "lora_" in k]):
+        # Without the settings no loader can rebuild the adapters these keys belong to: refuse rather than write
+        # a checkpoint that loads nowhere.
+        raise CheckpointError(f"{directory}: key {adapters[0]!r} names a LoRA adapter, but no LoRA settings were "
+                              "given to record")
     with atomic_directory(directory) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        meta.update(write_weights(tensors, tmp / WEIGHTS_NAME))
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
     return Path(directory)
+
+
+def run_lora_settings(tag_dir: Path, example_key: str) -> dict:
+    """The LoRA settings of the run that wrote a DeepSpeed checkpoint, from its `config.yaml` (`train.lora`), in
+    the form a native LoRA save records (`native.lora_description`): loading rebuilds the adapters from them.
+
+    Raises:
+        CheckpointError: no config.yaml beside the checkpoint, or no enabled `train.lora` with every setting.
+    """
+    config_file = tag_dir.parent / RUN_CONFIG
+    why = f"the checkpoint {tag_dir} holds LoRA adapters (e.g. {example_key!r}), whose settings loading needs"
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_file} is missing: {why}; put the run's config.yaml (written by the trainer "
+                              "beside its checkpoints) back there") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{config_file}: unreadable ({err}); {why}") from None
+    lora = ((config or {}).get("train") or {}).get("lora") if isinstance(config, dict) else None
+    if not isinstance(lora, dict) or not lora.get("enabled"):
+        raise CheckpointError(f"{config_file}: no train.lora with enabled: true, but {why}: is this the config of "
+                              "the run that wrote it?")
+    if missing := [f"train.lora.{name}" for name in _LORA_SETTINGS if lora.get(name) is None]:
+        raise CheckpointError(f"{config_file}: key(s) {missing} missing; {why}")
+    return {"r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"],
+            "target_modules": sorted(lora["target_modules"])}
 
 
 def convert_to_native(source: str | Path, output: str | Path, parts: Sequence[str] | None = None) -> Path:
@@ -166,7 +266,8 @@ def convert_to_native(source: str | Path, output: str | Path, parts: Sequence[st
         The output directory.
 
     Raises:
-        CheckpointError: unreadable source, or none of `parts` in it.
+        CheckpointError: unreadable, torn or unsafe source, none of `parts` in it, or LoRA adapters without the
+            run's LoRA settings (`run_lora_settings`).
     """
     source = Path(source)
     tag_dir = _tag_dir(source) if source.is_dir() else source
@@ -184,4 +285,6 @@ def convert_to_native(source: str | Path, output: str | Path, parts: Sequence[st
         tensors = {k: v for k, v in tensors.items() if part_of_key(k) in parts}
         if not tensors:
             raise CheckpointError(f"{source}: holds none of the parts {list(parts)}")
-    return write_native(tensors, output, {"converted_from": str(source), "source_kind": origin})
+    adapters = [k for k in tensors if "lora_" in k]
+    lora = run_lora_settings(tag_dir, adapters[0]) if adapters else None
+    return write_native(tensors, output, {"converted_from": str(source), "source_kind": origin, "lora": lora})

@@ -17,11 +17,12 @@ from accelerate import init_empty_weights
 from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import Blip2Config, GenerationConfig, PreTrainedTokenizerBase
+from torch import nn
+from transformers import Blip2Config, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import is_torchvision_available
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, load_checked
-from minigpt4qwen.checkpoint.native import atomic_directory
+from minigpt4qwen.checkpoint.native import atomic_directory, shared_aliases, tie_aliases
 from minigpt4qwen.checkpoint.quantized_safetensors import flatten_quantized, unflatten_quantized
 from minigpt4qwen.model.fused_projections import FUSED_TYPES
 from minigpt4qwen.model.minigpt4qwen import MiniGPT4Qwen
@@ -77,7 +78,11 @@ def export_hf(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, out_dir: 
         config = Blip2Config.from_dict(model.config.to_dict())
         config.architectures = ["Blip2ForConditionalGeneration"]
         config.save_pretrained(tmp)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        full = model.state_dict()
+        # A tied tensor is written once, under its first key (the input embeddings, as transformers' own saves do):
+        # loaders tie the other key to it from the config.
+        aliases = shared_aliases(full)
+        state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in aliases}
         metadata = None
         if getattr(model.config, CONFIG_ATTRIBUTE, None):
             state, metadata = flatten_quantized(state)
@@ -123,6 +128,39 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, metadata
 
 
+def _tied_keys(model: nn.Module) -> dict[str, str]:
+    """{alias: key} of the weights `model` ties: those its transformers configs declare (a model built under
+    `init_empty_weights` is not tied yet) and those it already shares."""
+    tied = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            declared = module.get_expanded_tied_weights_keys(all_submodels=False)
+            tied.update({f"{prefix}.{alias}" if prefix else alias: f"{prefix}.{kept}" if prefix else kept
+                         for alias, kept in declared.items()})
+    return {**tied, **shared_aliases(model.state_dict(keep_vars=True))}
+
+
+def _provide_tied(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, str]:
+    """Gives each pair of weights the model ties (built from its config, e.g. an LLM's output head and input
+    embeddings) the one tensor a file stores for both (either key: transformers keeps the embeddings, older exports
+    of ours the head), in place. A pair the file holds neither key of stays missing for the strict check; one it
+    holds both keys of stays as stored (untied, as transformers loads it).
+
+    Returns:
+        The pairs provided this way ({alias: key}), to be tied again once loaded.
+    """
+    provided = {}
+    for alias, kept in aliases.items():
+        if alias in tensors and kept not in tensors:
+            tensors[kept] = tensors[alias]
+        elif kept in tensors and alias not in tensors:
+            tensors[alias] = tensors[kept]
+        else:
+            continue
+        provided[alias] = kept
+    return provided
+
+
 def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                   quantize: str | None = None) -> tuple[MiniGPT4Qwen, PreTrainedTokenizerBase]:
     """Loads an `export_hf` directory (or any BLIP-2 directory with a decoder-only LLM) as a `MiniGPT4Qwen`.
@@ -150,11 +188,13 @@ def load_exported(directory: str | Path, *, dtype: torch.dtype | None = None, de
         tensors = unflatten_quantized(tensors, metadata, quantized, device=device, source=str(directory))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() and not is_quantized(v) else v for k, v in tensors.items()}
+    tied = _provide_tied(tensors, _tied_keys(model))
     # Meta parameters take the stored dtypes, so loading assigns the tensors without a cast or a copy.
     for name, param in model.named_parameters():
         if name in tensors:
             param.data = torch.empty_like(param, dtype=tensors[name].dtype, device="meta")
     load_checked(model, tensors, source=str(directory), allow_missing=False)
+    tie_aliases(model, tied)
     if quantized:
         adapt_quantized_layers(model.language_model)
     if quantize and not quantized:

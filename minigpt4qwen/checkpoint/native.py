@@ -2,6 +2,8 @@
 
 A checkpoint directory holds `model.safetensors` and `minigpt4qwen.json`; a projection-only checkpoint of a 7B
 model is ~17 MB. Directories are written atomically: a crash mid-write never replaces a good checkpoint.
+A tensor that several keys share (an LLM's output head tied to its input embeddings) is stored once, under its
+first key; the description lists the others (`tied`), and reading restores them as the same tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "minigpt4qwen.json"
 FORMAT_VERSION = 1
+TIED_KEY = "tied"  # in the description: {alias key: the key its tensor is stored under}
 # `atomic_directory` writes into `.{final name}.tmp-XXXXXXXX` (8 random characters), and moves a directory it
 # replaces to `.{final name}.old-PID` until the new one is in place.
 TMP_INFIX = ".tmp-"
@@ -169,11 +172,55 @@ def save_checkpoint(model: nn.Module, directory: str | Path, *, which: str = "tr
     meta = {"format": "minigpt4qwen", "version": FORMAT_VERSION, "contents": which, "keys": len(tensors),
             "lora": lora_description(model), **(extra or {})}
     with atomic_directory(directory) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta.update(write_weights(tensors, tmp / WEIGHTS_NAME))
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str))
         if write_more is not None:
             write_more(tmp)
     return Path(directory)
+
+
+def shared_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{alias: first key} for every key whose tensor is the very tensor of an earlier key (tied weights).
+
+    Works on `state_dict()` (entries are separate views of shared memory) and on `state_dict(keep_vars=True)`
+    of a model on the meta device (tied parameters are one object there).
+    """
+    first: dict[object, str] = {}
+    aliases = {}
+    for key, tensor in tensors.items():
+        kept = first.setdefault(_tensor_identity(tensor), key)
+        if kept != key:
+            aliases[key] = kept
+    return aliases
+
+
+def _tensor_identity(tensor: torch.Tensor) -> object:
+    # Meta and empty tensors have no memory to compare (all share address 0), and tensor subclasses (quantized
+    # weights) need not expose one: those count as shared only when they are the same object.
+    if tensor.is_meta or tensor.numel() == 0 or type(tensor) not in (torch.Tensor, nn.Parameter):
+        return ("object", id(tensor))
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype,
+            tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def write_weights(tensors: Mapping[str, torch.Tensor], file: Path) -> dict:
+    """Writes tensors to a safetensors file, each shared tensor once (safetensors refuses shared memory).
+
+    Returns:
+        What the checkpoint description must record for `read_native_checkpoint` to restore the aliases:
+        `{"tied": {alias: stored key}}`, or {} when nothing is shared.
+    """
+    aliases = shared_aliases(tensors)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if k not in aliases}, str(file),
+              metadata={"format": "pt"})
+    return {TIED_KEY: aliases} if aliases else {}
+
+
+def tie_aliases(model: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Makes each alias parameter the very parameter of its key again (loading assigns them separately)."""
+    for alias, kept in aliases.items():
+        owner_path, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(owner_path) if owner_path else model, leaf, model.get_parameter(kept))
 
 
 def lora_description(model: nn.Module) -> dict | None:
@@ -208,17 +255,24 @@ def is_native_checkpoint(path: str | Path) -> bool:
 
 
 def read_native_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads the tensors of a `save_checkpoint` directory (composite key names).
+    """Reads the tensors of a `save_checkpoint` directory (composite key names); keys saved as aliases of a tied
+    tensor map to the very tensor of the key it was stored under.
 
     Raises:
         CheckpointError: missing or corrupt files, or an unknown format version.
     """
     path = Path(path)
     weights = path / WEIGHTS_NAME
-    read_native_meta(path)
+    meta = read_native_meta(path)
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_NAME} is missing (the checkpoint was not completely written?)")
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: corrupt or truncated safetensors file ({err})") from None
+    for alias, kept in (meta.get(TIED_KEY) or {}).items():
+        if kept not in tensors:
+            raise CheckpointError(f"{weights}: key {kept!r} is missing, which {path / META_NAME} says the tied "
+                                  f"{alias!r} shares")
+        tensors[alias] = tensors[kept]  # one tensor under both names, as it was saved
+    return tensors
