@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 # The parts only an image reaches; text reaches the language model alone.
 IMAGE_PATH_PARTS = ("vision_model", "qformer", "query_tokens", "language_projection")
+# Supervised rows per LM-head call by default (`masked_lm_loss_sum`).
+LOSS_CHUNK_ROWS = 8192
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -26,7 +28,7 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def masked_lm_loss_sum(
-    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_rows: int = 8192
+    hidden_states: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_rows: int | None = LOSS_CHUNK_ROWS
 ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over supervised tokens, and their count.
 
@@ -35,7 +37,10 @@ def masked_lm_loss_sum(
         labels: [B, T] targets aligned with the inputs (position t is predicted from positions < t);
             `IGNORE_INDEX` where nothing is learned.
         lm_head: the output projection, applied only to the selected rows.
-        chunk_rows: rows per LM-head call, bounding the fp32 logits memory to chunk_rows x vocab.
+        chunk_rows: rows per LM-head call, bounding the fp32 logits memory to chunk_rows x vocab; the number of
+            calls then follows the token count (none without supervised tokens). None: exactly one call whatever
+            the count (on zero rows if nothing is supervised), for engines where every call is a collective that
+            all ranks must make alike (ZeRO-3 gathers the head's weight per call); the logits are then N x vocab.
 
     Returns:
         (loss_sum, num_tokens). `loss_sum` is a scalar tensor attached to the graph (zero if nothing is supervised),
@@ -45,6 +50,10 @@ def masked_lm_loss_sum(
     rows = hidden_states[:, :-1][mask]  # [N, H]
     targets = labels[:, 1:][mask]  # [N]
     num_tokens = int(targets.numel())
+    if chunk_rows is None:
+        # One call even for N = 0: the sum over no rows is an exact 0 that still reaches the head's weight.
+        logits = lm_head(rows).float()  # [N, V]
+        return F.cross_entropy(logits, targets, reduction="sum"), num_tokens
     if num_tokens == 0:
         return hidden_states.sum() * 0.0, 0
     total = hidden_states.new_zeros((), dtype=torch.float32)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Blip2Config, Blip2QFormerModel, B
 from minigpt4qwen.model.configs import LN_VISION_EPS
 from minigpt4qwen.model.device_copy import to_device_queued
 from minigpt4qwen.model.image_tokens import merge_image_features
-from minigpt4qwen.model.loss import image_path_anchor, masked_lm_loss_sum
+from minigpt4qwen.model.loss import LOSS_CHUNK_ROWS, image_path_anchor, masked_lm_loss_sum
 from minigpt4qwen.model.parts import PART_NAMES, PartDtypes, TrainableParts
 
 
@@ -59,6 +59,9 @@ class MiniGPT4Qwen(nn.Module):
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
         self.frozen_parts: set[str] = set()
+        # Rows per LM-head call in the training loss; None makes it one call per forward, as engines that turn
+        # each call into a collective need (set from outside, see `masked_lm_loss_sum`).
+        self.loss_chunk_rows: int | None = LOSS_CHUNK_ROWS
 
     @property
     def image_token_id(self) -> int:
@@ -166,7 +169,9 @@ class MiniGPT4Qwen(nn.Module):
         hidden = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # [B, T, H]
-        loss_sum, num_tokens = masked_lm_loss_sum(hidden, labels, self.language_model.get_output_embeddings())
+        loss_sum, num_tokens = masked_lm_loss_sum(
+            hidden, labels, self.language_model.get_output_embeddings(), chunk_rows=self.loss_chunk_rows
+        )
         return MiniGPT4QwenOutput(
             loss=loss_sum / max(num_tokens, 1), loss_sum=loss_sum, num_tokens=num_tokens
         )

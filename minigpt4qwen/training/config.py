@@ -139,6 +139,11 @@ class RunConfig:
                              "micro-batch: set data.pack_length=0 (or leave it unset)")
         if self.parallel.engine == "pipeline" and self.data.val_datasets:
             raise ValueError("the pipeline engine does not evaluate a validation set: remove data.val_datasets")
+        if self.parallel.engine == "deepspeed" and self.parallel.zero_stage == 3 and self.data.val_datasets:
+            # Ranks evaluate different numbers of batches (and text-only ones skip the image path under no_grad),
+            # so ZeRO-3's per-module parameter gathers would fall out of step and hang or abort the run.
+            raise ValueError("parallel.engine=deepspeed with parallel.zero_stage=3 cannot evaluate a validation set: "
+                             "remove data.val_datasets, or use parallel.zero_stage 0, 1 or 2")
         if self.parallel.engine == "ddp" and self.train.precision == "fp16":
             # The gradient scaler unscales into the gradients, which it refuses to do in fp16 (precision lost and
             # overflow); DeepSpeed keeps fp32 master weights instead, and the pipeline refuses fp16 itself.

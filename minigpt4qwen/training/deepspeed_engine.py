@@ -131,6 +131,9 @@ class DeepSpeedTrainer(Trainer):
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         if parallel.zero_stage == 3:
             module.register_forward_hook(_as_tuple_output)  # registered first, so it runs before DeepSpeed's hooks
+            # Each LM-head call gathers its weight (a collective): the call count must not follow each rank's
+            # supervised token count, as the loss's default chunking makes it.
+            model.loss_chunk_rows = None
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=deepspeed_config(cfg, parallel, self.info.world_size),
@@ -143,6 +146,10 @@ class DeepSpeedTrainer(Trainer):
         if hasattr(self.engine.optimizer, "check_grad_overflow"):
             self.engine.optimizer.check_grad_overflow = True
         self._applied = True
+        self._skipping = False
+        if self._plain_grads() and isinstance(self.engine.optimizer, torch.optim.Optimizer):
+            # DeepSpeed steps our AdamW itself: see _boundary_step
+            self.engine.optimizer.register_step_pre_hook(self._drop_skipped_grads)
 
     def _skips_nonfinite(self) -> bool:
         """Whether DeepSpeed itself discards a step with non-finite gradients (else `_boundary_step` must)."""
@@ -168,22 +175,49 @@ class DeepSpeedTrainer(Trainer):
         grad_norm = self.engine.get_global_grad_norm()
         return math.nan if grad_norm is None else float(grad_norm)
 
+    def _plain_grads(self) -> bool:
+        """fp32 ZeRO-0: DeepSpeed steps our AdamW on the parameters' own, already rank-averaged `.grad`."""
+        return self.engine.zero_optimization_stage() == 0 and not (
+            self.engine.bfloat16_enabled() or self.engine.fp16_enabled())
+
+    def _grads_finite(self) -> bool:
+        """Whether every trainable parameter's gradient is finite (the same answer on every rank: averaged)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
     def _boundary_step(self, loss: float) -> bool:
-        """The optimizer step, skipped for a non-finite loss like the trainer's; returns whether it applied.
+        """The optimizer step, skipped for a non-finite loss or gradient like the trainer's; returns whether it
+        applied.
 
         Raises:
             NonFiniteError: a non-finite loss where DeepSpeed cannot skip the step (ZeRO-3 or bf16 ZeRO-0 without
                 half-precision overflow checks): stopping keeps the weights and the last checkpoint finite.
         """
         finite = math.isfinite(loss)
-        if not finite and not self._skips_nonfinite():
-            if self.engine.zero_optimization_stage() != 0 or self.engine.bfloat16_enabled():
+        if not self._skips_nonfinite():
+            plain = self._plain_grads()
+            # A finite loss can still have an inf/NaN gradient (e.g. an overflowing backward); fp32 ZeRO-0 has no
+            # overflow check of its own, so AdamW would write NaN into the weights.
+            finite = finite and (not plain or self._grads_finite())
+            if not finite and not plain:
                 raise NonFiniteError(f"non-finite loss {loss} under ZeRO-{self.engine.zero_optimization_stage()}, "
                                      "which cannot skip the step; resume from the last checkpoint with another lr")
-            for p in self.params:  # ZeRO-0 fp32 keeps plain .grad: AdamW skips parameters without one
-                p.grad = None
+            if not finite:
+                # Zeros for DeepSpeed's clipping (it fails on no gradients at all), then none for AdamW, which skips
+                # parameters without one: the step changes nothing (`_drop_skipped_grads`).
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.zero_()
+                self._skipping = True
         self.engine.step()
+        self._skipping = False
         return finite and self.engine.was_step_applied()
+
+    def _drop_skipped_grads(self, optimizer, args, kwargs) -> None:
+        """Optimizer step pre-hook (fp32 ZeRO-0): removes the gradients of a step `_boundary_step` skips."""
+        if self._skipping:
+            for p in self.params:
+                p.grad = None
 
     def _apply(self, loss: float, grad_norm: float) -> bool:
         """The step already ran in `_step`; keeps the schedule on the data when DeepSpeed skipped one."""
