@@ -174,3 +174,29 @@ def test_failed_generations_are_skipped_and_asked_again_by_a_rerun(model_and_tok
     rerun, made = _evaluate(answerer, mme_dir, out)  # the batches missing answers are asked again
     assert made.answered_now == 22 and rerun["questions"] == straight["questions"]
     assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
+
+
+def test_the_run_record_is_checked_by_name_and_bad_options_fail_before_the_model_loads(mme_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from minigpt4qwen.evaluation.report import load_results
+    from minigpt4qwen.evaluation.runner import PREDICTIONS, RUN, check_run
+
+    check_run(tmp_path, {"benchmark": "mme", "settings": {"batch_size": 4}})
+    assert not list(tmp_path.glob(".*partial"))  # written whole, then renamed into place
+    (tmp_path / PREDICTIONS).write_text("")
+    with pytest.raises(ValueError, match="batch_size"):  # other batches would ask answered questions again
+        check_run(tmp_path, {"benchmark": "mme", "settings": {"batch_size": 3}})
+    (tmp_path / RUN).write_text('{"benchmark": "mm')  # a kill mid-write in an older version
+    with pytest.raises(ValueError, match=r"run\.json: not JSON.*delete it"):
+        check_run(tmp_path, {"benchmark": "mme"})
+    (tmp_path / "partial.json").write_text(json.dumps({"benchmark": "mme", "summary": {}, "table": []}))
+    with pytest.raises(ValueError, match="not a results.json"):  # compare reads model and questions too
+        load_results(tmp_path / "partial.json")
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("minigpt4qwen.inference.loading.load_for_inference", no_model)
+    for option in (["--batch-size", "0"], ["--max-new-tokens", "0"]):
+        assert main(["eval", "mme", "--data", str(mme_dir), "--model-dir", str(tmp_path), *option]) == 2
+        assert "must be >= 1" in capsys.readouterr().err

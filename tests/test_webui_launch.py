@@ -70,3 +70,21 @@ def test_the_webui_command_builds_its_scheduler_from_the_options_and_closes_it(m
     assert hasattr(decoder._decode_forward, "_torchdynamo_orig_callable")
     assert len(served) == 1 and scheduler._thread in served[0]  # it ran while the UI served
     assert not scheduler._thread.is_alive()  # and was closed on the way out
+
+
+def test_each_visitor_gets_a_chat_session_when_the_page_loads():
+    from minigpt4qwen.inference.decoding.scheduler import GenerationScheduler
+    from minigpt4qwen.inference.frontends.chat_tab import ChatTab
+    from minigpt4qwen.inference.frontends.webui import build_app
+
+    model, tokenizer = make_tiny_chat_model()
+    scheduler = GenerationScheduler(model, tokenizer, slots=2, capacity=128)
+    try:
+        app = build_app(model, tokenizer, scheduler)
+        [state] = [block for block in app.blocks.values() if isinstance(block, gr.State)]
+        # Made per page load, not on the first event: an upload and a question sent at once share one session.
+        first, second = state.value(), state.value()
+        assert isinstance(first, ChatTab) and isinstance(second, ChatTab) and first.session is not second.session
+        app.close()
+    finally:
+        scheduler.close()

@@ -92,8 +92,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from minigpt4qwen.text.qwen_tokenizer import DEFAULT_SYSTEM_PROMPT
 
     benchmark = BENCHMARKS[args.benchmark]
-    template = check_template(args.prompt or benchmark.template, benchmark.fields, benchmark.name)
-    max_new_tokens = args.max_new_tokens or benchmark.max_new_tokens
+    template = check_template(benchmark.template if args.prompt is None else args.prompt, benchmark.fields,
+                              benchmark.name)
+    max_new_tokens = benchmark.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    batch_size = 4 * args.slots if args.batch_size is None else args.batch_size
+    if max_new_tokens < 1 or batch_size < 1:  # before the model loads
+        raise ValueError(f"--max-new-tokens and --batch-size must be >= 1, got {max_new_tokens} and {batch_size}")
     root = getattr(args, "image_root", None)
     data = benchmark.read(Path(args.data), Path(root) if root else None)  # bad data shows before the model loads
     print(f"{benchmark.name}: {len(data.questions)} questions to ask of {data.total}; {len(data.skipped)} bad "
@@ -105,14 +109,15 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args)
     system_prompt = args.system_prompt or DEFAULT_SYSTEM_PROMPT
     settings = {"prompt_template": template, "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
-                "decoding": "greedy", "image_root": root}
+                "decoding": "greedy", "image_root": root,
+                "batch_size": batch_size}  # resumed batches must be the same batches: answers may depend on them
     out_dir = Path(args.output_dir or f"outputs/eval/{benchmark.name}")
     scheduler = build_scheduler(model, tokenizer, args)
     try:
         results, made = evaluate(benchmark, data, args.data, out_dir,
                                  SchedulerAnswerer(scheduler, max_new_tokens, system_prompt), template=template,
                                  settings=settings, model=_model_record(args, model),
-                                 batch_size=args.batch_size or 4 * args.slots)
+                                 batch_size=batch_size)
     finally:
         scheduler.close()
     if made.answered_now:

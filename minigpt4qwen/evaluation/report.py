@@ -104,7 +104,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not JSON ({err})") from None
-    if not isinstance(results, dict) or not {"benchmark", "summary", "table"} <= set(results):
+    if not isinstance(results, dict) or not {"benchmark", "model", "questions", "summary", "table"} <= set(results):
         raise ValueError(f"{path}: not a results.json of `minigpt4qwen eval`")
     return results
 

@@ -10,6 +10,7 @@ cannot be decoded, or whose generation failed, is skipped and reported (a rerun 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,14 +89,20 @@ def check_run(out_dir: Path, run: dict[str, Any]) -> None:
     """
     path = out_dir / RUN
     if path.exists() and (out_dir / PREDICTIONS).exists():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err}); delete it to resume these predictions with this run's "
+                             "settings, or delete the folder to start over") from None
         differ = sorted(k for k in set(earlier) | set(run) if earlier.get(k) != run.get(k))
         if differ:
             raise ValueError(f"{out_dir} holds predictions of another run ({', '.join(differ)} differ: "
                              f"{ {k: earlier.get(k) for k in differ} } there): choose another --output-dir, or "
                              f"delete {out_dir / PREDICTIONS} to start over")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial = path.with_name(f".{path.name}.partial")  # replaced whole: a kill never leaves half a record
+    partial.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _load(question: Question, size: int) -> Image.Image:

@@ -123,16 +123,18 @@ def build_app(model: MiniGPT4Qwen, tokenizer: PreTrainedTokenizerBase, scheduler
     def clear_history(tab: ChatTab | None) -> tuple[Chat, ChatTab | None]:
         return ([], None) if tab is None else (tab.clear_history(), tab)
 
-    def start_over(tab: ChatTab | None) -> tuple[None, None, str]:
-        """Restart: the images, the tab's session and the question box emptied."""
+    def start_over(tab: ChatTab | None) -> tuple[None, ChatTab, str]:
+        """Restart: the images, the tab's session and the question box emptied (a new session at once)."""
         if tab is not None:
             tab.chat = []
             tab.drop_reply()
-        return None, None, ""
+        return None, new_tab(), ""
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
-        tab_state = gr.State(None)
+        # A session per browser tab from the moment the page loads (gradio calls `new_tab` per visitor): the
+        # first events of a tab, an upload and a question sent at once, then share it instead of each making one.
+        tab_state = gr.State(new_tab)
         with gr.Row():
             with gr.Column(scale=1):
                 images = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
