@@ -197,6 +197,7 @@ def test_the_run_record_is_checked_by_name_and_bad_options_fail_before_the_model
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("minigpt4qwen.inference.loading.load_for_inference", no_model)
-    for option in (["--batch-size", "0"], ["--max-new-tokens", "0"]):
+    for option, message in ((["--batch-size", "0"], "must be >= 1"), (["--max-new-tokens", "0"], "must be >= 1"),
+                            (["--prompt", " "], "is empty")):
         assert main(["eval", "mme", "--data", str(mme_dir), "--model-dir", str(tmp_path), *option]) == 2
-        assert "must be >= 1" in capsys.readouterr().err
+        assert message in capsys.readouterr().err

@@ -33,8 +33,10 @@ def check_template(template: str, available: Iterable[str], benchmark: str) -> s
     """Returns `template` after checking it only uses fields the benchmark provides.
 
     Raises:
-        ValueError: an unknown field (the message lists the available ones).
+        ValueError: an empty template, or an unknown field (the message lists the available ones).
     """
+    if not template.strip():
+        raise ValueError(f"the prompt template for {benchmark} is empty: every question would be asked as nothing")
     known = set(available)
     unknown = template_fields(template) - known
     if unknown:
