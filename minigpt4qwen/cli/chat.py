@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import re
 import shutil
 import signal
 import sys
@@ -19,70 +17,21 @@ from typing import TextIO
 
 from transformers import TextIteratorStreamer
 
+from minigpt4qwen.cli.chat_text import (
+    ASSISTANT,
+    CONF_ITEM_START,
+    HELP,
+    IMAGE_INPUT,
+    USER,
+    WELCOME,
+    conf_value,
+    read_line,
+    unquote,
+)
 from minigpt4qwen.data.images import ImageLoadError, load_image
 from minigpt4qwen.inference.engine import ChatSession, GenerationCancelled, GenerationSettings
 from minigpt4qwen.inference.loading import fast_decoder, load_for_inference, settings_from_args
 from minigpt4qwen.inference.prompt_budget import over_budget
-
-WELCOME = """\
-Welcome to MiniGPT4Qwen: type a question to chat, :h for the commands.
-(欢迎使用 MiniGPT4Qwen：输入内容即可进行对话，:h 显示命令帮助。)"""
-HELP = """\
-Commands 命令:
-    :help / :h                 show this help                         显示帮助信息
-    :exit / :quit / :q         leave                                  退出
-    :clear / :cl               clear the screen                       清屏
-    :clear-history / :clh      clear the history, keep the images     清除对话历史（保留图片）
-    :new                       start over: no history, no images      清除对话历史和图片
-    :history / :his            show the history                       显示对话历史
-    :seed                      show the random seed                   显示当前随机种子
-    :seed <N>                  set the random seed (none: unset)      设置随机种子
-    :conf                      show the generation settings           显示生成配置
-    :conf <key>=<value> ...    change generation settings             修改生成配置
-                               (stop="\n" or stop=["a", "b"]: JSON strings and lists)
-    :reset-conf                restore the starting settings          重置生成配置
-    :img                       list the images                        显示图片列表
-    :img <PATH>                add an image for the next question     为下一个问题添加图片
-Up/Down recall earlier lines (上下键调出输入历史); Ctrl-C stops a reply being generated; Ctrl-D leaves.
-Ctrl-C 中断生成；Ctrl-D 退出。"""
-IMAGE_INPUT = "Image path, one per line; :f to finish (图片路径，每行一个，可多张；输入 :f 结束并开始对话)> "
-USER = "User> "
-_CONF_ITEM_START = re.compile(r"\s+(?=[A-Za-z_]\w*=)")
-ASSISTANT = "Assistant: "
-
-
-def _unquote(text: str) -> str:
-    """A path as typed or dropped into a terminal: surrounding quotes removed."""
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
-def _conf_value(text: str) -> str:
-    """A `:conf` value as typed: a double-quoted one is a JSON string (escapes such as \\n work), a single-quoted one
-    is taken literally without its quotes, anything else as it is."""
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    return _unquote(text)
-
-
-def _read(prompt: str) -> str | None:
-    """One stripped input line; None on end of input. Ctrl-C at a prompt only prints a hint."""
-    while True:
-        try:
-            return input(prompt).strip()
-        except EOFError:
-            print()
-            return None
-        except KeyboardInterrupt:
-            print("\n[INFO] Ctrl-C stops a reply; :q or Ctrl-D leaves (:q 或 Ctrl-D 退出)")
-        except UnicodeDecodeError:
-            print("[ERROR] encoding error in the input (输入编码错误)")
 
 
 class ChatCLI:
@@ -124,14 +73,14 @@ class ChatCLI:
         Returns:
             False when the user leaves (`:q` or end of input) instead.
         """
-        while (line := _read(IMAGE_INPUT)) is not None:
+        while (line := read_line(IMAGE_INPUT)) is not None:
             if line == ":f":
                 print(f"[INFO] {len(self.image_paths)} image(s); now ask your question (图片输入结束，开始对话)")
                 return True
             if line in (":q", ":quit", ":exit"):
                 return False
             if line:
-                self.add_image(_unquote(line))
+                self.add_image(unquote(line))
             else:
                 print("[ERROR] empty path; type :f to finish (路径为空，输入 :f 结束)")
         return False
@@ -184,7 +133,7 @@ class ChatCLI:
         """Reads commands and questions until `:q` or end of input. Ctrl-C or a failure inside a command (an image
         being encoded, say) is reported and the conversation goes on."""
         print(WELCOME)
-        while (line := _read(USER)) is not None:
+        while (line := read_line(USER)) is not None:
             try:
                 if not line:
                     print("[ERROR] empty question (输入为空)")
@@ -264,7 +213,7 @@ class ChatCLI:
     def _conf(self, rest: str) -> None:
         # Items begin where a word followed by "=" begins: values keep their spaces, quotes and backslashes (shell
         # splitting would turn stop=\n into stop=n and a JSON list into a bare one).
-        items = _CONF_ITEM_START.split(rest.strip()) if rest.strip() else []
+        items = CONF_ITEM_START.split(rest.strip()) if rest.strip() else []
         if not items:
             self._print_settings()
         for item in items:
@@ -273,7 +222,7 @@ class ChatCLI:
                 print(f"[WARNING] {item!r}: format is key=value (格式应为 key=value)")
                 continue
             try:
-                self.settings = self.settings.with_text(key.strip(), _conf_value(value))
+                self.settings = self.settings.with_text(key.strip(), conf_value(value))
             except ValueError as err:
                 print(f"[WARNING] not changed (未修改): {err}")
                 continue
@@ -281,7 +230,7 @@ class ChatCLI:
 
     def _img(self, rest: str) -> None:
         if rest:
-            self.add_image(_unquote(rest))
+            self.add_image(unquote(rest))
             return
         pending = len(self.image_paths) - len(self.session.pending_images)
         print(f"[INFO] images (图片): {len(self.image_paths)}")
