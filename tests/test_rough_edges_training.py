@@ -233,3 +233,24 @@ def test_a_save_killed_while_it_replaced_a_checkpoint_is_repaired(tmp_path, monk
     assert len(removed) == 2  # the old version of checkpoint-00000005 was put back instead
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.old-12", done.name, cut.name]
     assert (done / "v").read_text() == "new" and (cut / "v").read_text() == "old"
+
+
+def test_a_crafted_training_state_is_refused_without_running_its_code(tmp_path):
+    from minigpt4qwen.checkpoint.keymap import CheckpointError
+    from minigpt4qwen.checkpoint.native import save_checkpoint
+    from minigpt4qwen.training import state as ckpt
+    from tests.conftest import make_tiny_model
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    model = make_tiny_model()
+    save_checkpoint(model, tmp_path / "ckpt")
+    torch.save({"position": {}, "payload": Payload()}, tmp_path / "ckpt" / ckpt.STATE_NAME)
+    optimizer = torch.optim.AdamW(model.language_projection.parameters())
+    with pytest.raises(CheckpointError, match="unreadable training state"):
+        ckpt.load_training_checkpoint(tmp_path / "ckpt", model, optimizer, None, None)
+    assert not marker.exists()

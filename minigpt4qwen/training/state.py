@@ -44,6 +44,11 @@ _CKPT_RE = re.compile(rf"^{_CKPT_PATTERN}$")
 ABANDONED_SUFFIX = ".abandoned"
 
 
+# What numpy's RNG state (a uint32 array) needs besides tensors and plain containers (torch's documented allowlist).
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # renamed in numpy 2
+_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _NUMPY_CORE.multiarray._reconstruct]
+
+
 def rng_state() -> dict:
     """This process's RNG states (python, numpy, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -206,7 +211,9 @@ def load_training_checkpoint(
     directory = Path(directory)
     tensors = read_native_checkpoint(directory)
     try:
-        state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
+        # Weights-only, as every other file we read: numpy's array type is allowed for the RNG state it holds.
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated pickle raises many different types
         raise CheckpointError(f"{directory / STATE_NAME}: unreadable training state ({err})") from None
     position = Position(**state["position"])
