@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from minigpt4qwen.checkpoint.keymap import CheckpointError, KeyMap, KeyRule, drop, rename
+from minigpt4qwen.checkpoint.shards import load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -172,13 +173,7 @@ def load_torch_file(path: str | PathLike[str], what: str, original_location: str
         where = f" (the original project kept it at {original_location})" if original_location else ""
         raise CheckpointError(f"{path}: file not found; expected {what}{where}")
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            # Pre-1.6 (non-zip) files cannot be memory-mapped; they are small enough to read outright.
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except Exception as err:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError... for bad bytes
         raise CheckpointError(
             f"{path}: cannot read {what}: the file is truncated, corrupt or not a PyTorch checkpoint, or it holds "

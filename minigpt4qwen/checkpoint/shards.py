@@ -53,6 +53,17 @@ def checkpoint_shards(directory: str | Path) -> tuple[list[Path], dict[str, str]
     )
 
 
+def load_weights_only(path: str | Path) -> object:
+    """`torch.load` of a `.bin`/`.pth` file to the CPU without running pickled code, memory-mapped when its format
+    allows (a pre-1.6, non-zip file cannot be mapped: it is read whole). Errors are torch's own."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_shard(file: Path) -> dict[str, torch.Tensor]:
     """Reads one safetensors or `.bin` weight file onto the CPU (`.bin`: memory-mapped, weights-only unpickler).
 
@@ -69,13 +80,7 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             tensors = safetensors.torch.load_file(file)
         else:
-            try:
-                tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                # A pre-1.6 (non-zip) file cannot be memory-mapped: read it whole.
-                tensors = torch.load(file, map_location="cpu", weights_only=True)
+            tensors = load_weights_only(file)
     except (safetensors.SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read weight shard (truncated or corrupt?): {e}") from e
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
